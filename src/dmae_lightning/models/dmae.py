@@ -1,0 +1,142 @@
+"""DMAE pre-training model: a masked autoencoder that reconstructs the clean image from a noisy one.
+
+Follows facebookresearch/mae ``models_mae.py`` with two changes from the DMAE paper: the encoder
+sees a Gaussian-noised image (noise added in [0,1] pixel space at native resolution, before any
+resize), and the loss covers all patches, kept and masked, against the clean image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
+
+
+class DMAEViT(ViTEncoderBase):
+    """``loss, pred, mask = model(imgs, mask_ratio=0.75)`` with imgs in [0,1], any native size."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        sigma: float = 0.25,
+        norm_pix_loss: bool = True,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__(
+            img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
+            learnable_pos_embed=False,
+        )
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.norm_pix_loss = bool(norm_pix_loss)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(decoder_embed_dim, self.grid_size), requires_grad=False
+        )  # [1, 1+L, Dd]
+        self.decoder_blocks = transformer_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+
+        self.init_encoder_weights()
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self.init_linear_and_norm)
+
+    # --- patch bookkeeping ------------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, L, p*p*3] (pixel order: row, column, channel, as in MAE)."""
+        p, g = self.patch_size, self.grid_size
+        x = imgs.reshape(imgs.shape[0], 3, g, p, g, p)  # [B, 3, g, p, g, p]
+        x = torch.einsum("nchpwq->nhwpqc", x)  # [B, g, g, p, p, 3]
+        return x.reshape(imgs.shape[0], g * g, p * p * 3)  # [B, L, p*p*3]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, p*p*3] -> [B, 3, S, S]."""
+        p, g = self.patch_size, self.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, 3)  # [B, g, g, p, p, 3]
+        x = torch.einsum("nhwpqc->nchpwq", x)  # [B, 3, g, p, g, p]
+        return x.reshape(x.shape[0], 3, g * p, g * p)  # [B, 3, S, S]
+
+    # --- the three stages -------------------------------------------------------------------
+    def add_noise(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gaussian noise of std ``sigma`` in [0,1] pixel space at native resolution (no clamping)."""
+        noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
+        return imgs + self.sigma * noise  # [B, 3, H, W]
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        """Per-sample shuffle; keep the first (1 - mask_ratio) of the patch tokens.
+
+        Returns kept tokens [B, K, D], mask [B, L] (1 = removed) and the order that undoes the shuffle.
+        """
+        b, length, dim = x.shape
+        keep = int(length * (1 - mask_ratio))
+        scores = torch.rand(b, length, generator=generator, device=x.device)  # [B, L]
+        ids_shuffle = torch.argsort(scores, dim=1)  # [B, L]
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
+        ids_keep = ids_shuffle[:, :keep]  # [B, K]
+        kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # [B, K, D]
+        mask = torch.ones(b, length, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # [B, L]
+        return kept, mask, ids_restore
+
+    def forward_encoder(self, pixels: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        x = self.embed_patches(pixels)  # [B, L, D]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)  # [B, K, D]
+        x = self.run_blocks(self.prepend_cls(x))  # [B, 1+K, D]
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)  # [B, 1+K, Dd]
+        b, length = ids_restore.shape
+        fill = self.mask_token.expand(b, length + 1 - x.shape[1], -1)  # [B, L-K, Dd]
+        patches = torch.cat([x[:, 1:, :], fill], dim=1)  # [B, L, Dd] in shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # [B, L, Dd]
+        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed  # [B, 1+L, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [B, 1+L, p*p*3]
+        return x[:, 1:, :]  # [B, L, p*p*3]
+
+    def target_patches(self, clean_pixels: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(clean_pixels)  # [B, L, p*p*3]
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, clean_pixels: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """MSE over all patches (kept and masked): the encoder must also denoise what it sees."""
+        return ((pred - self.target_patches(clean_pixels)) ** 2).mean()
+
+    def reconstruct(
+        self,
+        imgs: torch.Tensor,
+        noisy: torch.Tensor,
+        mask_ratio: float = 0.75,
+        generator: torch.Generator | None = None,
+    ):
+        """Loss, prediction and mask for a given clean/noisy pair (both [0,1] pixels, native size)."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        clean_pixels = self.pixel_input(imgs)  # [B, 3, S, S], resized after the noise was added
+        latent, mask, ids_restore = self.forward_encoder(self.pixel_input(noisy), mask_ratio, generator)
+        pred = self.forward_decoder(latent, ids_restore)  # [B, L, p*p*3]
+        return self.forward_loss(clean_pixels, pred), pred, mask
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None):
+        return self.reconstruct(imgs, self.add_noise(imgs, generator), mask_ratio, generator)
