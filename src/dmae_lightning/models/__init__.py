@@ -7,6 +7,8 @@ initialises a ``X`` classifier.
 
 from __future__ import annotations
 
+import inspect
+
 from .dmae import DMAEViT
 from .vit import VisionTransformerClassifier
 
@@ -43,12 +45,12 @@ def create_model(name: str, **overrides) -> DMAEViT | VisionTransformerClassifie
     if encoder not in _ENCODERS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     kwargs = dict(_ENCODERS[encoder], **(_DECODERS[encoder] if is_pretrain else {}))
-    kwargs.update(overrides)
     cls = DMAEViT if is_pretrain else VisionTransformerClassifier
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # an override the model does not take
-        raise ValueError(f"bad override for {name!r}: {err}") from None
+    unknown = sorted(set(overrides) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise ValueError(f"{name!r} takes no argument(s) {', '.join(unknown)}")
+    kwargs.update(overrides)
+    return cls(**kwargs)
 
 
 __all__ = ["DMAEViT", "VisionTransformerClassifier", "create_model", "list_models"]

@@ -7,6 +7,8 @@ certified radius is always measured in pixel space.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
@@ -66,12 +68,9 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, d
     """Pre-norm timm blocks (qkv bias, LayerNorm eps 1e-6, fused attention), drop path rising linearly."""
     rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=_layer_norm) for rate in rates
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        for rate in rates
     )
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)
 
 
 class ViTEncoderBase(nn.Module):

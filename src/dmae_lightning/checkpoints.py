@@ -1,0 +1,147 @@
+"""Load weights from every checkpoint layout a DMAE user meets, without unpickling arbitrary objects.
+
+Layouts understood:
+- official DMAE/MAE pre-training releases: ``{"model": state_dict, "optimizer": ..., "epoch": ...,
+  "scaler": ..., "args": argparse.Namespace}``;
+- official fine-tuned classifiers: the same dict (or a plain state dict) with timm ViT names,
+  ``fc_norm`` and ``head`` and no ``norm``;
+- this project's Lightning checkpoints (``{"state_dict": {"model.<name>": ...}, ...}``);
+- plain state dicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .models import DMAEViT, VisionTransformerClassifier
+
+# Prefixes that wrappers put in front of parameter names: the LightningModule attribute,
+# DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
+_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did beyond copying tensors one to one."""
+
+    layout: str
+    interpolated: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling, zip and magic-number errors all mean "not a checkpoint we load"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a loadable PyTorch checkpoint: {reason[:300]}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """The model's tensors and the name of the layout they came in."""
+    if isinstance(ckpt.get("state_dict"), dict):
+        layout, raw = "lightning", ckpt["state_dict"]
+        raw = {k: v for k, v in raw.items() if k.startswith("model.")}  # the module's network only
+    elif isinstance(ckpt.get("model"), dict):
+        layout, raw = "official", ckpt["model"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        layout, raw = "state_dict", ckpt
+    else:
+        raise ValueError(
+            f"{path} is not a model checkpoint: expected a 'state_dict' or 'model' entry or a plain state dict, "
+            f"found keys {sorted(ckpt)[:8]}"
+        )
+    state = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    if not state:
+        raise ValueError(f"{path} holds no model tensors")
+    return state, layout
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict:
+    """Fit a source state dict to ``model``: drop what a classifier does not use, resample position
+    embeddings to the model's grid, and leave a head of another class count to the model's own init."""
+    target = model.state_dict()
+    state = dict(state)
+    if isinstance(model, VisionTransformerClassifier):
+        unused = [k for k in state if k.startswith(_DECODER_PREFIXES)]
+        if model.global_pool == "avg":
+            unused += [k for k in state if k.startswith("norm.")]  # pooled features use fc_norm instead
+        for key in unused:
+            del state[key]
+        report.dropped += unused
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in state and key in target and state[key].shape != target[key].shape:
+            src, dst = state[key], target[key]
+            old = int(round((src.shape[1] - 1) ** 0.5))
+            new = int(round((dst.shape[1] - 1) ** 0.5))
+            if src.shape[-1] != dst.shape[-1] or old * old != src.shape[1] - 1:
+                continue  # not resamplable: reported as mis-shaped below
+            state[key] = resample_abs_pos_embed(src, new_size=[new, new], old_size=[old, old], num_prefix_tokens=1)
+            report.interpolated.append(f"{key} {old}x{old}->{new}x{new}")
+    head = [k for k in ("head.weight", "head.bias") if k in state and k in target]
+    if head and any(state[k].shape != target[k].shape for k in head):
+        for key in head:
+            del state[key]
+        report.dropped += head
+    return state
+
+
+def _allowed_missing(model: nn.Module, state: dict) -> set[str]:
+    """Keys a classifier may lack in its source: a fresh head / fc_norm when starting from pre-training."""
+    if not isinstance(model, VisionTransformerClassifier):
+        return set()
+    fresh = ("head.", "fc_norm.", "head_norm.")
+    return {k for k in model.state_dict() if k.startswith(fresh)}
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model: DMAEViT | VisionTransformerClassifier, path: str | Path) -> LoadReport:
+    """Load ``path`` into ``model`` (in place). Raises one clear ValueError when the tensors do not fit."""
+    state, layout = checkpoint_state_dict(read_checkpoint(path), path)
+    report = LoadReport(layout=layout)
+    state = adapt_state_dict(state, model, report)
+    target = model.state_dict()
+    allowed = _allowed_missing(model, state)
+    missing = sorted(k for k in target if k not in state and k not in allowed)
+    unexpected = sorted(k for k in state if k not in target)
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in state
+        if k in target and state[k].shape != target[k].shape
+    )
+    if missing or unexpected or misshaped:
+        parts = [
+            f"{label}: {_short(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped))
+            if keys
+        ]
+        raise ValueError(f"{path} does not fit {type(model).__name__} ({layout} layout): " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    # Modules left at the model's own initialisation (a fresh head has std 2e-5).
+    report.reinitialised += sorted({k.split(".")[0] for k in target if k not in state})
+    return report
