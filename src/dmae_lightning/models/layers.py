@@ -110,6 +110,19 @@ class ViTEncoderBase(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    def no_weight_decay(self) -> set[str]:
+        """Tokens and position embeddings (timm's convention); biases and norms are excluded as 1-d."""
+        return {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, final norms and head last."""
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            # Not timm's (99999,), which merges the final norm and head into the last block's group: MAE
+            # and BEiT give them a layer of their own (scale decay^0, the last block decay^1).
+            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|fc_norm|head_norm|head)\b", (len(self.blocks) + 1,))],
+        )
+
     def init_encoder_weights(self) -> None:
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a linear layer, as in MAE

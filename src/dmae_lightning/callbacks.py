@@ -1,0 +1,108 @@
+"""Callbacks: exact-resume RNG state and reconstruction pictures for DMAE pre-training."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from .models import DMAEViT
+from .models.layers import IMAGENET_MEAN, IMAGENET_STD
+from .rng import seeded_generator
+
+
+class RNGState(pl.Callback):
+    """Saves and restores the global torch / numpy / python RNG states with every checkpoint.
+
+    Lightning does not checkpoint them; without them a resumed run shuffles, drops paths and draws
+    mixup lambdas differently from the uninterrupted run. Everything is stored as tensors, ints and
+    tuples so the checkpoint still loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reconstruction_grid(model: DMAEViT, imgs: torch.Tensor, mask_ratio: float, seed: int) -> torch.Tensor:
+    """One row per image: clean | noisy | masked noisy input | reconstruction | reconstruction with the
+    visible (noisy) patches pasted back. All panels at the model's input size, in [0,1].
+
+    With ``norm_pix_loss`` the prediction is in per-patch-normalised units; it is shown with the clean
+    patch's mean and variance put back, as MAE's visualisations do.
+    """
+    generator = seeded_generator(seed, device=imgs.device)
+    noisy = model.add_noise(imgs, generator)  # [K, 3, H, W]
+    _, pred, mask = model.reconstruct(imgs, noisy, mask_ratio, generator)  # [K, L, p*p*3], [K, L]
+    size = (model.img_size, model.img_size)
+    clean_px = F.interpolate(imgs, size=size, mode="bicubic", align_corners=False)  # [K, 3, S, S]
+    noisy_px = F.interpolate(noisy, size=size, mode="bicubic", align_corners=False)  # [K, 3, S, S]
+    if model.norm_pix_loss:
+        target = model.patchify(model.pixel_input(imgs))  # [K, L, p*p*3]
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    recon = model.unpatchify(pred) * std + mean  # [K, 3, S, S] in pixel space
+    hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # [K, 3, S, S], 1 = masked
+    masked_input = noisy_px * (1 - hidden) + 0.5 * hidden  # masked patches shown grey
+    pasted = recon * hidden + noisy_px * (1 - hidden)
+    panels = torch.stack([clean_px, noisy_px, masked_input, recon, pasted], dim=1)  # [K, 5, 3, S, S]
+    return make_grid(panels.flatten(0, 1).clamp(0, 1), nrow=5, padding=2, pad_value=1.0)  # [3, h, w]
+
+
+class ReconstructionPictures(pl.Callback):
+    """Every ``every_n_epochs`` validation epochs and at the end of training, saves a reconstruction
+    grid of a fixed set of validation images (fixed noise and masks) as PNG and logs it."""
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, dirname: str = "pictures"):
+        if every_n_epochs < 1 or num_images < 1:
+            raise ValueError(f"every_n_epochs and num_images must be >= 1, got {every_n_epochs}, {num_images}")
+        self.every_n_epochs, self.num_images, self.seed, self.dirname = every_n_epochs, num_images, seed, dirname
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.save(trainer, pl_module, f"reconstruction_epoch{trainer.current_epoch + 1:04d}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module, "reconstruction_final")
+
+    @torch.no_grad()
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        dataset = trainer.datamodule.dataset("val")
+        imgs = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
+        was_training = pl_module.training
+        pl_module.eval()
+        grid = reconstruction_grid(pl_module.model, imgs.to(pl_module.device), pl_module.mask_ratio, self.seed)
+        pl_module.train(was_training)
+        path = Path(trainer.default_root_dir) / self.dirname / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="reconstruction", images=[str(path)], step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("reconstruction", grid, trainer.global_step)
+        return path

@@ -1,0 +1,49 @@
+"""Hydra glue: resolvers for run directories that survive ``srun`` and requeue, and config checks.
+
+Under ``srun`` every task runs ``@hydra.main`` itself, and a ``${now:...}`` directory would differ
+per task and per restart. The run directory is therefore a pure function of the config and the
+SLURM job id: every rank and every requeued restart of a job resolves the same path.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+
+def slurm_job_tag() -> str | None:
+    """``slurm-<job>`` (``slurm-<array job>_<task>`` for arrays) inside a SLURM job, else None."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"slurm-{array_job}_{array_task}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else None
+
+
+def run_dir(base: str, overrides: str = "") -> str:
+    """``base[/slurm-<id>][/<overrides>]``: the same on every rank and after every restart."""
+    parts = [base, slurm_job_tag(), overrides or None]
+    return "/".join(p for p in parts if p)
+
+
+def global_rank() -> int:
+    """The process rank as the launchers set it (SLURM, torchrun, Lightning's own subprocesses)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def rank_zero_only_value(value, otherwise=None):
+    """``value`` on rank 0, ``otherwise`` elsewhere: only rank 0 writes Hydra's ``.hydra`` folder and log."""
+    return value if global_rank() == 0 else otherwise
+
+
+def register_resolvers() -> None:
+    for name, fn in (("run_dir", run_dir), ("rank_zero_only", rank_zero_only_value)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()

@@ -1,0 +1,144 @@
+"""Fine-tuning the base classifier of the smoothed classifier (method.md section 2).
+
+Two rules that the reference code breaks and we keep:
+1. mixup/cutmix mixes the *clean* images and the Gaussian noise is added afterwards, so every
+   training input carries noise of exactly ``sigma`` (mixing two noisy images would shrink it);
+2. the ``m`` noisy copies of an image used by consistency regularisation share one mixing
+   partner and one lambda (mix first, repeat second).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from torchmetrics.classification import MulticlassAccuracy
+
+from .checkpoints import LoadReport, load_weights
+from .models import VisionTransformerClassifier, create_model
+from .optim import configure_optimizer
+from .pretrain import TRAIN_STREAM, VAL_STREAM, check_finite
+from .rng import seeded_generator
+
+
+def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jeong & Shin (2020) consistency regulariser on ``m`` noisy copies per image.
+
+    ``logits`` is [m*B, C] laid out copy-major (copy j of image i at row j*B + i). Returns the mean
+    over images of mean_j KL(p_avg || p_j) and of the entropy H(p_avg).
+    """
+    log_p = F.log_softmax(logits.float(), dim=1).unflatten(0, (m, -1))  # [m, B, C]
+    p_avg = log_p.exp().mean(dim=0)  # [B, C]
+    log_avg = p_avg.clamp_min(1e-20).log()  # [B, C]
+    kl = (p_avg.unsqueeze(0) * (log_avg.unsqueeze(0) - log_p)).sum(dim=2).mean(dim=0)  # [B]
+    entropy = -(p_avg * log_avg).sum(dim=1)  # [B]
+    return kl.mean(), entropy.mean()
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes  # [B, C]
+
+
+def mix_then_noise(
+    imgs: torch.Tensor,
+    labels: torch.Tensor,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    sigma: float,
+    m: int,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix clean images (``mix``: timm's Mixup, or label smoothing only), repeat each ``m`` times,
+    then add N(0, sigma^2) noise.
+
+    Returns noisy inputs [m*B, 3, H, W] (copy-major) and their soft targets [m*B, C].
+    """
+    imgs, soft_targets = mix(imgs, labels)  # [B, 3, H, W], [B, C]
+    imgs = imgs.repeat(m, 1, 1, 1)  # [m*B, 3, H, W]: copies share partner and lambda
+    noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
+    return imgs + sigma * noise, soft_targets.repeat(m, 1)
+
+
+class SmoothedClassifierModule(pl.LightningModule):
+    """Gaussian-noise fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16",
+        model_kwargs: dict | None = None,
+        num_classes: int = 1000,
+        sigma: float = 0.25,
+        consistency: dict | None = None,
+        mixup: dict | None = None,
+        label_smoothing: float = 0.1,
+        freeze_encoder: bool = False,
+        optimizer: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        if model_name.startswith("dmae_"):
+            raise ValueError(f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}")
+        consistency = dict(enabled=False, m=2, lbd=2.0, eta=0.5) | dict(consistency or {})
+        if consistency["enabled"] and (consistency["m"] < 2 or consistency["lbd"] < 0 or consistency["eta"] < 0):
+            raise ValueError(f"consistency needs m >= 2 and lbd, eta >= 0, got {consistency}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self.model: VisionTransformerClassifier = create_model(
+            model_name, num_classes=num_classes, **(model_kwargs or {})
+        )
+        if freeze_encoder:  # linear probing: only the head (and its BatchNorm statistics) learn
+            for name, param in self.model.named_parameters():
+                param.requires_grad = name.startswith("head.")
+        self.consistency = consistency
+        self.copies = consistency["m"] if consistency["enabled"] else 1
+        mixup = dict(mixup or {})
+        if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
+            self.mix = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
+        else:
+            self.mix = lambda imgs, labels: (imgs, smoothed_one_hot(labels, num_classes, label_smoothing))
+        self.optimizer_cfg = dict(optimizer or {})
+        self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_noisy = MulticlassAccuracy(num_classes, average="micro")
+
+    def load_pretrained(self, path: str) -> LoadReport:
+        """Initialise from a DMAE pre-training file (official or ours) or a fine-tuned classifier."""
+        return load_weights(self.model, path)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.model(imgs)
+
+    def training_step(self, batch, batch_idx: int):
+        imgs, labels = batch  # [B, 3, H, W] in [0,1], [B]
+        generator = seeded_generator(
+            self.hparams.seed, TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
+        )
+        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.hparams.sigma, self.copies, generator)
+        logits = self(inputs)  # [m*B, C]
+        ce = F.cross_entropy(logits.float(), targets)
+        loss = ce
+        self.log("train/ce", ce, on_step=True, on_epoch=True, sync_dist=True)
+        if self.consistency["enabled"]:
+            kl, entropy = consistency_terms(logits, self.copies)
+            loss = ce + self.consistency["lbd"] * kl + self.consistency["eta"] * entropy
+            self.log("train/consistency_kl", kl, on_step=True, on_epoch=True, sync_dist=True)
+            self.log("train/consistency_entropy", entropy, on_step=True, on_epoch=True, sync_dist=True)
+        check_finite(self, loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        imgs, labels = batch
+        generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
+        noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
+        self.val_acc_clean(self(imgs), labels)
+        self.val_acc_noisy(self(imgs + self.hparams.sigma * noise), labels)
+        self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
+        self.log("val/acc_noisy", self.val_acc_noisy, prog_bar=True)
+
+    def configure_optimizers(self):
+        return configure_optimizer(self, self.model, **self.optimizer_cfg)

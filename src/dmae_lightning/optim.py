@@ -1,0 +1,82 @@
+"""Optimiser set-up shared by pre-training and fine-tuning: parameter groups, lr scaling, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+
+
+def effective_batch_size(batch_size: int, devices: int, num_nodes: int, accumulate_grad_batches: int) -> int:
+    """Images per optimiser step, over all ranks and accumulated micro-batches."""
+    return batch_size * devices * num_nodes * accumulate_grad_batches
+
+
+def scaled_lr(base_lr: float, effective_batch: int) -> float:
+    """The MAE/DMAE rule: lr = base lr x effective batch / 256."""
+    return base_lr * effective_batch / 256
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Per-step multiplier of the peak lr: linear warm-up, then half-cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """timm's groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay
+    (each group carries ``lr_scale``)."""
+    skip = model.no_weight_decay()
+    if layer_decay is None:
+        groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+        for group in groups:
+            group["lr_scale"] = 1.0
+        return groups
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
+def configure_optimizer(
+    module: pl.LightningModule,
+    model: nn.Module,
+    *,
+    name: str = "adamw",
+    base_lr: float,
+    weight_decay: float,
+    warmup_epochs: float,
+    min_lr: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    momentum: float = 0.9,
+    layer_decay: float | None = None,
+) -> dict:
+    """AdamW (or LARS for linear probing) with the scaled lr and a per-step warm-up + cosine schedule.
+
+    Reads batch size, devices, nodes, accumulation and the number of steps from the attached Trainer.
+    """
+    trainer = module.trainer
+    batch = trainer.datamodule.batch_size
+    eff = effective_batch_size(batch, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
+    peak = scaled_lr(base_lr, eff)
+    groups = parameter_groups(model, weight_decay, layer_decay)
+    for group in groups:
+        group["lr"] = peak * group["lr_scale"]
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(betas))
+    elif name == "lars":
+        # timm's LARS (as MAE's linear probing: trust coefficient 1e-3, no adaptation of 1-d params).
+        optimizer = Lars(groups, lr=peak, momentum=momentum)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'lars'")
+    total = max(1, int(trainer.estimated_stepping_batches))
+    steps_per_epoch = total / max(1, trainer.max_epochs)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    min_ratio = min_lr / peak if peak > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup, total, min_ratio)
+    )
+    module.print(f"lr {peak:.3e} (base {base_lr:g} x effective batch {eff} / 256), {warmup} warm-up of {total} steps")
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

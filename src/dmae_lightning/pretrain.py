@@ -1,0 +1,81 @@
+"""DMAE pre-training as a LightningModule (method.md section 1)."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from .models import DMAEViT, create_model
+from .optim import configure_optimizer
+from .rng import seeded_generator
+
+# Stream ids that keep training and validation randomness apart.
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def check_finite(module: pl.LightningModule, loss: torch.Tensor, batch_idx: int) -> None:
+    """Stop with a message naming the step; every rank stops together so DDP cannot hang.
+
+    Raising (rather than ``trainer.should_stop``) ends ``fit`` without writing a checkpoint, so
+    ``last.ckpt`` keeps the last good weights.
+    """
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if module.trainer is not None and module.trainer.world_size > 1:
+        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if not finite:
+        raise FloatingPointError(
+            f"non-finite training loss at global step {module.global_step} (epoch {module.current_epoch}, "
+            f"batch {batch_idx}); stopping. The last good checkpoint is kept: resume with ckpt_path=last "
+            "after lowering the learning rate or changing the precision."
+        )
+
+
+class DMAEPretrainModule(pl.LightningModule):
+    """Noisy, masked reconstruction of the clean image; all hyper-parameters are plain data."""
+
+    def __init__(
+        self,
+        model_name: str = "dmae_vit_base_patch16",
+        model_kwargs: dict | None = None,
+        sigma: float = 0.25,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        optimizer: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not model_name.startswith("dmae_"):
+            raise ValueError(f"pre-training needs a dmae_* model, got {model_name!r}")
+        self.save_hyperparameters()
+        self.model: DMAEViT = create_model(
+            model_name, sigma=sigma, norm_pix_loss=norm_pix_loss, **(model_kwargs or {})
+        )
+        self.mask_ratio = mask_ratio
+        self.optimizer_cfg = dict(optimizer or {})
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None):
+        return self.model(imgs, mask_ratio=self.mask_ratio, generator=generator)
+
+    def training_step(self, batch, batch_idx: int):
+        imgs, _ = batch  # [B, 3, H, W] in [0,1]
+        generator = seeded_generator(
+            self.hparams.seed, TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
+        )
+        loss, _, _ = self(imgs, generator)
+        check_finite(self, loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        imgs, _ = batch
+        # Same noise and masks every epoch (and on every rank count), so curves are comparable.
+        generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
+        loss, _, _ = self(imgs, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        return configure_optimizer(self, self.model, **self.optimizer_cfg)
