@@ -1,0 +1,350 @@
+"""LightningDataModules for ImageNet, CIFAR-10 and scikit-learn's digits.
+
+Every module yields ``(image, label)``: image a float tensor in [0,1] of shape [3, H, W] at the data
+set's native resolution, label an int (int64 once batched). Nothing is normalised here: the models
+resize and normalise inside, so noise and certified radii live in pixel space (docs/DESIGN.md).
+``dataset(split)`` gives the certification job direct, index-stable access to each split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import rand_augment_transform
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from dmae_lightning.models.layers import IMAGENET_MEAN
+
+SPLITS = ("train", "val", "test")
+# The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+class _ImageDataModule(pl.LightningDataModule):
+    """Options, subsetting, caching and loaders shared by the concrete data modules.
+
+    Subclasses set ``name``, ``image_size``, ``num_classes`` and ``AUGMENTS`` and implement
+    ``_build(source)``, the full dataset of one source split with its transform. ``_source`` maps a
+    split to the source it reads, so splits that read the same files share one dataset object.
+    ``subset_every`` keeps every k-th item, then ``subset_first`` the first N of those (quick runs).
+    ``num_classes`` may be given (so configs can interpolate ``${data.num_classes}``); it must match.
+    """
+
+    name: str
+    image_size: int
+    num_classes: int
+    AUGMENTS: tuple[str, ...]
+
+    def __init__(
+        self,
+        batch_size: int,
+        augment: str,
+        num_classes: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        subset_every: int = 1,
+        subset_first: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if subset_every < 1:
+            raise ValueError(f"subset_every must be >= 1, got {subset_every}")
+        if subset_first is not None and subset_first < 1:
+            raise ValueError(f"subset_first must be >= 1 or null, got {subset_first}")
+        if augment not in self.AUGMENTS:
+            raise ValueError(
+                f"unknown augment {augment!r} for {self.name}: choose one of {list(self.AUGMENTS)}"
+            )
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.augment = augment
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        # Persistent workers only exist when there are workers; DataLoader rejects the flag otherwise.
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.subset_every = subset_every
+        self.subset_first = subset_first
+        self._expected_classes = num_classes
+        self._datasets: dict[str, Dataset] = {}
+
+    def _source(self, split: str) -> str:
+        return split
+
+    def _build(self, source: str) -> Dataset:
+        raise NotImplementedError
+
+    def _check_num_classes(self, found: int, where: str) -> None:
+        """Keeps a stated ``num_classes`` from silently disagreeing with the data."""
+        if self._expected_classes is not None and self._expected_classes != found:
+            raise ValueError(f"data.num_classes={self._expected_classes} but {where} has {found} classes")
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` after the subset options; val/test use the eval transform."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {list(SPLITS)}")
+        source = self._source(split)
+        if source not in self._datasets:
+            full = self._build(source)
+            keep = list(range(0, len(full), self.subset_every))[: self.subset_first]
+            self._datasets[source] = full if len(keep) == len(full) else Subset(full, keep)
+        return self._datasets[source]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds (and so checks) the splits the stage needs before any training work starts."""
+        for split in _STAGE_SPLITS.get(stage, SPLITS):
+            self.dataset(split)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        n = len(self.dataset("train"))
+        if n < self.batch_size:
+            # With drop_last the epoch would be empty and training would silently do nothing.
+            raise ValueError(
+                f"{self.name} train split has {n} images, fewer than batch_size={self.batch_size}"
+            )
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class ImageNetDataModule(_ImageDataModule):
+    """ImageNet-1k from an ImageFolder tree ``root/{train,val}/<wnid>/<image>.JPEG``.
+
+    ``val`` and ``test`` both read ``root/val``: the ImageNet protocol certifies the validation set.
+    augment: "flip" = RandomResizedCrop(224, scale 0.2-1, bicubic) + flip (pre-training); "randaug" =
+    RandomResizedCrop(224, scale 0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 (fine-tuning);
+    "none" = the deterministic eval transform, resize 256 (bicubic) + centre crop 224.
+    Folders are checked when a split is first built (``setup`` or ``dataset``), so a certification
+    job that reads only ``val`` does not need ``train``.
+    """
+
+    name = "imagenet"
+    image_size = 224
+    AUGMENTS = ("none", "flip", "randaug")
+
+    def __init__(self, root: str | os.PathLike, batch_size: int = 64, augment: str = "flip", **kwargs):
+        super().__init__(batch_size=batch_size, augment=augment, **kwargs)
+        self.root = Path(root)
+        self._classes: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """The stated count, else the class folders of a loaded split, else those of ``root/train``."""
+        if self._expected_classes is not None:
+            return self._expected_classes
+        if self._classes is None:
+            self._classes = datasets.folder.find_classes(self._folder("train"))[0]
+        return len(self._classes)
+
+    def _missing(self, folder: Path) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"ImageNet folder {folder} is missing or empty: expected {self.root}/train/<wnid>/<image>.JPEG "
+            f"(and {self.root}/val/<wnid>/<image>.JPEG)"
+        )
+
+    def _folder(self, source: str) -> Path:
+        """``root/<source>``, which must hold at least one class folder."""
+        folder = self.root / source
+        if not folder.is_dir() or not any(entry.is_dir() for entry in os.scandir(folder)):
+            raise self._missing(folder)
+        return folder
+
+    def _source(self, split: str) -> str:
+        return "train" if split == "train" else "val"
+
+    @staticmethod
+    def _eval_transform() -> Callable:
+        return transforms.Compose(
+            [
+                transforms.Resize(256, interpolation=InterpolationMode.BICUBIC),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),  # float [3, 224, 224] in [0,1]
+            ]
+        )
+
+    def _train_transform(self) -> Callable:
+        if self.augment == "none":
+            return self._eval_transform()
+        scale = (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
+        steps = [
+            transforms.RandomResizedCrop(224, scale=scale, interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+        ]
+        if self.augment == "randaug":
+            # The hparams timm's create_transform passes; we call RandAugment directly because
+            # create_transform either normalises or, with normalize=False, returns unscaled uint8.
+            hparams = {
+                "translate_const": int(224 * 0.45),
+                "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
+                "interpolation": Image.Resampling.BICUBIC,
+            }
+            steps.append(rand_augment_transform("rand-m9-mstd0.5-inc1", hparams))
+        return transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 224, 224] in [0,1]
+
+    def _build(self, source: str) -> Dataset:
+        folder = self._folder(source)
+        transform = self._train_transform() if source == "train" else self._eval_transform()
+        try:
+            data = datasets.ImageFolder(folder, transform=transform)
+        except FileNotFoundError:  # ImageFolder's complaint about a class folder without images
+            raise self._missing(folder) from None
+        self._check_num_classes(len(data.classes), str(folder))
+        if self._classes is None:
+            self._classes = data.classes
+        elif self._classes != data.classes:
+            # Labels are indices into the sorted wnids: differing folders would silently shift them.
+            raise ValueError(f"class folders of {folder} differ from those of the other ImageNet split")
+        return data
+
+
+class CIFAR10DataModule(_ImageDataModule):
+    """CIFAR-10 from torchvision's python batches in ``root/cifar-10-batches-py`` (32x32).
+
+    ``val`` and ``test`` both read the official test batch: the paper certifies the test set and
+    does no model selection on CIFAR-10. Downloading is opt-in (``download=True``, done in
+    ``prepare_data`` on one process per node). torchvision checks every file's md5, so damaged
+    files are caught too. augment: "flip" (the paper's recipe) or "none".
+    """
+
+    name = "cifar10"
+    image_size = 32
+    num_classes = 10
+    AUGMENTS = ("none", "flip")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        download: bool = False,
+        batch_size: int = 256,
+        augment: str = "flip",
+        **kwargs,
+    ):
+        super().__init__(batch_size=batch_size, augment=augment, **kwargs)
+        self._check_num_classes(self.num_classes, "CIFAR-10")
+        self.root = Path(root)
+        self.download = download
+        self.folder = self.root / "cifar-10-batches-py"
+        if not download and not self.folder.is_dir():
+            raise FileNotFoundError(
+                f"CIFAR-10 folder {self.folder} is missing: put the python batches there or set data.download=true"
+            )
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                datasets.CIFAR10(self.root, train=train, download=True)
+
+    def _source(self, split: str) -> str:
+        return "train" if split == "train" else "test"
+
+    def _build(self, source: str) -> Dataset:
+        steps = [transforms.RandomHorizontalFlip()] if source == "train" and self.augment == "flip" else []
+        transform = transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 32, 32], bytes / 255
+        try:
+            # With download=True this only fetches what prepare_data has not already verified.
+            return datasets.CIFAR10(
+                self.root, train=source == "train", transform=transform, download=self.download
+            )
+        except RuntimeError as err:  # torchvision: a file is missing or fails its md5 check
+            raise RuntimeError(
+                f"CIFAR-10 files in {self.folder} are incomplete or damaged ({err}): "
+                "remove the folder and set data.download=true"
+            ) from None
+
+
+class _ImageTensors(Dataset):
+    """Precomputed [N, 3, H, W] images with labels and an optional per-item transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]  # [3, H, W]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class DigitsDataModule(_ImageDataModule):
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grey images, no download needed.
+
+    A tiny real data set for end-to-end runs on a CPU. Pixels 0..16 are scaled to [0,1], upsampled
+    bilinearly to 32x32 (smooth strokes; bilinear weights are convex, so values stay in [0,1], and a
+    clamp removes float rounding) and repeated to 3 channels. A seeded stratified split gives exactly
+    1,257 train / 180 val / 360 test images; the test split is for final evaluation only.
+    augment: "none" or "shift" (random crop 32 with zero padding 2). No "flip": a mirrored digit
+    is a different symbol.
+    """
+
+    name = "digits"
+    image_size = 32
+    num_classes = 10
+    AUGMENTS = ("none", "shift")
+    SPLIT_SIZES = {"train": 1257, "val": 180, "test": 360}
+
+    def __init__(self, batch_size: int = 64, augment: str = "none", split_seed: int = 0, **kwargs):
+        if augment == "flip":
+            raise ValueError(
+                "augment='flip' is wrong for digits (a mirrored digit is another symbol): use none or shift"
+            )
+        super().__init__(batch_size=batch_size, augment=augment, **kwargs)
+        self._check_num_classes(self.num_classes, "digits")
+        self.split_seed = split_seed
+        digits = load_digits()
+        pixels = torch.from_numpy(digits.images).float().div(16.0)  # [1797, 8, 8] in [0,1]
+        upsampled = F.interpolate(
+            pixels[:, None], size=32, mode="bilinear", align_corners=False
+        )  # [1797, 1, 32, 32]
+        self.images = upsampled.clamp(0.0, 1.0).repeat(1, 3, 1, 1)  # [1797, 3, 32, 32]
+        self.labels = torch.from_numpy(digits.target).long()  # [1797]
+        rest, test = train_test_split(
+            np.arange(len(self.labels)),
+            test_size=self.SPLIT_SIZES["test"],
+            stratify=digits.target,
+            random_state=split_seed,
+        )
+        train, val = train_test_split(
+            rest, test_size=self.SPLIT_SIZES["val"], stratify=digits.target[rest], random_state=split_seed
+        )
+        # Sorted, so index i of a split follows the original order of the bundled file.
+        self.indices = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+    def _build(self, source: str) -> Dataset:
+        index = torch.from_numpy(self.indices[source])
+        shift = source == "train" and self.augment == "shift"
+        transform = transforms.RandomCrop(32, padding=2) if shift else None
+        return _ImageTensors(self.images[index], self.labels[index], transform)

@@ -1,0 +1,398 @@
+"""Data modules on tiny data sets written to disk in the real layouts, read by the real loading code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from sklearn.datasets import load_digits
+from torch.utils.data import RandomSampler, SequentialSampler
+
+from dmae_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
+SIZES = [(300, 260), (180, 240), (257, 400)]  # (width, height): landscape, portrait, odd
+
+
+# ---------------------------------------------------------------- ImageNet
+
+
+def write_imagenet(root: Path, splits=("train", "val"), per_class: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for wnid in WNIDS:
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(per_class):
+                w, h = SIZES[i % len(SIZES)]
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=95)
+
+
+@pytest.fixture
+def imagenet_root(tmp_path: Path) -> Path:
+    write_imagenet(tmp_path / "imagenet", per_class=3)
+    return tmp_path / "imagenet"
+
+
+def pil_eval_transform(path: Path) -> torch.Tensor:
+    """Resize the short side to 256 (bicubic) and centre-crop 224, by hand with PIL."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    new_w, new_h = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = round((new_w - 224) / 2), round((new_h - 224) / 2)
+    crop = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    return torch.from_numpy(crop).permute(2, 0, 1)  # [3, 224, 224]
+
+
+def test_imagenet_shapes_labels_and_classes(imagenet_root: Path):
+    assert ImageNetDataModule(imagenet_root, batch_size=4).num_classes == 3  # class folders of train
+    dm = ImageNetDataModule(imagenet_root, batch_size=4, augment="flip")
+    dm.setup("fit")
+    assert dm.num_classes == 3 and dm.image_size == 224 and dm.name == "imagenet"
+    val = dm.dataset("val")
+    assert val.class_to_idx == {wnid: i for i, wnid in enumerate(WNIDS)}
+    assert len(dm.dataset("train")) == 9 and len(val) == 9
+    for i, (path, label) in enumerate(val.samples):
+        assert label == WNIDS.index(Path(path).parent.name)
+        assert val[i][1] == label
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.max() > 0.9 and images.min() < 0.1  # really [0,1], not normalised
+    val_labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert val_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # not shuffled
+
+
+def test_imagenet_val_transform_is_resize256_centercrop224(imagenet_root: Path):
+    dm = ImageNetDataModule(imagenet_root, batch_size=2)
+    val = dm.dataset("val")
+    assert dm.dataset("test") is val  # the ImageNet protocol certifies the val set
+    for i in (0, 1, 2):  # landscape, portrait and odd sizes
+        x, _ = val[i]
+        assert x.shape == (3, 224, 224)
+        assert torch.equal(x, val[i][0])  # deterministic
+        expected = pil_eval_transform(Path(val.samples[i][0]))
+        assert (x - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("augment", ["randaug", "none"])
+def test_imagenet_train_augment_options(imagenet_root: Path, augment: str):
+    torch.manual_seed(0)
+    train = ImageNetDataModule(imagenet_root, batch_size=2, augment=augment).dataset("train")
+    x, y = train[4]
+    assert x.shape == (3, 224, 224) and 0.0 <= x.min() and x.max() <= 1.0 and y == 1
+    if augment == "none":  # the eval transform
+        assert torch.allclose(x, pil_eval_transform(Path(train.samples[4][0])), atol=1 / 255 + 1e-6)
+
+
+def test_imagenet_val_only_needs_no_train_folder(tmp_path: Path):
+    write_imagenet(tmp_path, splits=("val",))
+    dm = ImageNetDataModule(tmp_path, batch_size=2, num_classes=3, subset_every=2)
+    dm.setup("test")
+    assert dm.num_classes == 3 and len(dm.dataset("test")) == 3  # items 0, 2, 4 of 6
+    with pytest.raises(FileNotFoundError, match="train is missing or empty"):
+        dm.setup("fit")
+
+
+def test_imagenet_missing_and_empty_folders(tmp_path: Path):
+    layout = rf"expected {tmp_path}/train/<wnid>/<image>\.JPEG \(and {tmp_path}/val/<wnid>/<image>\.JPEG\)"
+    dm = ImageNetDataModule(tmp_path, batch_size=2)  # cheap: nothing is read before setup
+    with pytest.raises(
+        FileNotFoundError, match=rf"ImageNet folder {tmp_path}/train is missing or empty: {layout}"
+    ):
+        dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match="train is missing or empty"):
+        _ = dm.num_classes
+    (tmp_path / "train").mkdir()  # no class folders
+    (tmp_path / "train" / "stray.JPEG").touch()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/train is missing or empty: {layout}"):
+        dm.setup("fit")
+    (tmp_path / "train" / WNIDS[0]).mkdir()  # a class folder without images
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/train is missing or empty: {layout}"):
+        dm.setup("fit")
+
+
+def test_imagenet_num_classes_mismatch_and_differing_splits(imagenet_root: Path):
+    with pytest.raises(ValueError, match=r"data.num_classes=1000 but .*/train has 3 classes"):
+        ImageNetDataModule(imagenet_root, batch_size=2, num_classes=1000).setup("fit")
+    (imagenet_root / "val" / WNIDS[2]).rename(imagenet_root / "val" / "n09999999")
+    with pytest.raises(ValueError, match="class folders of .*/val differ"):
+        ImageNetDataModule(imagenet_root, batch_size=2).setup("fit")
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def write_cifar(root: Path, per_batch: int = 2, n_test: int = 4) -> dict[str, np.ndarray]:
+    """The python-version layout: pickled dicts with 'data' (uint8 [N, 3072], CHW rows) and 'labels'.
+
+    The real files were pickled by Python 2, whose str keys load as str under torchvision's
+    ``encoding="latin1"``; str keys pickled by Python 3 load the same way.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        entry = {
+            "batch_label": name,
+            "data": data,
+            "labels": labels,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+        written[name] = (data, labels)
+    meta = {
+        "label_names": [
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ]
+    }
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({**meta, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    return written
+
+
+@pytest.fixture
+def cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Fake CIFAR-10 files, with torchvision's md5 comparison relaxed to an existence check.
+
+    torchvision hard-codes the md5 of each real file, which written test files cannot match. The
+    module keeps the full check for real data; only this fixture swaps the comparison that
+    torchvision.datasets.cifar imported, so a missing file is still reported.
+    """
+    written = write_cifar(tmp_path)
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+    return tmp_path, written
+
+
+def test_cifar_pixels_are_the_written_bytes(cifar):
+    root, written = cifar
+    dm = CIFAR10DataModule(root, batch_size=4, augment="none")
+    dm.setup("fit")
+    assert dm.num_classes == 10 and dm.image_size == 32 and dm.name == "cifar10"
+    train, test = dm.dataset("train"), dm.dataset("test")
+    assert dm.dataset("val") is test  # val and test are the official test batch
+    assert len(train) == 10 and len(test) == 4
+    data = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    for i in range(10):
+        x, y = train[i]
+        assert torch.equal(x, torch.from_numpy(data[i].reshape(3, 32, 32)).float() / 255)
+        assert y == labels[i]
+    test_data, test_labels = written["test_batch"]
+    batch_x, batch_y = next(iter(dm.test_dataloader()))
+    assert torch.equal(batch_x, torch.from_numpy(test_data.reshape(4, 3, 32, 32)).float() / 255)
+    assert batch_y.dtype == torch.int64 and batch_y.tolist() == test_labels
+
+
+def test_cifar_flip_gives_the_image_or_its_mirror(cifar):
+    root, written = cifar
+    train = CIFAR10DataModule(root, batch_size=2, augment="flip").dataset("train")
+    original = torch.from_numpy(written["data_batch_1"][0][0].reshape(3, 32, 32)).float() / 255
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, _ = train[0]
+        assert torch.equal(x, original) or torch.equal(x, original.flip(-1))
+        seen.add(torch.equal(x, original))
+    assert seen == {True, False}
+
+
+def test_cifar_missing_damaged_and_mismatch(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py is missing: .* set data.download=true"):
+        CIFAR10DataModule(tmp_path, batch_size=2)
+    write_cifar(tmp_path)  # real md5 check (no monkeypatch): written files are not the real ones
+    dm = CIFAR10DataModule(tmp_path, batch_size=2)
+    with pytest.raises(RuntimeError, match="CIFAR-10 files in .* are incomplete or damaged"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="data.num_classes=100 but CIFAR-10 has 10 classes"):
+        CIFAR10DataModule(tmp_path, batch_size=2, num_classes=100)
+    with pytest.raises(
+        ValueError, match=r"unknown augment 'randaug' for cifar10: choose one of \['none', 'flip'\]"
+    ):
+        CIFAR10DataModule(tmp_path, batch_size=2, augment="randaug")
+
+
+# ---------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=32)
+
+
+def split_indices(dm: DigitsDataModule) -> dict[str, np.ndarray]:
+    return {split: dm.indices[split] for split in ("train", "val", "test")}
+
+
+def test_digits_split_sizes_disjoint_stratified(digits: DigitsDataModule):
+    idx = split_indices(digits)
+    sizes = {split: len(digits.dataset(split)) for split in idx}
+    assert sizes == {"train": 1257, "val": 180, "test": 360}
+    assert sorted(np.concatenate(list(idx.values())).tolist()) == list(range(1797))  # disjoint, complete
+    target = load_digits().target
+    class_totals = np.bincount(target, minlength=10)
+    for split, size in sizes.items():
+        counts = np.bincount(target[idx[split]], minlength=10)
+        assert np.abs(counts - class_totals * size / 1797).max() < 1, split  # stratified
+    labels = torch.tensor([digits.dataset("test")[i][1] for i in range(360)])
+    assert torch.equal(labels, torch.from_numpy(target[idx["test"]]))
+
+
+def test_digits_split_is_deterministic_and_seeded(digits: DigitsDataModule):
+    again = DigitsDataModule(batch_size=32)
+    for split in ("train", "val", "test"):
+        assert np.array_equal(digits.indices[split], again.indices[split])
+    assert torch.equal(digits.dataset("val")[5][0], again.dataset("val")[5][0])
+    other = DigitsDataModule(batch_size=32, split_seed=1)
+    assert not np.array_equal(digits.indices["test"], other.indices["test"])
+    assert len(other.dataset("test")) == 360
+
+
+def test_digits_pixels_match_pil_bilinear_upsampling(digits: DigitsDataModule):
+    raw = load_digits().images  # [1797, 8, 8], values 0..16
+    assert digits.images.shape == (1797, 3, 32, 32)
+    assert digits.images.min() == 0.0 and digits.images.max() == 1.0
+    test = digits.dataset("test")
+    for i in (0, 100, 359):
+        x, y = test[i]
+        original = int(digits.indices["test"][i])
+        small = Image.fromarray((raw[original] / 16.0).astype(np.float32))  # mode "F"
+        expected = torch.from_numpy(np.array(small.resize((32, 32), Image.Resampling.BILINEAR)))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        for c in range(3):
+            assert torch.allclose(x[c], expected, atol=1e-5)
+        assert y == load_digits().target[original]
+
+
+def test_digits_shift_is_a_small_zero_filled_translation():
+    dm = DigitsDataModule(batch_size=8, augment="shift")
+    train = dm.dataset("train")
+    original = dm.images[dm.indices["train"][3]]  # [3, 32, 32]
+    padded = torch.nn.functional.pad(original, (2, 2, 2, 2))  # [3, 36, 36]
+    shifts = [padded[:, r : r + 32, c : c + 32] for r in range(5) for c in range(5)]
+    torch.manual_seed(0)
+    for _ in range(10):
+        x, _ = train[3]
+        assert any(torch.equal(x, s) for s in shifts)
+    assert torch.equal(dm.dataset("val")[3][0], dm.images[dm.indices["val"][3]])  # eval: untouched
+
+
+def test_digits_rejects_flip_and_wrong_num_classes():
+    with pytest.raises(ValueError, match="augment='flip' is wrong for digits"):
+        DigitsDataModule(batch_size=8, augment="flip")
+    with pytest.raises(ValueError, match="data.num_classes=100 but digits has 10 classes"):
+        DigitsDataModule(batch_size=8, num_classes=100)
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def test_subset_options_counts_and_indexing(digits: DigitsDataModule):
+    every = DigitsDataModule(batch_size=8, subset_every=3)
+    assert [len(every.dataset(s)) for s in ("train", "val", "test")] == [419, 60, 120]
+    first = DigitsDataModule(batch_size=8, subset_first=50)
+    assert [len(first.dataset(s)) for s in ("train", "val", "test")] == [50, 50, 50]
+    both = DigitsDataModule(batch_size=8, subset_every=7, subset_first=10)
+    test = both.dataset("test")
+    assert len(test) == 10 and len(both.dataset("train")) == 10
+    for i in range(10):  # index i is item 7 i of the full split
+        assert torch.equal(test[i][0], digits.dataset("test")[7 * i][0])
+        assert test[i][1] == digits.dataset("test")[7 * i][1]
+    assert len(DigitsDataModule(batch_size=8, subset_every=100, subset_first=50).dataset("val")) == 2
+
+
+def test_subset_options_apply_to_imagenet(imagenet_root: Path):
+    dm = ImageNetDataModule(imagenet_root, batch_size=2, subset_every=2, subset_first=4)
+    assert [len(dm.dataset(s)) for s in ("train", "val", "test")] == [4, 4, 4]
+    assert [dm.dataset("val")[i][1] for i in range(4)] == [0, 0, 1, 2]  # items 0, 2, 4, 6
+
+
+def test_loader_settings(digits: DigitsDataModule):
+    dm = DigitsDataModule(batch_size=100, persistent_workers=True, pin_memory=True)
+    train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert len(train) == 12  # 1257 // 100
+    for loader in (val, test):
+        assert isinstance(loader.sampler, SequentialSampler) and not loader.drop_last
+    assert len(val) == 2 and len(test) == 4
+    assert train.persistent_workers is False and train.num_workers == 0  # no workers: flag dropped
+    assert train.pin_memory
+    assert (
+        DigitsDataModule(batch_size=8, num_workers=2, persistent_workers=True)
+        .val_dataloader()
+        .persistent_workers
+    )
+    with pytest.raises(ValueError, match="digits train split has 10 images, fewer than batch_size=16"):
+        DigitsDataModule(batch_size=16, subset_first=10).train_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"batch_size": 8, "subset_every": 0}, "subset_every must be >= 1, got 0"),
+        ({"batch_size": 8, "subset_first": 0}, "subset_first must be >= 1 or null, got 0"),
+        ({"batch_size": 8, "num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"batch_size": 8, "augment": "randaug"}, r"unknown augment 'randaug' for digits: choose one of"),
+    ],
+)
+def test_bad_options(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(**kwargs)
+
+
+def test_unknown_split(digits: DigitsDataModule):
+    with pytest.raises(ValueError, match=r"unknown split 'valid': choose one of \['train', 'val', 'test'\]"):
+        digits.dataset("valid")
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", ["imagenet", "cifar10", "digits"])
+def test_configs_instantiate(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every key of conf/data/<name>.yaml is a constructor argument; ${data.num_classes} resolves."""
+    write_imagenet(tmp_path / "imagenet")
+    write_cifar(tmp_path / "cifar10")
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+    cfg = OmegaConf.create(
+        {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / f"{name}.yaml")}
+    )
+    cfg.head = "${data.num_classes}"
+    assert cfg.head == (1000 if name == "imagenet" else 10)
+    if name == "imagenet":  # the tiny tree has 3 classes, not 1000
+        cfg.data.num_classes = 3
+    dm = instantiate(cfg.data)
+    assert dm.name == name and dm.num_classes == cfg.head
+    dm.setup("test")
+    assert dm.dataset("test")[0][0].shape == (3, dm.image_size, dm.image_size)
