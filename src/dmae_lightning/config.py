@@ -8,6 +8,7 @@ SLURM job id: every rank and every requeued restart of a job resolves the same p
 from __future__ import annotations
 
 import os
+import sys
 
 from omegaconf import OmegaConf
 
@@ -40,8 +41,14 @@ def rank_zero_only_value(value, otherwise=None):
     return value if global_rank() == 0 else otherwise
 
 
+def stderr_is_terminal() -> bool:
+    """Progress bars only for a person at a terminal: no bar spam in batch logs."""
+    return sys.stderr.isatty()
+
+
 def register_resolvers() -> None:
-    for name, fn in (("run_dir", run_dir), ("rank_zero_only", rank_zero_only_value)):
+    resolvers = (("run_dir", run_dir), ("rank_zero_only", rank_zero_only_value), ("is_terminal", stderr_is_terminal))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
