@@ -12,6 +12,7 @@ Layouts understood:
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,28 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
 
 
+def _load_failure(err: Exception) -> str:
+    """One line out of torch.load's multi-line error: the refused class, or what is wrong with the file.
+
+    torch's own text leads with advice to retry with ``weights_only=False``, which is exactly what
+    must not be done with an untrusted file, so it is not passed on.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"it holds a pickled {refused.group(1)}, which is not loaded "
+            "(weights_only: only tensors, plain containers and argparse.Namespace)"
+        )
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and "weights_only" not in line and not line.strip().startswith("Check the documentation")
+    ]
+    detail = f"{type(err).__name__}: {lines[-1][:200]}" if lines else type(err).__name__
+    return f"damaged or not in PyTorch's format ({detail})"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed."""
     path = Path(path)
@@ -46,8 +69,7 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling, zip and magic-number errors all mean "not a checkpoint we load"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a loadable PyTorch checkpoint: {reason[:300]}") from None
+        raise ValueError(f"{path} is not a loadable PyTorch checkpoint: {_load_failure(err)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     return obj

@@ -32,12 +32,12 @@ class DMAEViT(ViTEncoderBase):
         norm_pix_loss: bool = True,
         drop_path_rate: float = 0.0,
     ):
+        if sigma < 0:  # checked before the (for ViT-L, seconds-long) construction
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
         super().__init__(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
             learnable_pos_embed=False,
         )
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -30,14 +30,14 @@ class VisionTransformerClassifier(ViTEncoderBase):
         global_pool: str = "avg",
         head_batchnorm: bool = False,
     ):
+        if global_pool not in ("avg", "token"):  # checked before the (for ViT-L, seconds-long) construction
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         super().__init__(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
             learnable_pos_embed=True,
         )
-        if global_pool not in ("avg", "token"):
-            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.global_pool = global_pool
         self.num_classes = num_classes
         if global_pool == "avg":
