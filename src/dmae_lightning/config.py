@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
 
 def slurm_job_tag() -> str | None:
@@ -46,11 +51,41 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def require(key: str):
+    """``key: ${require:key}`` in an experiment: the command line must set it.
+
+    (OmegaConf merges skip ``???`` values, so an experiment cannot mark a key mandatory that way.)
+    """
+    raise ValueError(f"this experiment needs {key}=... on the command line")
+
+
 def register_resolvers() -> None:
-    resolvers = (("run_dir", run_dir), ("rank_zero_only", rank_zero_only_value), ("is_terminal", stderr_is_terminal))
+    resolvers = (
+        ("run_dir", run_dir),
+        ("rank_zero_only", rank_zero_only_value),
+        ("is_terminal", stderr_is_terminal),
+        ("require", require),
+    )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()
+
+
+def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir: str | None = None):
+    """Compose a job config outside ``@hydra.main`` (tests, notebooks), as the command line would.
+
+    ``${hydra:...}`` interpolations resolve against the composed Hydra config; ``output_dir``
+    stands in for the run directory Hydra would create.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

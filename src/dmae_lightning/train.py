@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from . import config  # noqa: F401  (registers the Hydra resolvers)
 
@@ -18,6 +20,17 @@ class ConfigError(ValueError):
     """Bad input found before any training work: the entry points print it as one line."""
 
 
+# Errors that mean "bad config, data or checkpoint" when raised while the job is being built.
+BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
+
+
+def one_line(err: Exception) -> str:
+    if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
+        err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Instantiate data, module (with its pre-trained weights), callbacks, logger and trainer.
 
@@ -25,6 +38,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     """
     try:
         datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
         module = instantiate(cfg.task.module, _convert_="all")
         if cfg.pretrained and not cfg.ckpt_path:
             report = module.load_pretrained(cfg.pretrained)
@@ -33,8 +47,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         callbacks = [instantiate(c) for c in callback_cfgs.values() if c]
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from None
+    except BAD_INPUT as err:
+        raise ConfigError(one_line(err)) from None
+    except InstantiationException as err:  # hydra wraps the constructor's own error
+        if isinstance(err.__cause__, BAD_INPUT):
+            raise ConfigError(one_line(err.__cause__)) from None
+        raise
     return datamodule, module, trainer
 
 

@@ -1,0 +1,132 @@
+"""Every config composes; bad values stop with one clear line before any work; tiny runs start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmae_lightning.config import compose, run_dir
+from dmae_lightning.train import ConfigError, build, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(overrides, tmp_path):
+    return compose(CONF, "train", overrides, output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", "pretrained=/some/file.pth"], tmp_path)
+    assert cfg.task.name in ("pretrain", "finetune", "linprobe", "quickstart")
+    assert cfg.noise.sigma in (0.25, 0.5, 1.0)
+    # Every interpolation resolves (a typo in a key would fail here).
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_paper_recipes(tmp_path):
+    cfg = compose_train(["experiment=pretrain_imagenet_vit_base"], tmp_path)
+    eff = (
+        cfg.data.batch_size
+        * cfg.trainer.devices
+        * cfg.trainer.num_nodes
+        * cfg.trainer.accumulate_grad_batches
+    )
+    assert eff == 4096 and cfg.trainer.max_epochs == 1100 and cfg.task.module.mask_ratio == 0.75
+    assert cfg.task.module.optimizer.betas == [0.9, 0.95] and cfg.task.module.optimizer.warmup_epochs == 40
+    cfg = compose_train(["experiment=pretrain_imagenet_vit_large"], tmp_path)
+    assert cfg.trainer.max_epochs == 1600 and cfg.task.module.model_name == "dmae_vit_large_patch16"
+    cfg = compose_train(
+        ["experiment=finetune_imagenet_vit_base", "pretrained=x", "noise=sigma_1.0"], tmp_path
+    )
+    module = cfg.task.module
+    assert cfg.data.batch_size * cfg.trainer.devices == 1024
+    assert (module.optimizer.layer_decay, module.model_kwargs.drop_path_rate) == (0.65, 0.1)
+    assert (module.consistency.lbd, module.consistency.eta, module.consistency.m) == (2.0, 0.1, 2)
+    assert (module.mixup.mixup_alpha, module.mixup.cutmix_alpha, module.label_smoothing) == (0.8, 1.0, 0.1)
+    cfg = compose_train(
+        ["experiment=finetune_imagenet_vit_large", "pretrained=x", "noise=sigma_0.5"], tmp_path
+    )
+    assert (cfg.task.module.optimizer.layer_decay, cfg.task.module.model_kwargs.drop_path_rate) == (0.75, 0.2)
+    assert cfg.task.module.consistency.eta == 0.5 and cfg.trainer.max_epochs == 50
+    cfg = compose_train(["experiment=linprobe_imagenet_vit_base", "pretrained=x"], tmp_path)
+    eff = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
+    assert eff == 16384 and cfg.task.module.optimizer.name == "lars"
+
+
+def test_sweep_points_get_distinct_run_directories(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert (
+        run_dir("logs/x", "noise-sigma_0.5__consistency.lbd-1") == "logs/x/noise-sigma_0.5__consistency.lbd-1"
+    )
+    assert run_dir("logs/x", "") == "logs/x"
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert run_dir("logs/x", "") == "logs/x/slurm-1234"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert run_dir("logs/x", "a-1") == "logs/x/slurm-77_3/a-1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["noise.sigma=0"], "noise sigma must be > 0, got 0"),
+        (["noise.sigma=-0.5", "task=finetune"], "noise sigma must be > 0"),
+        (["task.module.mask_ratio=1.0"], r"mask_ratio must be in \[0, 1\), got 1.0"),
+        (["task.module.mask_ratio=-0.1"], r"mask_ratio must be in \[0, 1\)"),
+        (["model.img_size=30"], "img_size 30 is not divisible by patch_size 4"),
+        (["model.pretrain_name=dmae_vit_huge"], "unknown model 'dmae_vit_huge'"),
+        (["task=finetune", "data.num_classes=7"], "num_classes"),
+        (["task=finetune", "pretrained=/no/such/file.pth"], "does not exist"),
+        (
+            [
+                "experiment=pretrain_cifar10_continue",
+                "data=digits",
+                "data.augment=none",
+                "model=vit_micro_patch4",
+            ],
+            "pretrained",
+        ),
+    ],
+)
+def test_bad_values_stop_with_one_clear_line(overrides, message, tmp_path):
+    cfg = compose_train(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        build(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_data_folder_stops_before_the_model_is_built(tmp_path):
+    overrides = ["data=imagenet", f"paths.data_dir={tmp_path}/nothing", "model=vit_micro_patch4"]
+    with pytest.raises(ConfigError, match="expected .*<wnid>"):
+        build(compose_train(overrides, tmp_path))
+
+
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "noise.sigma=-1", f"paths.log_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: noise sigma must be > 0, got -1"
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe"])
+def test_fast_dev_run_every_task(task, tmp_path):
+    cfg = compose_train(
+        [f"task={task}", "model=vit_micro_patch8", "+trainer.fast_dev_run=2", "data.batch_size=16"], tmp_path
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
