@@ -1,0 +1,478 @@
+"""The certification job: outputs against independent recomputation, determinism, DDP, resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from scipy.stats import beta, binomtest, norm
+
+from dmae_lightning.certify import CERTIFY_STREAM, SmoothingPredictor, certify, read_predict_tsv, validate
+from dmae_lightning.checkpoints import load_weights
+from dmae_lightning.config import compose
+from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.finetune import SmoothedClassifierModule
+from dmae_lightning.models import create_model
+from dmae_lightning.results import SUMMARY_KEYS, format_record, read_records, read_summary
+from dmae_lightning.rng import seeded_generator
+from dmae_lightning.smoothing import Smooth
+from dmae_lightning.train import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SIGMA = 0.25
+SMALL = ["n0=10", "n=100", "batch=100", "max=12", "alpha=0.001", "split=test", "seed=0", "logger=none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process can make the
+    tiny forward passes many times slower (the subprocesses get OMP_NUM_THREADS=1 for the same reason)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_classifier_checkpoint(path: Path, steps: int = 40) -> Path:
+    """A real Lightning checkpoint of a micro ViT that classifies noisy digits about half right.
+
+    Most of the training is a plain loop (fast); a 1-step Lightning fit at a negligible learning rate
+    then writes the file exactly as ``trainer.save_checkpoint`` does after fine-tuning.
+    """
+    torch.manual_seed(0)
+    datamodule = DigitsDataModule(batch_size=64)
+    module = SmoothedClassifierModule(
+        model_name="vit_micro_patch8",
+        model_kwargs={"img_size": 32},
+        num_classes=10,
+        sigma=SIGMA,
+        mixup=None,
+        label_smoothing=0.0,
+        optimizer=dict(name="adamw", base_lr=1e-9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0),
+    )
+    train = datamodule.dataset("train")
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randint(0, len(train.labels), (128,), generator=generator)
+        noisy = train.images[pick] + SIGMA * torch.randn(train.images[pick].shape, generator=generator)
+        loss = F.cross_entropy(module.model(noisy), train.labels[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=path.parent,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    return make_classifier_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier.ckpt")
+
+
+def overrides_with(*overrides: str) -> list[str]:
+    """SMALL with ``overrides`` replacing the values of the same keys."""
+    merged = {o.split("=", 1)[0]: o for o in [*SMALL, *overrides]}
+    return list(merged.values())
+
+
+def compose_cfg(out_dir: Path, ckpt_path: Path | str, *overrides: str):
+    """conf/certify.yaml as ``python certify.py`` would see it, with the run directory at ``out_dir``."""
+    return compose(
+        REPO / "conf", "certify", [f"ckpt_path='{ckpt_path}'", *overrides_with(*overrides)], out_dir
+    )
+
+
+def run(out_dir: Path, ckpt_path: Path, *overrides: str) -> dict:
+    return certify(compose_cfg(out_dir, ckpt_path, *overrides))
+
+
+def results(path: Path) -> list[tuple]:
+    """Every column but the time."""
+    return [dataclasses.astuple(dataclasses.replace(r, time=0.0)) for r in read_records(path)]
+
+
+def classifier(path: Path) -> torch.nn.Module:
+    model = create_model("vit_micro_patch8", num_classes=10, img_size=32)
+    load_weights(model, path)
+    return model.eval()
+
+
+def expected_radius(n_a: int, n: int, alpha: float, sigma: float) -> float | None:
+    """Cohen et al.'s radius from the counts, None for an abstention."""
+    p_lower = beta.ppf(alpha, n_a, n - n_a + 1) if n_a > 0 else 0.0
+    return sigma * norm.ppf(p_lower) if p_lower >= 0.5 else None
+
+
+def script(log: Path, *args: str) -> subprocess.Popen:
+    """``python certify.py ARGS`` in the repository, stdout and stderr to ``log``."""
+    with open(log, "a") as out:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "certify.py"), *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    proc.wait(timeout=timeout)
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def wandb_calls():
+    """WandbLogger's table and image calls, recorded (wandb itself disabled: no network, no files)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        mp.setattr(WandbLogger, "log_table", lambda self, **kw: calls.append(("table", kw)))
+        mp.setattr(WandbLogger, "log_image", lambda self, **kw: calls.append(("image", kw)))
+        yield calls
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ckpt, wandb_calls) -> tuple[Path, dict]:
+    """The reference run: 12 test images, n0=10, n=100, batch 100 (logged to a disabled wandb)."""
+    out = tmp_path_factory.mktemp("base")
+    summary = run(out, ckpt, "logger=wandb", "+logger.mode=disabled")
+    return out, summary
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def test_outputs_and_summary_match_the_records(base, ckpt):
+    out, summary = base
+    assert {p.name for p in out.iterdir()} >= {"certify.tsv", "summary.json", "certified_accuracy.png"}
+    assert not list(out.glob("certify.rank*.tsv"))  # shards are deleted after the merge
+    assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_records(out / "certify.tsv")
+    labels = DigitsDataModule().dataset("test").labels
+    assert [r.idx for r in records] == list(range(12))
+    assert [r.label for r in records] == labels[:12].tolist()
+
+    on_disk = read_summary(out / "summary.json")
+    assert on_disk == json.loads(json.dumps(summary))
+    assert set(SUMMARY_KEYS) <= set(on_disk)
+    radii = [0.0, 0.25, 0.5, 0.75, 1.0]  # CIFAR-10's radii for a data set other than ImageNet
+    assert on_disk["radii"] == radii
+    expected_acc = {f"{r:g}": sum(x.correct == 1 and x.radius >= r for x in records) / 12 for r in radii}
+    assert on_disk["certified_accuracy"] == pytest.approx(expected_acc, abs=1e-12)
+    assert on_disk["average_certified_radius"] == pytest.approx(
+        sum(x.radius * x.correct for x in records) / 12
+    )
+    assert on_disk["abstain_rate"] == pytest.approx(sum(x.predict == -1 for x in records) / 12)
+    assert on_disk["num_images"] == 12
+    assert (on_disk["sigma"], on_disk["n0"], on_disk["n"], on_disk["alpha"]) == (SIGMA, 10, 100, 0.001)
+    assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "fp32", False)
+    assert (on_disk["dataset"], on_disk["split"]) == ("digits", "test")
+    assert on_disk["subset"]["skip"] == 1 and on_disk["subset"]["max"] == 12
+    assert on_disk["checkpoint"] == str(ckpt.resolve())
+    assert on_disk["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert on_disk["wall_time_s"] > 0
+    # The classifier is neither perfect nor useless, so every kind of line occurs.
+    assert any(r.correct and r.radius > 0 for r in records)
+    assert any(r.predict == -1 for r in records)
+    assert any(r.predict not in (-1, r.label) for r in records)
+
+
+def test_radius_is_cohens_formula_from_the_counts(base):
+    out, _ = base
+    for r in read_records(out / "certify.tsv"):
+        assert r.n == 100 and 0 <= r.n_a <= 100
+        radius = expected_radius(r.n_a, r.n, 0.001, SIGMA)
+        if radius is None:
+            assert (r.predict, r.radius, r.correct) == (-1, 0.0, 0)
+        else:
+            assert r.predict != -1 and r.radius == pytest.approx(radius, rel=1e-12, abs=1e-15)
+            assert r.correct == int(r.predict == r.label)
+
+
+def test_counts_equal_smooth_with_the_per_image_generator(base, ckpt):
+    """Line idx is Smooth.certify_record on image idx with seeded_generator(seed, 2, idx)."""
+    out, _ = base
+    smooth = Smooth(classifier(ckpt), 10, SIGMA)
+    dataset = DigitsDataModule().dataset("test")
+    for r in read_records(out / "certify.tsv")[::4]:
+        image, _ = dataset[r.idx]
+        rec = smooth.certify_record(image, 10, 100, 0.001, 100, seeded_generator(0, CERTIFY_STREAM, r.idx))
+        assert (rec.prediction, rec.radius, rec.n_a, rec.n) == (r.predict, r.radius, r.n_a, r.n)
+
+
+def test_wandb_gets_the_table_and_the_plot(base, wandb_calls):
+    out, summary = base
+    (kind, table), (kind2, image) = wandb_calls
+    assert (kind, kind2) == ("table", "image")
+    assert table["columns"] == ["sigma", "r=0", "r=0.25", "r=0.5", "r=0.75", "r=1"]
+    assert table["data"] == [[SIGMA, *summary["certified_accuracy"].values()]]
+    assert image["images"] == [str(out / "certified_accuracy.png")]
+
+
+# --------------------------------------------------------------------------------------------- determinism
+def test_same_seed_and_other_batch_give_identical_results(base, ckpt, tmp_path):
+    out, _ = base
+    run(tmp_path / "again", ckpt)
+    run(tmp_path / "batch30", ckpt, "batch=30")  # noise of an image does not depend on how it is batched
+    assert results(tmp_path / "again" / "certify.tsv") == results(out / "certify.tsv")
+    assert results(tmp_path / "batch30" / "certify.tsv") == results(out / "certify.tsv")
+
+
+def test_other_seed_other_noise(base, ckpt, tmp_path):
+    out, _ = base
+    run(tmp_path / "seed1", ckpt, "seed=1", "max=4")
+    assert [r[5] for r in results(tmp_path / "seed1" / "certify.tsv")] != [
+        r[5] for r in results(out / "certify.tsv")[:4]
+    ]
+
+
+def test_skip_and_max_pick_dataset_indices(base, ckpt, tmp_path):
+    out, _ = base
+    summary = run(tmp_path / "skip", ckpt, "skip=3", "max=4")
+    reference = {r[0]: r for r in results(out / "certify.tsv")}
+    assert results(tmp_path / "skip" / "certify.tsv") == [reference[i] for i in (0, 3, 6, 9)]
+    assert summary["num_images"] == 4 and summary["subset"]["indices"] == "range(0, 360, 3)[:4]"
+
+
+def test_skip_wrong_guess_keeps_certified_accuracy(base, ckpt, tmp_path):
+    out, summary = base
+    skipped = run(tmp_path / "skip_wrong", ckpt, "skip_wrong_guess=true")
+    assert skipped["certified_accuracy"] == summary["certified_accuracy"]
+    assert skipped["average_certified_radius"] == summary["average_certified_radius"]
+    reference = {r.idx: r for r in read_records(out / "certify.tsv")}
+    for r in read_records(tmp_path / "skip_wrong" / "certify.tsv"):
+        full = reference[r.idx]
+        if full.predict not in (-1, full.label):  # guessed wrong: the n estimation draws were skipped
+            assert (r.n, r.n_a, r.predict, r.radius, r.correct) == (0, 0, full.predict, 0.0, 0)
+        if r.n == 0:
+            assert r.predict != r.label and full.correct == 0
+        else:  # same selection and estimation draws as the full run
+            assert dataclasses.replace(r, time=0.0) == dataclasses.replace(full, time=0.0)
+    assert any(r.n == 0 for r in read_records(tmp_path / "skip_wrong" / "certify.tsv"))
+
+
+# --------------------------------------------------------------------------------------------- resume
+def test_resume_certifies_only_the_rest(base, ckpt, tmp_path):
+    """A shard of 5 lines and a torn sixth, and a merged file from an earlier session with 2 more."""
+    out, _ = base
+    reference = read_records(out / "certify.tsv")
+    marked = [dataclasses.replace(r, time=1000.0 + r.idx) for r in reference]  # tells reused lines apart
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    header = (out / "certify.tsv").read_text().split("\n")[0]
+    (run_dir / "certify.tsv").write_text(
+        "".join(f"{line}\n" for line in [header, *map(format_record, marked[7:9])])
+    )
+    torn = format_record(marked[5])[:9]
+    (run_dir / "certify.rank0.tsv").write_text(
+        header + "\n" + "".join(f"{format_record(r)}\n" for r in marked[:5]) + torn
+    )
+    shutil.copy(out / "certify.params.json", run_dir / "certify.params.json")
+    run(run_dir, ckpt)
+    final = read_records(run_dir / "certify.tsv")
+    assert results(run_dir / "certify.tsv") == results(out / "certify.tsv")
+    reused = [r.idx for r in final if r.time >= 1000.0]
+    assert reused == [0, 1, 2, 3, 4, 7, 8]
+    assert not list(run_dir.glob("certify.rank*.tsv"))
+    # A finished run re-run: nothing left to certify, same files.
+    before = (run_dir / "certify.tsv").read_text()
+    summary = run(run_dir, ckpt)
+    assert (run_dir / "certify.tsv").read_text() == before and summary["num_images"] == 12
+
+
+def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_path):
+    out, _ = base
+    run_dir = tmp_path / "mixed"
+    shutil.copytree(out, run_dir)
+    with pytest.raises(ConfigError, match=r"other settings \(n: 100 there, 200 now\)"):
+        run(run_dir, ckpt, "n=200")
+    other = tmp_path / "other.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["model.head.bias"] += 1.0
+    torch.save(state, other)
+    with pytest.raises(ConfigError, match="checkpoint_sha256"):
+        run(run_dir, other)
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_equal_an_uninterrupted_run(base, ckpt, tmp_path):
+    """A real process killed mid-run (SIGKILL), then the same command: no lost, duplicate or torn lines."""
+    args = [
+        f"ckpt_path={ckpt}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *overrides_with("max=6", "n=5000", "batch=1000"),
+    ]
+    log = tmp_path / "out.log"
+    proc = script(log, *args)
+    shard = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "logs").glob("*/*/certify.rank0.tsv"))
+        if found and found[0].read_text().count("\n") >= 3:  # the header and at least two images
+            shard = found[0]
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before it could be killed:\n{log.read_text()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert shard is not None
+    run_dir = shard.parent
+    assert not (run_dir / "certify.tsv").exists()
+    first = len(read_records(shard))
+    assert 2 <= first < 6
+    again = script(log, *args)
+    output = finish(again, log, 300)
+    assert again.returncode == 0, output
+    uninterrupted = tmp_path / "uninterrupted"
+    run(uninterrupted, ckpt, "max=6", "n=5000", "batch=1000")
+    text = (run_dir / "certify.tsv").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 7
+    assert results(run_dir / "certify.tsv") == results(uninterrupted / "certify.tsv")
+    assert not list(run_dir.glob("certify.rank*.tsv"))
+    assert f"wrote {run_dir / 'certify.tsv'}" in output
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(base, ckpt, tmp_path):
+    """Lightning's DDP on the CPU (gloo, 2 processes, 6 + 5 images): each image once, the same lines as 1."""
+    out, _ = base
+    args = [
+        f"ckpt_path={ckpt}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *overrides_with("max=11"),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    log = tmp_path / "out.log"
+    proc = script(log, *args)
+    output = finish(proc, log, 400)
+    assert proc.returncode == 0, output
+    (merged,) = (tmp_path / "logs").glob("*/*/certify.tsv")
+    assert results(merged) == results(out / "certify.tsv")[:11]
+    summary = read_summary(merged.parent / "summary.json")
+    assert summary["world_size"] == 2 and summary["num_images"] == 11
+    assert not list(merged.parent.glob("certify.rank*.tsv"))
+
+
+def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
+    """Lightning refuses an empty loader on one rank while another has batches (1 image, 2 ranks)."""
+    params = validate(compose_cfg(tmp_path, ckpt))
+    dataset = DigitsDataModule().dataset("test")
+    module = SmoothingPredictor(classifier(ckpt), 10, params, dataset, todo=[7], run_dir=tmp_path)
+    assert [idx for idx, _, _ in module.loader([7], 0, 2)] == [7]
+    assert [idx for idx, _, _ in module.loader([7], 1, 2)] == [-1] and module.share == []
+    assert len(module.loader([], 1, 2)) == 0  # nothing left anywhere: empty everywhere is fine
+    assert module.predict_step((-1, torch.zeros(0), -1), 0) is None  # no writer needed: nothing written
+
+
+# --------------------------------------------------------------------------------------------- predict
+def test_predict_mode(base, ckpt, tmp_path):
+    summary = run(tmp_path / "predict", ckpt, "mode=predict", "max=6")
+    path = tmp_path / "predict" / "predict.tsv"
+    lines = path.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 7
+    records = read_predict_tsv(path, n=100)
+    smooth = Smooth(classifier(ckpt), 10, SIGMA)
+    dataset = DigitsDataModule().dataset("test")
+    for r in records:
+        image, label = dataset[r.idx]
+        counts = smooth._sample_counts(image, 100, 100, seeded_generator(0, CERTIFY_STREAM, r.idx))
+        top2 = counts.sort(descending=True, stable=True)
+        n_a, n_b = (int(c) for c in top2.values[:2])
+        expected = -1 if binomtest(n_a, n_a + n_b, 0.5).pvalue > 0.001 else int(top2.indices[0])
+        assert (r.label, r.predict, r.correct) == (label, expected, int(expected == label))
+    assert summary["accuracy"] == pytest.approx(sum(r.correct for r in records) / 6)
+    assert summary["abstain_rate"] == pytest.approx(sum(r.predict == -1 for r in records) / 6)
+    assert read_summary(tmp_path / "predict" / "summary.json")["num_images"] == 6
+    assert not (tmp_path / "predict" / "certify.tsv").exists()
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    text = folder / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    five = folder / "five.ckpt"  # the same file with a 5-class head, as a 5-class fine-tuning writes it
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"]["num_classes"] = 5
+    for key in ("model.head.weight", "model.head.bias"):
+        state["state_dict"][key] = state["state_dict"][key][:5].clone()
+    torch.save(state, five)
+    return {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["n0=0"], "n0 must be an integer >= 1, got 0"),
+        (["n=0"], "n must be an integer >= 1, got 0"),
+        (["alpha=0"], "alpha must lie strictly between 0 and 1, got 0"),
+        (["alpha=1"], "alpha must lie strictly between 0 and 1, got 1"),
+        (["noise.sigma=-1"], "noise.sigma must be a finite number > 0, got -1"),
+        (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
+        (["batch=0"], "batch must be an integer >= 1, got 0"),
+        (["skip=0"], "skip must be an integer >= 1, got 0"),
+        (["max=0"], "max must be an integer >= 1 or null, got 0"),
+        (["precision=fp64"], "precision must be one of fp32|bf16|fp16, got 'fp64'"),
+        (["mode=guess"], "mode must be one of certify|predict"),
+        (["split=dev"], "split must be one of train|val|test"),
+        (["radii=[0.5,-1]"], "radii must be null or a non-empty list of numbers >= 0"),
+        (["trainer.precision=bf16-mixed"], "leave it at 32-true"),
+    ],
+)
+def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "bad", ckpt, *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists()  # nothing written, nothing sampled
+
+
+@pytest.mark.parametrize(
+    "which, message",
+    [
+        ("five", "classifies 5 classes but digits has 10"),
+        ("text", "is not a loadable PyTorch checkpoint"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "bad", bad_files[which])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):
+    log = tmp_path / "out.log"
+    proc = script(log, f"paths.log_dir={tmp_path}", "n0=0")
+    output = finish(proc, log, 120)
+    assert proc.returncode == 1
+    assert (
+        output.strip().splitlines()[-1]
+        == "error: ckpt_path is required: python certify.py ckpt_path=PATH ..."
+    )
