@@ -14,26 +14,26 @@ from dmae_lightning.results import read_records
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_quickstart(log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     overrides = [
         "experiment=quickstart",
-        f"paths.log_dir={log_dir}",
-        'quickstart.pretrain=["experiment=pretrain_digits","trainer.max_epochs=3","logger=none"]',
-        'quickstart.finetune=["experiment=finetune_digits","trainer.max_epochs=6","logger=none"]',
+        f"hydra.run.dir={run_dir}",  # the reduced stage lists below would make a long directory name
+        'quickstart.pretrain=["experiment=pretrain_digits","trainer.max_epochs=3"]',
+        'quickstart.finetune=["experiment=finetune_digits","trainer.max_epochs=6"]',
         'quickstart.certify=["data=digits","split=test","noise=sigma_0.25","n0=20","n=200","max=60","batch=220"]',
         *extra,
     ]
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],
-        capture_output=True, text=True, cwd=log_dir, timeout=600,
+        capture_output=True, text=True, cwd=run_dir.parent, timeout=600,
     )
 
 
 @pytest.mark.slow
 def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path):
-    proc = run_quickstart(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
+    proc = run_quickstart(run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for path in (
         run / "pretrain" / "checkpoints" / "last.ckpt",
         run / "pretrain" / "pictures" / "reconstruction_final.png",
@@ -56,7 +56,7 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
 
     # Running again does not redo finished stages: no file is rewritten.
     mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.suffix in (".ckpt", ".tsv")}
-    again = run_quickstart(tmp_path)
+    again = run_quickstart(run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert (again.stdout + again.stderr).count("already complete") == 3
@@ -64,9 +64,9 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
 
 @pytest.mark.slow
 def test_quickstart_without_pretraining_is_the_baseline(tmp_path):
-    proc = run_quickstart(tmp_path, "pretrain=false")
+    run = tmp_path / "quickstart-scratch"
+    proc = run_quickstart(run, "pretrain=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "quickstart" / "pretrain-false"
     assert not (run / "pretrain").exists()
     assert (run / "certify" / "summary.json").is_file()
     assert "fine-tuning from scratch" in proc.stdout

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 from dmae_lightning.results import (
-    CIFAR10_RADII,
-    IMAGENET_RADII,
     Record,
     best_over_sigma,
     certified_accuracy,
+    default_radii,
     format_table,
     plot_certified_accuracy,
     read_records,
@@ -42,11 +41,6 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Record]]:
     return summary, records
 
 
-def default_radii(dataset: str) -> tuple[float, ...]:
-    """The radii reported in the papers for this dataset (CIFAR-10 or, otherwise, ImageNet)."""
-    return CIFAR10_RADII if "cifar" in str(dataset).lower() else IMAGENET_RADII
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dmae_lightning.analyze", description=__doc__.split("\n")[0]
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"analyze: error: {err}", file=sys.stderr)
         return 2
-    radii = args.radii or default_radii(runs[0][1].get("dataset", ""))
+    radii = args.radii or runs[0][1].get("radii") or default_radii(runs[0][1].get("dataset", ""))
 
     curves: dict[str, list[Record]] = {}
     rows: dict[str, dict[str, float]] = {}

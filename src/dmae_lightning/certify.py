@@ -45,11 +45,10 @@ from .data import SPLITS
 from .models import create_model
 from .results import (
     ABSTAIN,
-    CIFAR10_RADII,
-    IMAGENET_RADII,
     Record,
     ShardWriter,
-    _atomic_write_text,
+    atomic_write_text,
+    default_radii,
     format_table,
     merge_shards,
     plot_certified_accuracy,
@@ -109,24 +108,6 @@ class JobParams:
         if self.mode == "certify":
             key |= {"n0": self.n0, "skip_wrong_guess": self.skip_wrong_guess}
         return key
-
-
-def group_choice(group: str, *, _root_: DictConfig) -> str:
-    """``${group_choice:data}``: the option chosen for a config group, e.g. "digits".
-
-    ``${hydra:runtime.choices.data}`` only resolves inside a job (HydraConfig set), but a -m sweep resolves
-    run_name for its sweep directory before that; there the composed config still holds the hydra node.
-    """
-    choice = OmegaConf.select(_root_, f"hydra.runtime.choices.{group}", default=None)
-    if choice is None:
-        from hydra.core.hydra_config import HydraConfig  # set inside a job (and by tests)
-
-        choice = HydraConfig.get().runtime.choices[group]
-    return str(choice)
-
-
-if not OmegaConf.has_resolver("group_choice"):
-    OmegaConf.register_new_resolver("group_choice", group_choice)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -301,7 +282,7 @@ def read_predict_tsv(path: Path, n: int) -> list[Record]:
 def write_predict_tsv(path: Path, records: list[Record]) -> None:
     lines = ["\t".join(PREDICT_COLUMNS)]
     lines += [f"{r.idx}\t{r.label}\t{r.predict}\t{r.correct}\t{float(r.time)!r}" for r in records]
-    _atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def done_records(run_dir: Path, params: JobParams) -> list[Record]:
@@ -349,7 +330,7 @@ def check_run_dir(run_dir: Path, key: dict, mode: str, is_rank_zero: bool) -> No
             )
     elif is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(key, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(key, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- Lightning
@@ -505,11 +486,6 @@ def _duration(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the job
-def default_radii(dataset: str) -> tuple[float, ...]:
-    """The paper's radii: ImageNet's for imagenet, CIFAR-10's for every other (32x32) data set."""
-    return IMAGENET_RADII if "imagenet" in dataset.lower() else CIFAR10_RADII
-
-
 def certify(cfg: DictConfig) -> dict:
     """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere)."""
     started = time.time()
@@ -625,7 +601,7 @@ def certify(cfg: DictConfig) -> dict:
             "abstain_rate": sum(r.predict == ABSTAIN for r in subset) / len(subset),
             "wall_time_s": time.time() - started,
         }
-        _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         log.info("PREDICT accuracy %.4f, abstain rate %.4f", summary["accuracy"], summary["abstain_rate"])
         _log_to_loggers(trainer, summary)
         outputs = [run_dir / "predict.tsv", run_dir / "summary.json"]

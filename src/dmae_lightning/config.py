@@ -59,12 +59,25 @@ def require(key: str):
     raise ValueError(f"this experiment needs {key}=... on the command line")
 
 
+def group_choice(group: str, *, _root_) -> str:
+    """``${group_choice:data}``: the option chosen for a config group, e.g. "digits".
+
+    ``${hydra:runtime.choices.data}`` only resolves inside a job (HydraConfig set), but a -m sweep
+    resolves run_name for its sweep directory before that; there the config still holds the hydra node.
+    """
+    choice = OmegaConf.select(_root_, f"hydra.runtime.choices.{group}", default=None)
+    if choice is None:
+        choice = HydraConfig.get().runtime.choices[group]
+    return str(choice)
+
+
 def register_resolvers() -> None:
     resolvers = (
         ("run_dir", run_dir),
         ("rank_zero_only", rank_zero_only_value),
         ("is_terminal", stderr_is_terminal),
         ("require", require),
+        ("group_choice", group_choice),
     )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):

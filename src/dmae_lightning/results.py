@@ -49,6 +49,11 @@ SUMMARY_KEYS = (
 )
 
 
+def default_radii(dataset: str) -> tuple[float, ...]:
+    """The paper's radii: ImageNet's for imagenet, CIFAR-10's for every other (32x32) data set."""
+    return IMAGENET_RADII if "imagenet" in str(dataset).lower() else CIFAR10_RADII
+
+
 @dataclass(frozen=True)
 class Record:
     """One certified image: a line of ``certify.tsv``."""
@@ -110,7 +115,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Readers see the old file or the complete new one, never a half-written one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -196,7 +201,7 @@ def merge_shards(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike
                     f"{first} in {first_source} vs {record} in {source}"
                 )
     records = [merged[idx][0] for idx in sorted(merged)]
-    _atomic_write_text(out_path, "".join(f"{line}\n" for line in [HEADER, *map(format_record, records)]))
+    atomic_write_text(out_path, "".join(f"{line}\n" for line in [HEADER, *map(format_record, records)]))
     return records
 
 
@@ -260,7 +265,7 @@ def write_summary(path: str | os.PathLike, **fields) -> None:
     missing = [key for key in SUMMARY_KEYS if key not in fields]
     if missing:
         raise ValueError(f"summary is missing fields: {', '.join(missing)}")
-    _atomic_write_text(Path(path), json.dumps(fields, indent=2, default=str) + "\n")
+    atomic_write_text(Path(path), json.dumps(fields, indent=2, default=str) + "\n")
 
 
 def read_summary(path: str | os.PathLike) -> dict:
