@@ -23,7 +23,25 @@ class RNGState(pl.Callback):
     Lightning does not checkpoint them; without them a resumed run shuffles, drops paths and draws
     mixup lambdas differently from the uninterrupted run. Everything is stored as tensors, ints and
     tuples so the checkpoint still loads with ``weights_only=True``.
+
+    A checkpoint written at an epoch's end is restored a second time if Lightning replays that end on
+    resume (it does when the run is step-based, e.g. stopped by ``max_steps`` on an epoch's last batch):
+    before the replay it builds a train loader iterator, which draws from the global torch RNG.
     """
+
+    def __init__(self):
+        self._epoch_ended = False  # whether a checkpoint written now follows the current epoch's end
+        self._reapply: dict | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_ended = False
+        self._reapply = None  # no replayed epoch end: the state put back at loading stands
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reapply is not None:  # the replayed end of the epoch the checkpoint was written after
+            self.load_state_dict(self._reapply)
+            self._reapply = None
+        self._epoch_ended = True
 
     def state_dict(self) -> dict:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -31,12 +49,15 @@ class RNGState(pl.Callback):
             "torch": torch.get_rng_state(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "python": random.getstate(),
+            "epoch_ended": self._epoch_ended,
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("epoch_ended"):
+            self._reapply = {**state, "epoch_ended": False}
         torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -67,12 +67,28 @@ def configure_optimizer(
     if name == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(betas))
     elif name == "lars":
-        # timm's LARS (as MAE's linear probing: trust coefficient 1e-3, no adaptation of 1-d params).
-        optimizer = Lars(groups, lr=peak, momentum=momentum)
+        # As MAE's linear probing: trust coefficient 1e-3 on every weight matrix, none on 1-d params.
+        # timm's Lars adapts only groups with weight_decay != 0 unless always_adapt, and with weight
+        # decay 0 timm's grouping puts all parameters in one group: split by dimension here.
+        lars_groups = []
+        for group in groups:
+            for adapt in (True, False):
+                params = [p for p in group["params"] if (p.ndim > 1) == adapt]
+                if params:
+                    lars_groups.append({**group, "params": params, "always_adapt": adapt})
+        optimizer = Lars(lars_groups, lr=peak, momentum=momentum)
     else:
         raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'lars'")
     total = max(1, int(trainer.estimated_stepping_batches))
-    steps_per_epoch = total / max(1, trainer.max_epochs)
+    # Epochs -> steps from the loader length, not total / max_epochs: a max_steps limit shortens total,
+    # and with max_steps alone max_epochs is -1 (estimated_stepping_batches then loads no data itself).
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    else:  # an iterable data set of unknown length
+        steps_per_epoch = total / max(1, trainer.max_epochs)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     min_ratio = min_lr / peak if peak > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,59 @@
+"""Shared fixtures for the training tests: small digits data modules and a quiet CPU Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from dmae_lightning.data import DigitsDataModule
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the tiny models: on a shared 2-core machine two OpenMP threads per process
+    can slow a step from 0.04 s to over 2 s (threads spin waiting for a core); one is never much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def make_digits():
+    """``make_digits(batch_size=16, subset_first=64, **kw)``: a fresh DigitsDataModule (each Trainer
+    attaches itself to its data module, so tests do not share one)."""
+
+    def make(batch_size: int = 16, subset_first: int | None = 64, **kwargs) -> DigitsDataModule:
+        return DigitsDataModule(batch_size=batch_size, subset_first=subset_first, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """``make_trainer(callbacks=[...], csv=False, root=None, **trainer_kwargs)``: a CPU Trainer without
+    progress bar, model summary or sanity check; no logger unless ``csv=True``, no checkpointing unless
+    the callbacks bring a ModelCheckpoint."""
+
+    def make(callbacks=(), csv: bool = False, root: Path | None = None, **kwargs) -> pl.Trainer:
+        root = Path(root or tmp_path)
+        callbacks = list(callbacks)
+        options = dict(
+            default_root_dir=str(root),
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(str(root), name="csv", version="") if csv else False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+        )
+        options.update(kwargs)
+        return pl.Trainer(**options)
+
+    return make
