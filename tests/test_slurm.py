@@ -18,19 +18,27 @@ Reusable helpers (other test modules: ``from test_slurm import slurm_cluster, su
 There is no accounting database, so ``sacct`` does not work: job states come from ``scontrol show job``,
 which keeps a finished job for MinJobAge=300 s.
 
-What the stand-ins below prove (to be replaced by the real ``train.py`` via scripts/slurm/train.sbatch):
+What the tests prove:
 
-- scripts/slurm/{train,certify}.sbatch parse and start 2 tasks that get the Hydra overrides;
-- a 2-task job on the 2-CPU node is seen by Lightning as SLURM with global ranks {0, 1} and world size 2,
-  and ``SLURM_NTASKS_PER_NODE`` is set (2), so ``trainer.devices=$SLURM_NTASKS_PER_NODE`` works;
-- ``scancel --signal=USR1`` reaches every srun task, ``scontrol requeue`` from inside the job requeues it, the
-  job goes RUNNING -> COMPLETING (KillWait=5 s: the tasks ignore SIGTERM, as Lightning does) -> PENDING
-  (Reason=BeginTime, Restarts=1, ~11 s = cred_expire + 1) -> RUNNING with the same job ID and
-  ``SLURM_RESTART_COUNT=1``, appending to the same output file: ~16 s from SIGUSR1 to the restarted tasks.
+- ``scripts/slurm/train.sbatch`` runs the real ``train.py`` as 2 srun tasks (``hardware=slurm`` with only
+  ``trainer.accelerator=cpu`` changed; ``trainer.num_nodes``/``trainer.devices`` from ``SLURM_NNODES`` /
+  ``SLURM_NTASKS_PER_NODE``): Lightning picks ``SLURMEnvironment`` on both ranks (ranks 0/1 of 2 from
+  ``SLURM_PROCID``) and trains with DDP (gloo); one run directory ``logs/<run_name>/slurm-<job id>/...``, one
+  ``.hydra``, one ``train.log`` written by rank 0 only;
+- ``scancel --signal=USR1`` mid-epoch: Lightning's auto-requeue writes ``hpc_ckpt_1.ckpt`` and runs
+  ``scontrol requeue``; the job goes RUNNING -> COMPLETING -> PENDING (Reason=BeginTime, Restarts=1,
+  ~11 s = cred_expire + 1) -> RUNNING with the same job ID and ``SLURM_RESTART_COUNT=1``, appending to the
+  same output file; both ranks restore the hpc checkpoint at the exact global step and the job ends at the
+  configured step and epoch, with the first start's CSV metrics kept;
+- ``scripts/slurm/certify.sbatch`` parses and hands the overrides to 2 tasks (stand-in ``certify.py``).
+
+``tests/probes.py`` (a test-only callback loaded with ``+callbacks.probe._target_=probes.NoiseProbe``, tests/
+on ``PYTHONPATH``) reports each rank's cluster environment, steps and the noise it drew.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -237,57 +245,6 @@ def slurm_cluster():
 
 
 # ----------------------------------------------------------------------------------------------- tests
-DETECT_PY = r"""
-import os
-from pytorch_lightning.plugins.environments import SLURMEnvironment
-env = SLURMEnvironment()
-env.validate_settings(num_devices=2, num_nodes=1)  # raises if SLURM_NTASKS_PER_NODE disagrees
-print(f"detect={SLURMEnvironment.detect()} global_rank={env.global_rank()} local_rank={env.local_rank()} "
-      f"world_size={env.world_size()} node_rank={env.node_rank()} "
-      f"ntasks_per_node={os.environ.get('SLURM_NTASKS_PER_NODE')} main={env.main_address}:{env.main_port}",
-      flush=True)
-"""
-
-
-@pytest.mark.slow  # 15-28 s: two processes import torch + Lightning on 2 CPUs
-def test_two_task_job_is_detected_by_lightning(slurm_cluster, tmp_path):
-    # --ntasks-per-node, not --ntasks: with `--nodes=1 --ntasks=2` Slurm 22.05 leaves SLURM_NTASKS_PER_NODE
-    # unset and Lightning's SLURMEnvironment() raises "You set `--ntasks=2` ... Use `--ntasks-per-node=2`".
-    # The job name must not be "bash" or "interactive" (Lightning then assumes an interactive session).
-    (tmp_path / "detect.py").write_text(DETECT_PY)
-    script = f"""#!/bin/bash
-#SBATCH --job-name=detect
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=2
-#SBATCH --cpus-per-task=1
-#SBATCH --time=5
-#SBATCH --output={tmp_path}/%x-%j.out
-echo "batch NNODES=$SLURM_NNODES NTASKS=$SLURM_NTASKS NTASKS_PER_NODE=${{SLURM_NTASKS_PER_NODE:-unset}}"
-srun python {tmp_path}/detect.py
-"""
-    env = slurm_cluster.env
-    job = submit_job(script, env, cwd=tmp_path)
-    try:
-        info = wait_for_state(job, "COMPLETED", env, timeout=180)
-    except (AssertionError, TimeoutError) as err:
-        raise AssertionError(f"{err}\n{job_output(tmp_path / f'detect-{job}.out')}\n{slurm_cluster.logs()}") from err
-    finally:
-        cancel_job(job, env)
-    out = job_output(tmp_path / f"detect-{job}.out")
-    assert info["ExitCode"] == "0:0", out
-    assert "batch NNODES=1 NTASKS=2 NTASKS_PER_NODE=2" in out, out
-    ranks = re.findall(r"detect=(\w+) global_rank=(\d) local_rank=(\d) world_size=(\d) node_rank=(\d) "
-                       r"ntasks_per_node=(\S+) main=(\S+)", out)
-    assert len(ranks) == 2, out
-    assert {r[0] for r in ranks} == {"True"}
-    assert sorted(r[1] for r in ranks) == ["0", "1"]
-    assert sorted(r[2] for r in ranks) == ["0", "1"]
-    assert {r[3] for r in ranks} == {"2"}
-    assert {r[4] for r in ranks} == {"0"}
-    assert {r[5] for r in ranks} == {"2"}
-    assert len({r[6] for r in ranks}) == 1  # both ranks agree on MASTER_ADDR:MASTER_PORT
-
-
 STAND_IN_ENTRY_PY = r"""
 import os, sys
 print(f"entry {os.path.basename(sys.argv[0])} rank={os.environ['SLURM_PROCID']} args={' '.join(sys.argv[1:])}",
@@ -295,15 +252,17 @@ print(f"entry {os.path.basename(sys.argv[0])} rank={os.environ['SLURM_PROCID']} 
 """
 
 
-@pytest.mark.parametrize("name", ["train", "certify"])
-def test_sbatch_template_runs_one_task_per_device(slurm_cluster, tmp_path, name):
-    """scripts/slurm/<name>.sbatch with a stand-in <name>.py: #SBATCH lines parse, overrides reach Hydra."""
-    (tmp_path / f"{name}.py").write_text(STAND_IN_ENTRY_PY)
+def test_certify_sbatch_template_runs_one_task_per_device(slurm_cluster, tmp_path):
+    """scripts/slurm/certify.sbatch with a stand-in certify.py: #SBATCH lines parse, overrides reach Hydra.
+
+    (train.sbatch runs the real train.py in the test below.)
+    """
+    (tmp_path / "certify.py").write_text(STAND_IN_ENTRY_PY)
     (tmp_path / "logs").mkdir()  # Slurm does not create --output's directory (the job would FAIL, 0:53)
     env = slurm_cluster.env
-    job = submit_job(TEMPLATES / f"{name}.sbatch", env, sbatch_args=CPU_SBATCH_ARGS,
+    job = submit_job(TEMPLATES / "certify.sbatch", env, sbatch_args=CPU_SBATCH_ARGS,
                      script_args=("experiment=smoke", "data.root=/nonexistent"), cwd=tmp_path)
-    out_path = tmp_path / "logs" / f"dmae-{name}-{job}.out"
+    out_path = tmp_path / "logs" / f"dmae-certify-{job}.out"
     try:
         info = wait_for_state(job, "COMPLETED", env, timeout=120)
     except (AssertionError, TimeoutError) as err:
@@ -315,77 +274,132 @@ def test_sbatch_template_runs_one_task_per_device(slurm_cluster, tmp_path, name)
     assert f"job {job} restart 0 on " in out and "1 node(s) x 2 task(s)" in out, out
     args = "hardware=slurm trainer.num_nodes=1 trainer.devices=2 experiment=smoke data.root=/nonexistent"
     for rank in (0, 1):
-        assert f"entry {name}.py rank={rank} args={args}" in out, out
+        assert f"entry certify.py rank={rank} args={args}" in out, out
 
 
-# Mimics Lightning's auto-requeue (pytorch_lightning/trainer/connectors/signal_connector.py): on SIGUSR1
-# every rank "saves the hpc checkpoint", rank 0 runs `scontrol requeue $SLURM_JOB_ID`; SIGTERM is then
-# ignored ("Bypassing SIGTERM"), so Slurm SIGKILLs the tasks after KillWait. The restarted job resumes.
-REQUEUE_PY = r"""
-import os, signal, subprocess, sys, time
-from pathlib import Path
-rank = int(os.environ["SLURM_PROCID"])
-restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-ckpt = Path(sys.argv[1]) / f"hpc_ckpt_rank{rank}.txt"
-def on_usr1(signum, frame):
-    ckpt.write_text(f"step=42 time={time.time():.3f}")
-    print(f"rank {rank} SIGUSR1 saved {ckpt.name}", flush=True)
-    if rank == 0:
-        rc = subprocess.call(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])
-        print(f"rank {rank} requeue rc={rc}", flush=True)
-signal.signal(signal.SIGUSR1, on_usr1)
-signal.signal(signal.SIGTERM, lambda s, f: print(f"rank {rank} bypassing SIGTERM", flush=True))
-print(f"rank {rank} start restart={restarts} time={time.time():.3f}", flush=True)
-if restarts > 0:
-    print(f"rank {rank} resumed from {ckpt.read_text()}", flush=True)
-    sys.exit(0)
-print(f"rank {rank} ready", flush=True)
-deadline = time.time() + 120
-while time.time() < deadline:
-    time.sleep(0.1)
-print(f"rank {rank} was never requeued", flush=True)
-sys.exit(3)
-"""
+# The real thing: scripts/slurm/train.sbatch -> srun -> 2 x train.py -> Lightning DDP (gloo) on the CPU node,
+# with hardware=slurm as on a GPU cluster and only trainer.accelerator=cpu changed. 128 images / 2 ranks /
+# batch 16 = 4 steps per epoch, 10 epochs = 40 steps; tests/probes.py sleeps 0.2 s after each step so that
+# SIGUSR1 surely arrives mid-training (the training itself takes ~1 s; the two imports take most of the time).
+MAX_EPOCHS, STEPS_PER_EPOCH = 10, 4
+TRAIN_OVERRIDES = (
+    "experiment=pretrain_digits", "model=vit_micro_patch8", "trainer.accelerator=cpu",
+    "data.subset_first=128", "data.batch_size=16", f"trainer.max_epochs={MAX_EPOCHS}",
+    "+callbacks.probe._target_=probes.NoiseProbe",
+)
+SIGNAL_AFTER_STEP = 6  # mid-epoch (epoch 1, batch 2): the resume must land on the exact step, not an epoch
 
 
-@pytest.mark.slow  # ~17 s: 5 s KillWait (SIGTERM is ignored, as Lightning does) + 11 s BeginTime hold
-def test_sigusr1_requeues_and_restarts_job(slurm_cluster, tmp_path):
-    (tmp_path / "requeue.py").write_text(REQUEUE_PY)
-    script = f"""#!/bin/bash
-#SBATCH --job-name=requeue
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=2
-#SBATCH --cpus-per-task=1
-#SBATCH --time=5
-#SBATCH --signal=SIGUSR1@90
-#SBATCH --requeue
-#SBATCH --open-mode=append
-#SBATCH --output={tmp_path}/%x-%j.out
-echo "batch restart=${{SLURM_RESTART_COUNT:-0}}"
-srun python {tmp_path}/requeue.py {tmp_path}
-"""
-    env = slurm_cluster.env
-    job = submit_job(script, env, cwd=tmp_path)
-    out_path = tmp_path / f"requeue-{job}.out"
+@pytest.mark.slow  # ~60-90 s: 2 x (2 parallel imports of torch + Lightning) + 16 s requeue (KillWait + BeginTime)
+def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(slurm_cluster, tmp_path):
+    import torch
+    from probes import check_noise_per_rank, load_probes
+    from test_distributed import single_run_dir
+
+    (tmp_path / "train.py").symlink_to(REPO / "train.py")  # the template runs `python train.py` in --chdir
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    (tmp_path / "logs").mkdir()
+    probe_dir = tmp_path / "probe"
+    env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(probe_dir), DMAE_PROBE_STEP_SLEEP="0.2", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    job = submit_job(TEMPLATES / "train.sbatch", env, CPU_SBATCH_ARGS, TRAIN_OVERRIDES, cwd=tmp_path)
+    out_path = tmp_path / "logs" / f"dmae-train-{job}.out"
     history: list[tuple[float, str, str]] = []
+    t0 = time.monotonic()
     try:
-        wait_for_output(out_path, "ready", count=2, timeout=120, job_id=job, env=env)
+        wait_for_output(out_path, f"probe step global_step={SIGNAL_AFTER_STEP}\n", timeout=240, job_id=job, env=env)
         t_signal = time.monotonic()
-        signal_job(job, "USR1", env)
-        wait_for_output(out_path, "start restart=1", count=2, timeout=120, job_id=job, env=env, history=history)
+        signal_job(job, "USR1", env)  # what --signal=SIGUSR1@90 sends 90 s before the time limit
+        wait_for_output(out_path, "restart=1", timeout=180, job_id=job, env=env, history=history)
         t_restart = time.monotonic()
-        info = wait_for_state(job, "COMPLETED", env, timeout=60, history=history)
+        info = wait_for_state(job, "COMPLETED", env, timeout=240, history=history)
     except (AssertionError, TimeoutError) as err:
         raise AssertionError(f"{err}\n{job_output(out_path)}\n{slurm_cluster.logs()}") from err
     finally:
         cancel_job(job, env)
     out = job_output(out_path)
     states = [f"{t - t_signal:+.1f}s {state} {reason}" for t, state, reason in history]
-    print(f"SIGUSR1 -> restarted tasks: {t_restart - t_signal:.1f} s; states: {states}")
+    print(f"submit -> step {SIGNAL_AFTER_STEP}: {t_signal - t0:.1f} s; SIGUSR1 -> restarted tasks: "
+          f"{t_restart - t_signal:.1f} s; total {time.monotonic() - t0:.1f} s; states: {states}")
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
-    assert out.count("SIGUSR1 saved") == 2, out  # the signal reached both srun tasks
-    assert "rank 0 requeue rc=0" in out, out
-    assert "batch restart=0" in out and "batch restart=1" in out, out  # appended, same job ID and file
-    assert out.count("resumed from step=42") == 2, out
-    assert "never requeued" not in out, out
-    assert t_restart - t_signal < 60
+    assert f"job {job} restart 0 on " in out and f"job {job} restart 1 on " in out, out  # one appended file
+
+    # Lightning saw SLURM on both ranks of both starts: SLURMEnvironment, ranks 0/1 of 2, from SLURM_PROCID.
+    starts = re.findall(r"probe setup global_rank=(\d) world_size=(\d) env=(\w+) slurm_procid=(\d) restart=(\d)", out)
+    assert sorted(starts) == [(r, "2", "SLURMEnvironment", r, s) for r in "01" for s in "01"], starts
+    assert out.count("SLURM auto-requeueing enabled. Setting signal handlers.") == 4, out
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out, out
+
+    # One run directory, named from the job id, shared by both ranks and both starts.
+    run_dir = single_run_dir(tmp_path / "logs", ignore=[out_path])
+    assert f"slurm-{job}" in run_dir.relative_to(tmp_path / "logs").parts, run_dir
+    assert sorted(p.name for p in (tmp_path / "logs").rglob("*.log")) == ["train.log"]
+    log_text = (run_dir / "train.log").read_text()  # appended by rank 0 of each start, never by rank 1
+    assert log_text.count("probe log global_rank=0") == 2 and "global_rank=1" not in log_text, log_text
+    assert log_text.count("run directory:") == 2, log_text
+
+    # Lightning's auto-requeue: hpc checkpoint on SIGUSR1, `scontrol requeue`, restore at the exact step.
+    assert "Handling auto-requeue signal: 10" in out and f"Requeued SLURM job: {job}" in out, out
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert f"Restoring states from the checkpoint path at {hpc}" in out, out
+    hpc_step = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert SIGNAL_AFTER_STEP <= hpc_step < MAX_EPOCHS * STEPS_PER_EPOCH, hpc_step
+    resumed = re.findall(r"probe start global_rank=(\d) global_step=(\d+) epoch=(\d+) restart=1", out)
+    assert sorted(resumed) == [(r, str(hpc_step), str(hpc_step // STEPS_PER_EPOCH)) for r in "01"], resumed
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS), (
+        last["global_step"], last["epoch"])
+
+    probes = load_probes(probe_dir)  # written at the end of training: the restarted ranks
+    assert sorted(probes) == [(0, 1), (1, 1)], sorted(probes)
+    assert all(p["final_global_step"] == MAX_EPOCHS * STEPS_PER_EPOCH for p in probes.values())
+    assert check_noise_per_rank(probes, restart=1) == MAX_EPOCHS * STEPS_PER_EPOCH - hpc_step
+    # The CSV metrics of the first start survive the restart (Lightning's CSVLogger would delete them).
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert min(steps) < hpc_step and max(steps) >= MAX_EPOCHS * STEPS_PER_EPOCH - 1, steps
+    assert t_restart - t_signal < 90
+
+
+@pytest.mark.slow  # ~60 s; opt-in (DMAE_TEST_SUBMITIT=1): the suite's time budget has no room for it by default
+def test_submitit_sweep_point_requeues_through_lightning(slurm_cluster, tmp_path):
+    """``python train.py -m hydra/launcher=slurm``: the point runs as a 2-task SLURM job via submitit; SIGUSR1
+    (the signal conf/hydra/launcher/slurm.yaml asks Slurm for) is handled by Lightning, not submitit: hpc
+    checkpoint, `scontrol requeue`, exact-step resume in the same run directory; the launcher returns 0."""
+    if os.environ.get("DMAE_TEST_SUBMITIT") != "1":
+        pytest.skip("opt-in: DMAE_TEST_SUBMITIT=1 (about 60 s)")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional extra [slurm]")
+    import torch
+
+    env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(tmp_path / "probe"), DMAE_PROBE_STEP_SLEEP="0.2",
+               OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    args = ["-m", "hydra/launcher=slurm", "hardware=slurm", "trainer.devices=2", "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", *TRAIN_OVERRIDES]
+    launcher = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (outs := list(tmp_path.glob("logs/*/multirun/.submitit/*/*_0_log.out"))) or (
+                f"probe step global_step={SIGNAL_AFTER_STEP}\n" not in job_output(outs[0])):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()[-4000:]
+            time.sleep(0.2)
+        job = outs[0].parent.name
+        sbatch = (outs[0].parent / f"{job}_submission.sh").read_text()
+        assert "#SBATCH --signal=USR1@90" in sbatch and "#SBATCH --requeue" in sbatch, sbatch
+        signal_job(job, "USR1", env)
+        launcher_out, _ = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, launcher_out[-4000:]
+    info = wait_for_state(job, "COMPLETED", env, timeout=60)  # the result is in before the batch shell ends
+    assert info["Restarts"] == "1", info
+    errs = "".join(job_output(p) for p in outs[0].parent.glob("*_log.err"))
+    assert "Handling auto-requeue signal: 10" in errs and f"Requeued SLURM job: {job}" in errs, errs
+    assert "Job not requeued" not in errs and "Calling checkpoint method" not in errs  # submitit stayed out
+    dirs = [p.parent for p in tmp_path.glob("logs/*/multirun/*/*/.hydra")]
+    assert len(dirs) == 1 and dirs[0].parent.name == f"slurm-{job}", dirs
+    assert f"Restoring states from the checkpoint path at {dirs[0] / 'hpc_ckpt_1.ckpt'}" in errs, errs
+    last = torch.load(dirs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS)

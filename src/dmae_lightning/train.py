@@ -12,6 +12,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from . import config  # noqa: F401  (registers the Hydra resolvers)
+from .tracking import finish_runs
 
 log = logging.getLogger(__name__)
 
@@ -64,5 +65,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", Path(cfg.paths.output_dir).resolve())
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except BaseException:
+        finish_runs(failed=True)
+        raise
+    finish_runs()  # each job its own W&B run: a multirun's next job must not log into this one
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,141 @@
+"""Experiment tracking that survives SLURM requeue and Hydra multiruns (conf/logger/*.yaml).
+
+- ``wandb_logger(...)``: Lightning's WandbLogger with the run's identity taken from the job. Inside a SLURM job
+  the W&B run id is derived from the job (array) id and the run directory, with ``resume="allow"``, so a
+  requeued restart continues the same W&B run; elsewhere W&B draws a fresh id for every job. A run still open
+  from an earlier job of the same process is finished first (multirun jobs share one process).
+- ``finish_runs(failed)``: ends the W&B run at the end of a job. Lightning never calls ``wandb.finish()``, and
+  a WandbLogger that finds ``wandb.run`` still open *reuses* it: without this every point of a sweep would log
+  into the first point's run.
+- ``ResumableCSVLogger``: Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, which after
+  a requeue would erase everything logged before the preemption; on a SLURM restart this one appends.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+from .config import slurm_job_tag
+
+log = logging.getLogger(__name__)
+
+
+def slurm_restart_count() -> int:
+    """``SLURM_RESTART_COUNT`` (0 outside SLURM and on a job's first start)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def wandb_run_id(save_dir: str | Path) -> str | None:
+    """``slurm-<job>[_<task>]-<hash of the run directory>`` inside a SLURM job, else None (W&B picks one).
+
+    Every restart of a requeued job resolves the same run directory and job id, hence the same W&B run.
+    """
+    tag = slurm_job_tag()
+    if tag is None:
+        return None
+    digest = hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:10]
+    return f"{tag}-{digest}"
+
+
+def default_run_name(save_dir: str | Path, base_dir: str | Path | None, fallback: str) -> str:
+    """The run directory below ``base_dir`` (e.g. ``<run_name>/slurm-123``), else ``fallback``."""
+    if base_dir is not None:
+        try:
+            rel = Path(save_dir).resolve().relative_to(Path(base_dir).resolve())
+        except ValueError:
+            rel = None
+        if rel is not None and str(rel) != ".":
+            return rel.as_posix()
+    return fallback
+
+
+def finish_runs(failed: bool = False) -> None:
+    """Finish the open W&B run, if any (only rank 0 has one); ``failed`` marks it with exit code 1."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "dmae-lightning",
+    entity: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
+    base_dir: str | None = None,
+    tags: list[str] | tuple[str, ...] = (),
+    id: str | None = None,
+    resume: str | None = None,
+    log_model: bool | str = False,
+    **kwargs: Any,
+) -> WandbLogger:
+    """A WandbLogger for one job (see the module docstring).
+
+    ``name: null`` names the run after its run directory below ``base_dir`` (``logs/``), e.g.
+    ``finetune_digits_sigma0.5/multirun/consistency.lbd-1`` or ``pretrain_digits_sigma0.25/slurm-1234``,
+    falling back to ``group``. ``id: null`` derives the id from the SLURM job (see ``wandb_run_id``); an
+    explicit ``id`` resumes that run.
+    """
+    finish_runs()  # a run left open by an earlier job of this process must not absorb this one
+    if id is None:
+        id = wandb_run_id(save_dir)
+    if id is not None and resume is None:
+        resume = "allow"
+    if name is None:
+        name = default_run_name(save_dir, base_dir, group or project)
+    if resume is not None:
+        kwargs["resume"] = resume
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        entity=entity,
+        group=group,
+        name=name,
+        tags=list(tags),
+        id=id,
+        log_model=log_model,
+        **kwargs,
+    )
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (and its header) instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = next(csv.reader(file), [])
+            self.metrics_keys = sorted(set(header))
+            log.info("appending to %s (restart of a requeued job)", self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that appends to the run's metrics.csv on a SLURM restart (``SLURM_RESTART_COUNT`` > 0) or when
+    ``append=true``, instead of deleting it. Rows of steps run twice (after the checkpoint, before the job was
+    killed) then appear twice: the later row is the one the resumed run computed."""
+
+    def __init__(self, *args: Any, append: bool | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._append = slurm_restart_count() > 0 if append is None else bool(append)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            writer = _AppendingExperimentWriter if self._append else ExperimentWriter
+            self._experiment = writer(log_dir=self.log_dir)
+        return self._experiment
