@@ -10,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from . import config  # noqa: F401  (registers the Hydra resolvers)
 from .tracking import finish_runs
@@ -47,6 +48,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         callback_cfgs = {**cfg.get("callbacks", {}), **cfg.task.get("callbacks", {})}
         callbacks = [instantiate(c) for c in callback_cfgs.values() if c]
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        if not logger:  # logger=none: nothing to report learning rates to
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     except BAD_INPUT as err:
         raise ConfigError(one_line(err)) from None
@@ -58,7 +61,11 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and return the final logged metrics (floats)."""
+    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline."""
+    if cfg.task.name == "quickstart":
+        from .quickstart import run_quickstart  # imported here: the pipeline calls back into train()
+
+        return run_quickstart(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     if trainer.is_global_zero:
