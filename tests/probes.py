@@ -105,8 +105,7 @@ def load_probes(probe_dir: str | Path) -> dict[tuple[int, int], dict]:
 
 def expected_noise(seed: int, rank: int, global_step: int, batch_idx: int, shape) -> list[float]:
     """The design: training noise of (rank, step, micro-batch) from seeded_generator(seed, TRAIN_STREAM, ...)."""
-    from dmae_lightning.pretrain import TRAIN_STREAM
-    from dmae_lightning.rng import seeded_generator
+    from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
 
     generator = seeded_generator(seed, TRAIN_STREAM, rank, global_step, batch_idx)
     return torch.randn(shape, generator=generator).flatten()[:NUM_VALUES].tolist()

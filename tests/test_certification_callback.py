@@ -12,10 +12,9 @@ from pytorch_lightning.loggers import CSVLogger
 from test_certify import make_classifier_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 
 from dmae_lightning.certification_callback import CertificationCallback
-from dmae_lightning.certify import CERTIFY_STREAM
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.finetune import SmoothedClassifierModule
-from dmae_lightning.rng import seeded_generator
+from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 from dmae_lightning.smoothing import Smooth
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits

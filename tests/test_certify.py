@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 
-from dmae_lightning.certify import CERTIFY_STREAM, SmoothingPredictor, certify, read_predict_tsv, validate
+from dmae_lightning.certify import SmoothingPredictor, certify, read_predict_tsv, validate
 from dmae_lightning.checkpoints import load_weights
 from dmae_lightning.config import compose
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.finetune import SmoothedClassifierModule
 from dmae_lightning.models import create_model
 from dmae_lightning.results import SUMMARY_KEYS, format_record, read_records, read_summary
-from dmae_lightning.rng import seeded_generator
+from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 from dmae_lightning.smoothing import Smooth
 from dmae_lightning.train import ConfigError
 

@@ -20,8 +20,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from dmae_lightning import pretrain as pretrain_mod
 from dmae_lightning.callbacks import RNGState
 from dmae_lightning.config import compose
-from dmae_lightning.pretrain import TRAIN_STREAM, DMAEPretrainModule
-from dmae_lightning.rng import seeded_generator
+from dmae_lightning.pretrain import DMAEPretrainModule
+from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
 from dmae_lightning.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -16,9 +16,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from .certify import CERTIFY_STREAM
 from .results import ABSTAIN, default_radii, radius_key
-from .rng import seeded_generator
+from .rng import CERTIFY_STREAM, seeded_generator
 from .smoothing import AUTOCAST_DTYPES, Smooth
 
 

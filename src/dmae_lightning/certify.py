@@ -58,14 +58,12 @@ from .results import (
     summary_metrics,
     write_summary,
 )
-from .rng import seeded_generator
+from .rng import CERTIFY_STREAM, seeded_generator
 from .smoothing import AUTOCAST_DTYPES, Smooth
 from .train import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Stream id of certification noise (training and validation use 0 and 1, see pretrain.py).
-CERTIFY_STREAM = 2
 MODES = ("certify", "predict")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
 _TRAINER_PRECISIONS = ("32-true", "32", 32)

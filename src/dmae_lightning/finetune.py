@@ -20,8 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from .checkpoints import LoadReport, load_weights
 from .models import VisionTransformerClassifier, create_model
 from .optim import configure_optimizer
-from .pretrain import TRAIN_STREAM, VAL_STREAM, check_finite
-from .rng import seeded_generator
+from .pretrain import check_finite
+from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 
 def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,10 +7,7 @@ import torch
 
 from .models import DMAEViT, create_model
 from .optim import configure_optimizer
-from .rng import seeded_generator
-
-# Stream ids that keep training and validation randomness apart.
-TRAIN_STREAM, VAL_STREAM = 0, 1
+from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 
 def check_finite(module: pl.LightningModule, loss: torch.Tensor, batch_idx: int) -> None:

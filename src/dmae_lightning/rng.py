@@ -3,13 +3,16 @@
 Training noise and masks come from a generator seeded by (seed, rank, step, micro-batch), so DDP
 ranks draw different noise while the model initialisation (global seed) stays identical, and a
 resumed run draws exactly what the uninterrupted run would have drawn. Certification noise for
-image ``idx`` comes from a generator seeded by (seed, idx).
+image ``idx`` comes from a generator seeded by (seed, CERTIFY_STREAM, idx). The stream ids keep the
+three uses apart.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+TRAIN_STREAM, VAL_STREAM, CERTIFY_STREAM = 0, 1, 2
 
 
 def derive_seed(*keys: int) -> int:
