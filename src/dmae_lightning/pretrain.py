@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from .checkpoints import LoadReport, load_weights
 from .models import DMAEViT, create_model
 from .optim import configure_optimizer
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
@@ -53,6 +54,10 @@ class DMAEPretrainModule(pl.LightningModule):
         )
         self.mask_ratio = mask_ratio
         self.optimizer_cfg = dict(optimizer or {})
+
+    def load_pretrained(self, path: str) -> LoadReport:
+        """Continue from a DMAE/MAE pre-training file (official or ours), e.g. CIFAR-10 continued pre-training."""
+        return load_weights(self.model, path)
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None):
         return self.model(imgs, mask_ratio=self.mask_ratio, generator=generator)
