@@ -32,7 +32,7 @@ from dmae_lightning.train import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
-SMALL = ["n0=10", "n=100", "batch=100", "max=12", "alpha=0.001", "split=test", "seed=0", "logger=none"]
+SMALL = ["model=vit_micro_patch8", "n0=10", "n=100", "batch=100", "max=12", "alpha=0.001", "split=test", "seed=0", "logger=none"]
 
 
 @pytest.fixture(scope="module", autouse=True)

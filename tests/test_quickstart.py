@@ -20,12 +20,15 @@ def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         f"hydra.run.dir={run_dir}",  # the reduced stage lists below would make a long directory name
         'quickstart.pretrain=["experiment=pretrain_digits","trainer.max_epochs=3"]',
         'quickstart.finetune=["experiment=finetune_digits","trainer.max_epochs=6"]',
-        'quickstart.certify=["data=digits","split=test","noise=sigma_0.25","n0=20","n=200","max=60","batch=220"]',
+        'quickstart.certify=["data=digits","model=vit_micro_patch8","split=test","noise=sigma_0.25","n0=20","n=200","max=60","batch=220"]',
         *extra,
     ]
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],
-        capture_output=True, text=True, cwd=run_dir.parent, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=run_dir.parent,
+        timeout=600,
     )
 
 
@@ -55,7 +58,9 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
     assert str(run / "certify" / "certify.tsv") in proc.stdout
 
     # Running again does not redo finished stages: no file is rewritten.
-    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.suffix in (".ckpt", ".tsv")}
+    mtimes = {
+        p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.suffix in (".ckpt", ".tsv")
+    }
     again = run_quickstart(run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes

@@ -1,7 +1,8 @@
 """Certified accuracy of the smoothed classifier during training, on a fixed subset of a split.
 
-At the end of every ``every_n_epochs``-th validation epoch, CERTIFY runs on the first ``num_images``
-images of ``trainer.datamodule.dataset(split)``, split across the ranks (rank R takes ``idx[R::world]``).
+At the end of every ``every_n_epochs``-th validation epoch, CERTIFY runs on ``num_images`` evenly spaced
+images of ``trainer.datamodule.dataset(split)`` (not the first ones: a class-sorted ImageFolder would give
+one class), split across the ranks (rank R takes ``idx[R::world]``).
 Image ``idx`` draws its noise from ``seeded_generator(seed, CERTIFY_STREAM, idx)`` as in the
 certification job, so the numbers do not depend on the number of ranks and, for equal settings, equal
 what ``certify.py`` reports for those images. Counts are summed over the ranks before logging
@@ -85,7 +86,8 @@ class CertificationCallback(pl.Callback):
         """The metrics over all ranks' images (every rank returns the same values)."""
         dataset = trainer.datamodule.dataset(self.split)
         radii = self.radii or default_radii(getattr(trainer.datamodule, "name", ""))
-        total = min(self.num_images, len(dataset))
+        step = max(1, len(dataset) // self.num_images)
+        indices = list(range(0, len(dataset), step))[: self.num_images]
         model = getattr(pl_module, "model", pl_module)
         smooth = Smooth(
             model, int(pl_module.hparams.num_classes), float(pl_module.hparams.sigma), self.precision
@@ -95,7 +97,7 @@ class CertificationCallback(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            for idx in range(trainer.global_rank, total, trainer.world_size):
+            for idx in indices[trainer.global_rank :: trainer.world_size]:
                 image, label = dataset[idx]
                 image = image.to(pl_module.device)  # [C,H,W]
                 generator = seeded_generator(self.seed, CERTIFY_STREAM, idx, device=pl_module.device)

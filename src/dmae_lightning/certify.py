@@ -214,6 +214,8 @@ def load_classifier(
         hparams = ckpt.get("hyper_parameters")
         if isinstance(hparams, dict) and "model_name" in hparams:
             name = str(hparams["model_name"])
+            if name != cfg.model.classifier_name:  # the run directory is named after the model group
+                raise ConfigError(f"{path} holds a {name} classifier: add model={name}")
             kwargs = dict(hparams.get("model_kwargs") or {})
             file_classes = hparams.get("num_classes", file_classes)
             source = "the checkpoint's hyper-parameters"

@@ -29,6 +29,7 @@ class VisionTransformerClassifier(ViTEncoderBase):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         head_batchnorm: bool = False,
+        head_init_std: float = 2e-5,
     ):
         if global_pool not in ("avg", "token"):  # checked before the (for ViT-L, seconds-long) construction
             raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
@@ -46,14 +47,15 @@ class VisionTransformerClassifier(ViTEncoderBase):
             self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6) if head_batchnorm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes)
+        self.head_init_std = head_init_std
 
         self.init_encoder_weights()
         self.apply(self.init_linear_and_norm)
         self.reset_head()
 
     def reset_head(self) -> None:
-        """Fresh head, std 2e-5 as in MAE/DMAE fine-tuning."""
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        """Fresh head: std 2e-5 for fine-tuning, 0.01 for linear probing, as in MAE/DMAE."""
+        nn.init.trunc_normal_(self.head.weight, std=self.head_init_std)
         nn.init.zeros_(self.head.bias)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
