@@ -18,7 +18,6 @@ another checkpoint) into the same directory is refused instead of mixing two run
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ from .results import (
     default_radii,
     format_table,
     merge_shards,
+    one_per_idx,
     plot_certified_accuracy,
     radius_key,
     read_records,
@@ -285,14 +285,15 @@ def write_predict_tsv(path: Path, records: list[Record]) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
-def done_records(run_dir: Path, params: JobParams) -> list[Record]:
-    """Every complete record already on disk: the merged file and all shards (duplicates included)."""
+def done_records(run_dir: Path, params: JobParams) -> list[tuple[Record, Path]]:
+    """Every complete record already on disk, with its file: the merged file and all shards."""
     merged = run_dir / f"{params.mode}.tsv"
     records = []
     if merged.is_file():
-        records += read_records(merged) if params.mode == "certify" else read_predict_tsv(merged, params.n)
+        read = read_records if params.mode == "certify" else lambda path: read_predict_tsv(path, params.n)
+        records += [(record, merged) for record in read(merged)]
     for shard in shard_paths(run_dir, params.mode):
-        records += read_records(shard)
+        records += [(record, shard) for record in read_records(shard)]
     return records
 
 
@@ -303,12 +304,7 @@ def merge_results(run_dir: Path, params: JobParams) -> list[Record]:
     if params.mode == "certify":
         records = merge_shards(shards, out)
     else:
-        merged: dict[int, Record] = {}
-        for record in done_records(run_dir, params):
-            first = merged.setdefault(record.idx, record)
-            if dataclasses.replace(first, time=0.0) != dataclasses.replace(record, time=0.0):
-                raise ValueError(f"conflicting records for idx {record.idx}: {first} vs {record}")
-        records = [merged[idx] for idx in sorted(merged)]
+        records = one_per_idx(done_records(run_dir, params))
         write_predict_tsv(out, records)
     for shard in shards:  # only now: the merged file is on disk
         shard.unlink()
@@ -514,7 +510,7 @@ def certify(cfg: DictConfig) -> dict:
         run_dir, params.resume_key(datamodule.name, data_subset, checkpoint_sha256), params.mode, is_rank_zero
     )
     try:
-        done = {record.idx for record in done_records(run_dir, params)}
+        done = {record.idx for record, _ in done_records(run_dir, params)}
     except ValueError as err:
         raise ConfigError(str(err)) from None
     todo = [idx for idx in indices if idx not in done]

@@ -179,28 +179,32 @@ class ShardWriter:
         self.close()
 
 
-def merge_shards(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> list[Record]:
-    """Union of the shards' records and those already in ``out_path``, one per idx, sorted by idx.
+def one_per_idx(records: Iterable[tuple[Record, object]]) -> list[Record]:
+    """One record per idx, sorted by idx, from (record, where it came from) pairs.
 
-    The same image may appear twice (a final file merged again, an image re-certified after a
-    resume); that is fine when the results agree, the time column aside (it is a measurement, not
-    a result). Disagreeing results mean two different runs were mixed, so they raise.
+    The same image may appear twice; that is fine when the results agree, the time column aside (a
+    measurement, not a result). Disagreeing results mean two different runs were mixed: they raise.
+    """
+    merged: dict[int, tuple[Record, object]] = {}
+    for record, source in records:
+        first, first_source = merged.setdefault(record.idx, (record, source))
+        if dataclasses.replace(first, time=0.0) != dataclasses.replace(record, time=0.0):
+            raise ValueError(
+                f"conflicting records for idx {record.idx}: {first} in {first_source} vs {record} in {source}"
+            )
+    return [merged[idx][0] for idx in sorted(merged)]
+
+
+def merge_shards(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> list[Record]:
+    """Union of the shards' records and those already in ``out_path`` (see :func:`one_per_idx`).
+
     The output is replaced atomically; the merged records are returned.
     """
     out_path = Path(out_path)
     sources = [Path(p) for p in paths]
     if out_path.exists() and out_path not in sources:
         sources.append(out_path)
-    merged: dict[int, tuple[Record, Path]] = {}
-    for source in sources:
-        for record in read_records(source):
-            first, first_source = merged.setdefault(record.idx, (record, source))
-            if dataclasses.replace(first, time=0.0) != dataclasses.replace(record, time=0.0):
-                raise ValueError(
-                    f"conflicting records for idx {record.idx}: "
-                    f"{first} in {first_source} vs {record} in {source}"
-                )
-    records = [merged[idx][0] for idx in sorted(merged)]
+    records = one_per_idx((record, source) for source in sources for record in read_records(source))
     atomic_write_text(out_path, "".join(f"{line}\n" for line in [HEADER, *map(format_record, records)]))
     return records
 
