@@ -262,6 +262,7 @@ def test_skip_wrong_guess_keeps_certified_accuracy(base, ckpt, tmp_path):
     skipped = run(tmp_path / "skip_wrong", ckpt, "skip_wrong_guess=true")
     assert skipped["certified_accuracy"] == summary["certified_accuracy"]
     assert skipped["average_certified_radius"] == summary["average_certified_radius"]
+    assert skipped["abstain_rate"] is None and summary["abstain_rate"] is not None  # not measurable when skipping
     reference = {r.idx: r for r in read_records(out / "certify.tsv")}
     for r in read_records(tmp_path / "skip_wrong" / "certify.tsv"):
         full = reference[r.idx]

@@ -609,15 +609,17 @@ def certify(cfg: DictConfig) -> dict:
             "radii": list(radii),
         }
         summary |= summary_metrics(subset, radii) | {"wall_time_s": time.time() - started}
+        if params.skip_wrong_guess:  # a skipped wrong guess is written as a wrong, not an abstaining, prediction
+            summary["abstain_rate"] = None
         write_summary(run_dir / "summary.json", **summary)
         png = run_dir / "certified_accuracy.png"
         plot_certified_accuracy({f"sigma={params.sigma:g}": subset}, png)
         table = format_table({f"{params.sigma:g}": summary["certified_accuracy"]}, radii)
         log.info(
-            "certified accuracy (%%) of %d images, ACR %.4f, abstain rate %.4f:\n%s",
+            "certified accuracy (%%) of %d images, ACR %.4f, abstain rate %s:\n%s",
             len(subset),
             summary["average_certified_radius"],
-            summary["abstain_rate"],
+            "not measured (skip_wrong_guess)" if params.skip_wrong_guess else f"{summary['abstain_rate']:.4f}",
             table,
         )
         _log_to_loggers(trainer, summary, radii, png)
@@ -632,10 +634,9 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, radii=None, png: Path | 
     plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
     if summary["mode"] == "certify":
         metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
-        metrics |= {
-            "cert/acr": summary["average_certified_radius"],
-            "cert/abstain_rate": summary["abstain_rate"],
-        }
+        metrics["cert/acr"] = summary["average_certified_radius"]
+        if summary["abstain_rate"] is not None:
+            metrics["cert/abstain_rate"] = summary["abstain_rate"]
     else:
         metrics = {"predict/accuracy": summary["accuracy"], "predict/abstain_rate": summary["abstain_rate"]}
     for lg in trainer.loggers:
