@@ -245,36 +245,43 @@ def slurm_cluster():
 
 
 # ----------------------------------------------------------------------------------------------- tests
-STAND_IN_ENTRY_PY = r"""
-import os, sys
-print(f"entry {os.path.basename(sys.argv[0])} rank={os.environ['SLURM_PROCID']} args={' '.join(sys.argv[1:])}",
-      flush=True)
-"""
+def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, tmp_path):
+    """scripts/slurm/certify.sbatch -> srun -> 2 x certify.py (Lightning DDP, gloo): each image certified once,
+    certify.tsv in the job's run directory equals an in-process single-rank run in every result column."""
+    from test_certify import make_classifier_checkpoint
+    from test_certify import run as certify_in_process
 
+    from dmae_lightning.results import read_records
 
-def test_certify_sbatch_template_runs_one_task_per_device(slurm_cluster, tmp_path):
-    """scripts/slurm/certify.sbatch with a stand-in certify.py: #SBATCH lines parse, overrides reach Hydra.
-
-    (train.sbatch runs the real train.py in the test below.)
-    """
-    (tmp_path / "certify.py").write_text(STAND_IN_ENTRY_PY)
-    (tmp_path / "logs").mkdir()  # Slurm does not create --output's directory (the job would FAIL, 0:53)
+    ckpt = make_classifier_checkpoint(tmp_path / "classifier.ckpt")
+    settings = ("model=vit_micro_patch8", "split=test", "max=10", "n0=10", "n=60", "batch=60", "logger=none")
+    (REPO / "logs").mkdir(exist_ok=True)  # --output=logs/...: Slurm does not create it (the job would FAIL)
     env = slurm_cluster.env
-    job = submit_job(TEMPLATES / "certify.sbatch", env, sbatch_args=CPU_SBATCH_ARGS,
-                     script_args=("experiment=smoke", "data.root=/nonexistent"), cwd=tmp_path)
-    out_path = tmp_path / "logs" / f"dmae-certify-{job}.out"
+    job = submit_job(
+        TEMPLATES / "certify.sbatch", env, sbatch_args=CPU_SBATCH_ARGS, cwd=REPO,
+        script_args=(f"ckpt_path={ckpt}", "data=digits", "trainer.accelerator=cpu", f"paths.log_dir={tmp_path}",
+                     *settings),
+    )
+    out_path = REPO / "logs" / f"dmae-certify-{job}.out"
     try:
-        info = wait_for_state(job, "COMPLETED", env, timeout=120)
+        info = wait_for_state(job, "COMPLETED", env, timeout=240)
     except (AssertionError, TimeoutError) as err:
         raise AssertionError(f"{err}\n{job_output(out_path)}\n{slurm_cluster.logs()}") from err
     finally:
         cancel_job(job, env)
     out = job_output(out_path)
-    assert info["Requeue"] == "1" and info["TimeLimit"] == "00:05:00", info
-    assert f"job {job} restart 0 on " in out and "1 node(s) x 2 task(s)" in out, out
-    args = "hardware=slurm trainer.num_nodes=1 trainer.devices=2 experiment=smoke data.root=/nonexistent"
-    for rank in (0, 1):
-        assert f"entry certify.py rank={rank} args={args}" in out, out
+    out_path.unlink(missing_ok=True)
+    assert info["Requeue"] == "1" and f"job {job} restart 0 on " in out and "1 node(s) x 2 task(s)" in out, out
+    (tsv,) = tmp_path.glob(f"certify_digits_vit_micro_patch8_sigma0.25/slurm-{job}/*/certify.tsv")
+    assert not list(tsv.parent.glob("certify.rank*.tsv"))  # shards merged and removed
+    single = tmp_path / "single"
+    certify_in_process(single, ckpt, *settings)
+
+    def columns(path):
+        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path)]
+
+    assert [row[0] for row in columns(tsv)] == list(range(10))
+    assert columns(tsv) == columns(single / "certify.tsv")
 
 
 # The real thing: scripts/slurm/train.sbatch -> srun -> 2 x train.py -> Lightning DDP (gloo) on the CPU node,
