@@ -60,7 +60,7 @@ from .results import (
 )
 from .rng import CERTIFY_STREAM, seeded_generator
 from .smoothing import AUTOCAST_DTYPES, Smooth
-from .train import ConfigError
+from .train import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,7 @@ def _instantiate(node: DictConfig, what: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        raise ConfigError(
-            f"{what}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}"
-        ) from None
+        raise ConfigError(f"{what}: {one_line(err.__cause__ or err)}") from None
 
 
 # --------------------------------------------------------------------------------------------- model

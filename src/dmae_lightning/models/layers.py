@@ -106,10 +106,6 @@ class ViTEncoderBase(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=learnable_pos_embed)  # [1, 1+L, D]
         self.blocks = transformer_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
     def no_weight_decay(self) -> set[str]:
         """Tokens and position embeddings (timm's convention); biases and norms are excluded as 1-d."""
         return {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
