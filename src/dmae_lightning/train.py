@@ -8,29 +8,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from . import config  # noqa: F401  (registers the Hydra resolvers)
+from .errors import BAD_INPUT, ConfigError, one_line
 from .tracking import finish_runs
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Bad input found before any training work: the entry points print it as one line."""
-
-
-# Errors that mean "bad config, data or checkpoint" when raised while the job is being built.
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
-
-
-def one_line(err: Exception) -> str:
-    if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
-        err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
