@@ -15,9 +15,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .certify import certify
+from .certification.job import certify
+from .certification.metrics import format_table
+from .certification.records import read_json
 from .config import compose
-from .results import format_table, read_summary
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def run_quickstart(cfg: DictConfig) -> dict:
     certify = [*stages.certify, f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}", f"seed={cfg.seed}"]
     _run_stage("certification", "certify", certify, out / "certify", conf_dir)
 
-    summary = read_summary(out / "certify" / "summary.json")
+    summary = read_json(out / "certify" / "summary.json")
     radii = [float(r) for r in stages.report_radii]
     label = "DMAE pre-training + fine-tuning" if cfg.pretrain else "fine-tuning from scratch"
     row = {label: summary["certified_accuracy"]}
