@@ -17,10 +17,10 @@ import time
 import pytorch_lightning as pl
 import timm
 import torch
+from dmae_lightning.smoothing import Smooth
 
 from dmae_lightning.models import create_model
 from dmae_lightning.rng import seeded_generator
-from dmae_lightning.smoothing import Smooth
 
 
 def measure(name: str, img_size: int, n0: int, n: int, batch: int, precision: str, images: int, device: str):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dmae_lightning.certification import CertifyRecord
 from dmae_lightning.certification.records import read_records
 

@@ -248,10 +248,11 @@ def slurm_cluster():
 def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, tmp_path):
     """scripts/slurm/certify.sbatch -> srun -> 2 x certify.py (Lightning DDP, gloo): each image certified once,
     certify.tsv in the job's run directory equals an in-process single-rank run in every result column."""
-    from dmae_lightning.certification import CertifyRecord
-    from dmae_lightning.certification.records import read_records
     from test_certify import make_classifier_checkpoint
     from test_certify import run as certify_in_process
+
+    from dmae_lightning.certification import CertifyRecord
+    from dmae_lightning.certification.records import read_records
 
     ckpt = make_classifier_checkpoint(tmp_path / "classifier.ckpt")
     settings = ("model=vit_micro_patch8", "split=test", "max=10", "n0=10", "n=60", "batch=60", "logger=none")
