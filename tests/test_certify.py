@@ -388,7 +388,7 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
     """Lightning refuses an empty loader on one rank while another has batches (1 image, 2 ranks)."""
     params = validate(compose_cfg(tmp_path, ckpt))
     dataset = DigitsDataModule().dataset("test")
-    procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma))
+    procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), (0.0,))
     module = SmoothingPredictor(classifier(ckpt), 10, procedure, params, dataset, todo=[7], run_dir=tmp_path)
     assert [idx for idx, _, _ in module.loader([7], 0, 2)] == [7]
     assert [idx for idx, _, _ in module.loader([7], 1, 2)] == [-1] and module.share == []

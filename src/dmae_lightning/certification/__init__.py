@@ -1,7 +1,8 @@
 """Randomized-smoothing certification: one module per concern.
 
 - :mod:`.sampler`     the Monte Carlo engine: block-seeded noise, many images per forward batch
-- :mod:`.procedures`  CERTIFY, PREDICT (one interface, ``PROCEDURES``) and the ``Smooth`` classifier
+- :mod:`.procedures`  CERTIFY, PREDICT, sequential CERTIFY_RADII (one interface, ``PROCEDURES``) and ``Smooth``
+- :mod:`.sequential_test` the confidence sequence behind CERTIFY_RADII (numpy/scipy only)
 - :mod:`.records`     per-image record types, crash-safe TSV shards and JSON files
 - :mod:`.metrics`     certified accuracy, ACR, abstain rate, tables and plots
 - :mod:`.params`      the job's validated settings
@@ -12,11 +13,12 @@
 - :mod:`.analyze`     ``python -m dmae_lightning.certification.analyze RUN_DIR...``
 """
 
-from .procedures import PROCEDURES, Certify, Predict, Procedure, Smooth, lower_confidence_bound
-from .records import ABSTAIN, CertifyRecord, PredictRecord, Record
+from .procedures import PROCEDURES, Certify, CertifyRadii, Predict, Procedure, Smooth, lower_confidence_bound
+from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
 from .sampler import NOISE_BLOCK, NOISE_SCHEME, Draw, NonFiniteLogits, Sampler
 
 __all__ = [
-    "ABSTAIN", "NOISE_BLOCK", "NOISE_SCHEME", "PROCEDURES", "Certify", "CertifyRecord", "Draw", "NonFiniteLogits",
-    "Predict", "PredictRecord", "Procedure", "Record", "Sampler", "Smooth", "lower_confidence_bound",
+    "ABSTAIN", "NOISE_BLOCK", "NOISE_SCHEME", "PROCEDURES", "Certify", "CertifyRadii", "CertifyRecord", "Draw",
+    "NonFiniteLogits", "Predict", "PredictRecord", "Procedure", "RadiiRecord", "Record", "Sampler", "Smooth",
+    "lower_confidence_bound",
 ]

@@ -118,9 +118,13 @@ def certify(cfg: DictConfig) -> dict:
     """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere)."""
     started = time.time()
     params = validate(cfg)
-    procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma))
     is_rank_zero = config.global_rank() == 0
     datamodule = _instantiate(cfg.data, "data")
+    radii = params.radii or default_radii(datamodule.name)
+    try:
+        procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), radii)
+    except ValueError as err:
+        raise ConfigError(f"mode={params.mode}: {err}") from None
     try:
         dataset = datamodule.dataset(params.split)
         num_classes = int(datamodule.num_classes)
@@ -192,7 +196,6 @@ def certify(cfg: DictConfig) -> dict:
     if missing:
         raise RuntimeError(f"{len(missing)} images have no result (first idx {missing[0]}): re-run to resume")
     subset = [by_idx[idx] for idx in indices]
-    radii = params.radii or default_radii(datamodule.name)
     summary = {
         **key,
         "batch": params.batch,

@@ -10,6 +10,9 @@ maps the job's ``mode`` value to the class; a new procedure is one class plus on
   n fresh draws bound its probability from below (Clopper-Pearson), radius from the noise's formula.
 - :class:`Predict`: PREDICT: the top class, or abstain when a two-sided binomial test cannot separate
   the two top counts at level alpha.
+- :class:`CertifyRadii`: sequential certification of the label at a fixed grid of radii (the question a
+  certified-accuracy table asks), stopping each image as soon as every radius is decided
+  (:mod:`.sequential_test`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from scipy.stats import beta, binomtest
+from scipy.stats import binomtest
 from torch import nn
 
 from ..noise import GaussianNoise
@@ -30,8 +33,9 @@ from .metrics import (
     certified_accuracy,
     max_certifiable_radius,
 )
-from .records import ABSTAIN, CertifyRecord, PredictRecord, Record
-from .sampler import Draw, Run, Sampler, check_image, resolve_precision
+from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
+from .sampler import NOISE_BLOCK, Draw, Run, Sampler, check_image, resolve_precision
+from .sequential_test import SequentialTest, clopper_pearson_lower
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -42,9 +46,7 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """
     if not 0 <= n_a <= n:
         raise ValueError(f"need 0 <= n_a <= n, got n_a={n_a}, n={n}")
-    if n_a == 0:
-        return 0.0
-    return float(beta.ppf(alpha, n_a, n - n_a + 1))
+    return clopper_pearson_lower(n_a, n, alpha)
 
 
 class Procedure(ABC):
@@ -67,8 +69,9 @@ class Procedure(ABC):
 
     @classmethod
     @abstractmethod
-    def from_params(cls, params, noise: GaussianNoise) -> Procedure:
-        """The procedure of a validated job (``params``: :class:`~.params.JobParams`)."""
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Procedure:
+        """The procedure of a validated job (``params``: :class:`~.params.JobParams`; ``radii``: the
+        radii of the job's tables, the data set's paper radii unless the job names others)."""
 
 
 def _check_counts(**counts: int) -> None:
@@ -127,7 +130,7 @@ class Certify(Procedure):
         }
 
     @classmethod
-    def from_params(cls, params, noise: GaussianNoise) -> Certify:
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Certify:
         return cls(noise, params.n0, params.n, params.alpha, params.skip_wrong_guess)
 
 
@@ -165,11 +168,67 @@ class Predict(Procedure):
         }
 
     @classmethod
-    def from_params(cls, params, noise: GaussianNoise) -> Predict:
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Predict:
         return cls(noise, params.n, params.alpha)
 
 
-PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict)}
+@dataclass(frozen=True)
+class CertifyRadii(Procedure):
+    """For every radius r of the grid: is P(f(x + eps) = label) >= Phi(r / sigma) (> 1/2 at r = 0)?
+
+    Draws are counted against the label (sound for labelled evaluation, no selection stage). The image
+    is sampled look by look of the :class:`SequentialTest` (block multiples, up to the cap ``n``) and
+    stops as soon as every radius is decided; a radius still undecided at the cap counts as not certified.
+    The record holds the largest certified grid radius, the samples used and the final bounds.
+    """
+
+    name: ClassVar[str] = "certify_radii"
+    record_type: ClassVar[type[Record]] = RadiiRecord
+    noise: GaussianNoise
+    radii: tuple[float, ...]
+    n: int
+    alpha: float
+    n0: int = 100  # only to report the saving against fixed-n CERTIFY (n0 + n samples per image)
+
+    def __post_init__(self):
+        _check_counts(n=self.n)
+        _check_alpha(self.alpha)
+        test = SequentialTest(tuple(sorted(self.radii)), self.noise.sigma, self.n, self.alpha, block=NOISE_BLOCK)
+        object.__setattr__(self, "test", test)
+
+    def run(self, idx: int, label: int) -> Run:
+        decision, successes, drawn = self.test.decide(0, 0), 0, 0
+        for look in self.test.looks():
+            if decision.stop:
+                break
+            counts = yield Draw(stage=0, num=look - drawn)  # [K]
+            successes, drawn = successes + int(counts[label]), look
+            decision = self.test.decide(successes, look, decision)
+        return RadiiRecord(idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0)
+
+    def settings(self) -> dict:
+        return {"radii": list(self.test.radii), "n": self.n, "alpha": self.alpha,
+                "looks": list(self.test.looks()), "lower_levels": list(self.test.lower_levels())}
+
+    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+        samples = sum(r.n for r in records)
+        fixed = (self.n0 + self.n) * len(records)
+        return {
+            "radii": list(self.test.radii),
+            "num_images": len(records),
+            "certified_accuracy": certified_accuracy(records, self.test.radii),
+            "max_certifiable_radius": self.test.max_radius(),
+            "samples": samples,
+            "samples_at_cap": sum(r.n == self.n for r in records),
+            "fixed_n_samples": fixed,
+            "saving_vs_fixed_n": fixed / samples if samples else None,
+        }
+
+    @classmethod
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> CertifyRadii:
+        return cls(noise, radii, params.n, params.alpha, params.n0)
+
+PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii)}
 
 
 class Smooth:

@@ -102,6 +102,27 @@ class PredictRecord(Record):
     time: float
 
 
+@dataclass(frozen=True)
+class RadiiRecord(Record):
+    """Sequential certification of one image at a fixed grid of radii: a line of ``certify_radii.tsv``."""
+
+    idx: int
+    label: int
+    radius: float | None  # the largest grid radius certified for the label, none when no radius is
+    n: int  # noisy samples used (at most the cap)
+    lower: float  # final (running) confidence bounds on P(f(x + eps) = label)
+    upper: float
+    time: float
+
+    @property
+    def certified_correct_radius(self) -> float | None:
+        return self.radius
+
+    @property
+    def predict(self) -> int:  # the label when certified at some radius, else no claim (ABSTAIN)
+        return self.label if self.radius is not None else ABSTAIN
+
+
 def read_records(path: str | os.PathLike, record_type: type[Record]) -> list[Record]:
     """All complete records of a TSV file, in file order; a partial last line is ignored."""
     return _parse_complete_lines(Path(path).read_text(encoding="utf-8"), str(path), record_type)

@@ -30,6 +30,8 @@ from functools import cached_property
 import numpy as np
 from scipy.stats import beta, norm
 
+from ..noise import GaussianNoise
+
 
 def clopper_pearson_lower(successes, trials: int, level: float):
     """One-sided Clopper-Pearson lower bound: the p with P[Bin(trials, p) >= successes] = level.
@@ -162,7 +164,8 @@ class SequentialTest:
 
     @cached_property
     def _thresholds(self) -> tuple[float, ...]:
-        return tuple(float(norm.cdf(r / self.sigma)) for r in self.radii)
+        noise = GaussianNoise(self.sigma)
+        return tuple(noise.probability_for_radius(r) for r in self.radii)
 
     def max_lower_bound(self) -> float:
         """The largest lower bound any look can give: all draws successes, i.e. max_j alpha_j^(1/n_j)."""
@@ -170,7 +173,7 @@ class SequentialTest:
 
     def max_radius(self) -> float:
         """The largest radius this test can certify (sigma * Phi^-1 of :meth:`max_lower_bound`)."""
-        return float(self.sigma * norm.ppf(self.max_lower_bound()))
+        return GaussianNoise(self.sigma).radius(self.max_lower_bound())
 
     def reachable(self) -> tuple[bool, ...]:
         """Per radius, whether n successes out of n could certify it at some look (else NO before sampling)."""
