@@ -54,10 +54,10 @@ def reference_certify(model, x, n0, n, batch, num_classes, device):
         return int(counts(n)[guess])
 
 
-def timed(fn, device) -> float:
+def timed(device, fn, *args) -> float:
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    fn(*args)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -79,16 +79,19 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
     warm = images[:1]
     for x in warm:  # warm-up: cuDNN/cuBLAS choices, allocator
         reference_certify(model, x[1], args.n0, args.batch, args.batch, num_classes, device)
-    row("reference (official loop)", timed(lambda: [
-        reference_certify(model, x, args.n0, args.n, args.batch, num_classes, device) for _, x, _ in images], device))
+    reference_s = sum(
+        timed(device, reference_certify, model, x, args.n0, args.n, args.batch, num_classes, device)
+        for _, x, _ in images
+    )
+    row("reference (official loop)", reference_s)
     procedure = Certify(GaussianNoise(SIGMA), args.n0, args.n, ALPHA)
     for precision in args.precision:
         for compile in ([False, True] if args.compile else [False]):
             smooth = Smooth(model, num_classes, SIGMA, precision=precision, compile=compile)
             warm_procedure = Certify(GaussianNoise(SIGMA), args.n0, args.batch, ALPHA)
-            compile_s = timed(lambda: smooth.run(warm_procedure, warm, args.batch), device)
+            compile_s = timed(device, smooth.run, warm_procedure, warm, args.batch)
             sampler = smooth.sampler(args.batch, 0, device)
-            seconds = timed(lambda: smooth.run(procedure, images, args.batch), device)
+            seconds = timed(device, smooth.run, procedure, images, args.batch)
             label = f"ours {sampler.precision}{' compiled' if compile else ''}" + (" (auto)" if precision == "auto" else "")
             row(label, seconds, {"warm_up_s": compile_s})
     batch = torch.rand(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -103,7 +106,7 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
     with torch.inference_mode(), autocast:
         forward(batch)
     row(f"forward only{' compiled' if args.compile else ''} ({'bf16' if device == 'cuda' else 'fp32'})",
-        timed(forward_only, device))
+        timed(device, forward_only))
     reference_rate = rows[0]["samples_per_s"]
     for r in rows:
         r["vs_reference"] = r["samples_per_s"] / reference_rate
@@ -131,7 +134,7 @@ def main() -> None:
             "n0": args.n0, "n": args.n, "batch": args.batch, "images": args.images, "img_size": args.img_size}
     rows = [r for name in args.models for r in bench_model(name, args, matmul_rate)]
     print(f"{meta}\n")
-    print(f"| model | what | samples/s | s/image | vs reference | MFU |\n|---|---|---:|---:|---:|---:|")
+    print("| model | what | samples/s | s/image | vs reference | MFU |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {r['model']} | {r['what']} | {r['samples_per_s']:,.0f} | {r['seconds_per_image']:.3f} | "
