@@ -432,7 +432,16 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
     for key in ("model.head.weight", "model.head.bias"):
         state["state_dict"][key] = state["state_dict"][key][:5].clone()
     torch.save(state, five)
-    return {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+    files = {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+    for name, change in {
+        "nan": lambda st: st["state_dict"]["model.head.weight"].view(-1).__setitem__(3, float("nan")),
+        "pretrain": lambda st: st["hyper_parameters"].__setitem__("model_name", "dmae_vit_micro_patch4"),
+        "overflow": lambda st: st["state_dict"]["model.head.weight"].fill_(3e38),  # finite weights, inf logits
+    }.items():
+        state = torch.load(ckpt, weights_only=True)
+        change(state)
+        torch.save(state, files.setdefault(name, folder / f"{name}.ckpt"))
+    return files
 
 
 @pytest.mark.parametrize(
@@ -467,6 +476,9 @@ def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, messag
         ("five", "classifies 5 classes but digits has 10"),
         ("text", "is not a loadable PyTorch checkpoint"),
         ("missing", "does not exist"),
+        ("nan", "holds non-finite (NaN/Inf) weights in head.weight: a diverged or damaged model"),
+        # first, not "add model=dmae_vit_micro_patch4" (following that advice would fail)
+        ("pretrain", "holds the pre-training model dmae_vit_micro_patch4: certify a fine-tuned classifier"),
     ],
 )
 def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
@@ -474,6 +486,16 @@ def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
         run(tmp_path / "bad", bad_files[which])
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_classifier_with_non_finite_logits_is_never_certified(bad_files, tmp_path):
+    """Finite weights whose logits overflow: argmax would return class 0 for every draw and certify the
+    largest radius; the job stops on the first image instead, naming it, and writes no result."""
+    with pytest.raises(ConfigError, match=r"^image 0: the base classifier returned NaN/Inf logits for \d+ of 10 "):
+        run(tmp_path / "overflow", bad_files["overflow"], "max=3")
+    assert not (tmp_path / "overflow" / "certify.tsv").exists()
+    shard = tmp_path / "overflow" / "certify.rank0.tsv"
+    assert not shard.exists() or shard.read_text().count("\n") == 1  # the header only
 
 
 def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):
