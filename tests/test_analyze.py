@@ -113,3 +113,12 @@ def test_runs_as_a_module(two_runs, tmp_path):
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
     assert "| best | 80.0 | 40.0 |" in result.stdout
+
+
+def test_sequential_runs_show_their_samples_and_saving(tmp_path):
+    run = make_run(tmp_path / "seq", 0.25, [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)], mode="certify",
+                   samples=4_000, saving_vs_fixed_n=10.1)
+    assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "certified_accuracy.md").read_text()
+    assert "| 0.25 | 75.0 | 50.0 |" in text
+    assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text

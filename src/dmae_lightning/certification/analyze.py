@@ -49,6 +49,15 @@ def group_label(key: tuple, varying: list[int]) -> str:
     return ", ".join(f"{GROUP_KEYS[i]}={key[i]}" for i in varying) or "all runs"
 
 
+def sample_cost(label: str, summary: dict) -> str:
+    """'sigma=0.25: 123,400 noisy samples (343 per image, 29.4x fewer than fixed n)', when the run says."""
+    if "samples" not in summary:
+        return ""
+    text = f"\n- sigma={label}: {summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image"
+    saving = summary.get("saving_vs_fixed_n")
+    return text + (f", {saving:.1f}x fewer than fixed n)" if saving else ")")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dmae_lightning.certification.analyze", description=__doc__.split("\n")[0]
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for number, (key, members) in enumerate(sorted(groups.items()), start=1):
         first = members[0][1]
         radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
-        rows, curves, limits = {}, {}, {}
+        rows, curves, limits, costs = {}, {}, {}, []
         for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
             label = f"{float(summary['sigma']):g}"
             if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
@@ -89,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[label] = certified_accuracy(records, radii)
             curves[f"sigma={label}"] = records
             limits[label] = summary.get("max_certifiable_radius", math.inf)
+            costs.append(sample_cost(label, summary))
         if len(rows) > 1:
             rows["best"] = best_over_sigma(rows)
             limits["best"] = max(limits.values())
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
                 f"{len(members[0][2])} images, n={first['n']}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}")
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}" + "".join(c for c in costs if c))
         latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', limits=limits)}")
         png = out / ("certified_accuracy.png" if len(groups) == 1 else f"certified_accuracy_{number}.png")
         plot_certified_accuracy(curves, png, title=title)
