@@ -158,7 +158,8 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     run_dir = last.parents[1]
-    step_at_kill = lightning_ckpt(last)["global_step"]
+    step_at_kill = max(lightning_ckpt(p)["global_step"] for p in run_dir.glob("checkpoints/step*.ckpt"))
+    print(f"killed with checkpoints up to global step {step_at_kill}")
     assert 0 < step_at_kill < epochs * STEPS_PER_EPOCH and step_at_kill % STEPS_PER_EPOCH == 0
     rows_before = metric_rows(run_dir)
     assert rows_before, "nothing logged before the kill"
@@ -252,14 +253,20 @@ def test_cifar_intact_files_load(cifar_root):
     assert len(dm.dataset("train")) == 10 and len(dm.dataset("test")) == 2
 
 
-@pytest.mark.parametrize("name", ["data_batch_3", "test_batch"])
-def test_truncated_cifar_batch_is_one_line_naming_the_file(cifar_root, name):
+@pytest.mark.parametrize(
+    "name, damage", [("data_batch_3", "truncated"), ("test_batch", "truncated"), ("data_batch_2", "removed")]
+)
+def test_truncated_cifar_batch_is_one_line_naming_the_file(cifar_root, name, damage):
     folder = cifar_root / "cifar-10-batches-py"
-    truncate(folder / name)
+    if damage == "truncated":
+        truncate(folder / name)
+    else:
+        (folder / name).unlink()
     with pytest.raises(DataError) as info:
         CIFAR10DataModule(cifar_root, batch_size=2).dataset("test")  # what certification reads
     message = str(info.value)
-    assert "\n" not in message and str(folder / name) in message and "damaged" in message
+    expected = "is damaged (its md5 differs" if damage == "truncated" else "is missing:"
+    assert message.startswith(f"CIFAR-10 file {folder / name} {expected}") and "\n" not in message
     # Training: the same line, as the one-line ConfigError of train.py, before the model is built.
     overrides = ["data=cifar10", f"data.root={cifar_root}", "model=vit_micro_patch4"]
     with pytest.raises(ConfigError) as info:
@@ -305,20 +312,36 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("how", ["torch.save", "pickle"])
-def test_malicious_ckpt_path_is_refused_in_one_line_and_never_runs(tmp_path, how):
-    marker = tmp_path / "pwned"
-    bad = tmp_path / "evil.ckpt"
+def malicious_file(path: Path, marker: Path, how: str) -> Path:
     if how == "torch.save":
-        torch.save({"state_dict": {}, "x": RunsCode(marker)}, bad)
+        torch.save({"state_dict": {}, "x": RunsCode(marker)}, path)
     else:
-        bad.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))  # torch reads protocols <= 4
+        path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))  # torch reads pickle protocols <= 4
+    return path
+
+
+def test_malicious_ckpt_path_is_one_line_from_the_script_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = malicious_file(tmp_path / "evil.ckpt", marker, "torch.save")
     proc = run_cli(tmp_path, f"ckpt_path={bad}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: cannot resume: {bad} is not a loadable PyTorch checkpoint"), last_line
-    assert "system" in last_line and "weights_only=False" not in proc.stderr
-    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert last_line == (
+        f"error: cannot resume: {bad} is not a loadable PyTorch checkpoint: it holds a pickled posix.system, "
+        "which is not loaded (weights_only: only tensors, plain containers and argparse.Namespace)"
+    )
+    assert "weights_only=False" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_plain_malicious_pickle_is_refused_before_anything_is_built(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = malicious_file(tmp_path / "evil.pkl", marker, "pickle")
+    with pytest.raises(ConfigError) as info:
+        train(compose(CONF, "train", [*TINY, f"ckpt_path={bad}"], output_dir=tmp_path / "run"))
+    assert str(info.value).startswith(f"cannot resume: {bad} is not a loadable PyTorch checkpoint: it holds a")
+    assert "posix.system" in str(info.value) and "weights_only=False" not in str(info.value)
+    assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_weights_file_is_not_a_resumable_checkpoint(tmp_path):
@@ -346,15 +369,26 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_damaged_last_checkpoint_falls_back_to_the_earlier_one(two_epochs, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "link_removed"])
+def test_damaged_last_checkpoint_falls_back_to_the_earlier_one(two_epochs, tmp_path, caplog, damage):
+    """``truncated``: the newest file cut in half (what a kill during a non-atomic write leaves): warn and
+    resume from the one before (step 4). ``link_removed``: a kill between removing the old last.ckpt link
+    and making the new one: resume from the newest file (step 8). Both end as the uninterrupted run."""
     run = copy_run(two_epochs / "run", tmp_path / "run")
     last = run / "checkpoints" / "last.ckpt"
-    truncate(last.resolve())  # the newest checkpoint, cut short
+    if damage == "truncated":
+        truncate(last.resolve())
+    else:
+        last.unlink()
     with caplog.at_level("WARNING"):
         train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "ckpt_path=last"], output_dir=run))
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming from" in r.getMessage()]
-    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
-    assert str(last) in warnings[0] and "step00000004.ckpt instead" in warnings[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming" in r.getMessage()]
+    if damage == "truncated":
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+        assert warnings[0].startswith(f"{last} is not a loadable PyTorch checkpoint: damaged")
+        assert warnings[0].endswith(f"resuming from {run / 'checkpoints' / 'step00000004.ckpt'} instead")
+    else:
+        assert warnings == []
     a = lightning_ckpt(two_epochs / "full" / "checkpoints" / "last.ckpt")
     b = lightning_ckpt(last)
     assert a["global_step"] == b["global_step"] == 12
@@ -366,12 +400,11 @@ def test_damaged_last_checkpoint_without_fallback_is_one_line(two_epochs, tmp_pa
     run = copy_run(two_epochs / "run", tmp_path / "run")
     for path in (run / "checkpoints").glob("step*.ckpt"):
         truncate(path, keep=0.3)
-    proc = run_cli(tmp_path, "trainer.max_epochs=3", "ckpt_path=last", f"hydra.run.dir={run}")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: cannot resume: {run / 'checkpoints' / 'last.ckpt'} is not a loadable"), last_line
-    assert last_line.endswith("no other checkpoint in the folder loads either")
-    assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
+    with pytest.raises(ConfigError) as info:
+        train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "ckpt_path=last"], output_dir=run))
+    message = str(info.value)
+    assert message.startswith(f"cannot resume: {run / 'checkpoints' / 'last.ckpt'} is not a loadable PyTorch")
+    assert message.endswith("no other checkpoint in the folder loads either") and "\n" not in message
 
 
 def test_last_without_any_checkpoint_starts_from_scratch(tmp_path):

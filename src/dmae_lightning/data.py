@@ -306,20 +306,20 @@ class CIFAR10DataModule(_ImageDataModule):
                 self.root, train=source == "train", transform=transform, download=self.download
             )
         except RuntimeError:  # torchvision: a file is missing or fails its md5 check, without saying which
-            raise DataError(
-                f"CIFAR-10 file {self._first_bad_file()} is missing or damaged (md5 mismatch): "
-                "remove the folder and set data.download=true"
-            ) from None
+            raise DataError(f"{self._first_bad_file()}: remove the folder and set data.download=true") from None
 
-    def _first_bad_file(self) -> Path:
+    def _first_bad_file(self) -> str:
         """The first file of torchvision's list that fails torchvision's own md5 check (checked again here,
         only after a failure, to name it)."""
         listed = [*datasets.CIFAR10.train_list, *datasets.CIFAR10.test_list]
         listed.append([datasets.CIFAR10.meta["filename"], datasets.CIFAR10.meta["md5"]])
         for name, md5 in listed:
-            if not check_integrity(str(self.folder / name), md5):
-                return self.folder / name
-        return self.folder
+            path = self.folder / name
+            if not path.is_file():
+                return f"CIFAR-10 file {path} is missing"
+            if not check_integrity(str(path), md5):
+                return f"CIFAR-10 file {path} is damaged (its md5 differs from the published one)"
+        return f"CIFAR-10 files in {self.folder} are incomplete or damaged"
 
 
 class _ImageTensors(Dataset):
