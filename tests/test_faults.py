@@ -23,6 +23,7 @@ from PIL import Image
 
 from dmae_lightning.config import compose
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
+from dmae_lightning.resume import resume_checkpoint
 from dmae_lightning.train import ConfigError, build, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +174,10 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     a = lightning_ckpt(run_dir_of(tmp_path, "full") / "checkpoints" / "last.ckpt")
     b = lightning_ckpt(run_dir / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == epochs * STEPS_PER_EPOCH
+    full_loss = latest_by_step(metric_rows(run_dir_of(tmp_path, "full")), "train/loss_step")
+    resumed_loss = latest_by_step(metric_rows(run_dir), "train/loss_step")
+    differ = [s for s in full_loss if resumed_loss.get(s) != full_loss[s]]
+    assert not differ, f"train/loss differs from step {differ[0]} on: {full_loss} vs {resumed_loss}"
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
@@ -369,31 +374,34 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["truncated", "link_removed"])
-def test_damaged_last_checkpoint_falls_back_to_the_earlier_one(two_epochs, tmp_path, caplog, damage):
-    """``truncated``: the newest file cut in half (what a kill during a non-atomic write leaves): warn and
-    resume from the one before (step 4). ``link_removed``: a kill between removing the old last.ckpt link
-    and making the new one: resume from the newest file (step 8). Both end as the uninterrupted run."""
+def test_damaged_last_checkpoint_falls_back_to_the_earlier_one(two_epochs, tmp_path, caplog):
+    """The newest file cut in half (what a kill during a non-atomic write leaves): one warning line, resume
+    from the one before (step 4, the end of the warm-up, which does not depend on the run's length), and
+    the run ends as the uninterrupted 3-epoch run."""
     run = copy_run(two_epochs / "run", tmp_path / "run")
     last = run / "checkpoints" / "last.ckpt"
-    if damage == "truncated":
-        truncate(last.resolve())
-    else:
-        last.unlink()
+    truncate(last.resolve())
     with caplog.at_level("WARNING"):
         train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "ckpt_path=last"], output_dir=run))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming" in r.getMessage()]
-    if damage == "truncated":
-        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
-        assert warnings[0].startswith(f"{last} is not a loadable PyTorch checkpoint: damaged")
-        assert warnings[0].endswith(f"resuming from {run / 'checkpoints' / 'step00000004.ckpt'} instead")
-    else:
-        assert warnings == []
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"{last} is not a loadable PyTorch checkpoint: damaged")
+    assert warnings[0].endswith(f"resuming from {run / 'checkpoints' / 'step00000004.ckpt'} instead")
     a = lightning_ckpt(two_epochs / "full" / "checkpoints" / "last.ckpt")
     b = lightning_ckpt(last)
     assert a["global_step"] == b["global_step"] == 12
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+def test_missing_last_link_resumes_from_the_newest_kept_file(two_epochs, tmp_path, caplog):
+    """A kill between removing the old last.ckpt link and making the new one: the newest file, no warning."""
+    run = copy_run(two_epochs / "run", tmp_path / "run")
+    (run / "checkpoints" / "last.ckpt").unlink()
+    cfg = compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "ckpt_path=last"], output_dir=run)
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(cfg) == str(run / "checkpoints" / "step00000008.ckpt")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_damaged_last_checkpoint_without_fallback_is_one_line(two_epochs, tmp_path):
