@@ -157,7 +157,7 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     assert last is not None and killed.poll() is None, "the run ended before its first checkpoint"
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    assert killed.wait() == -signal.SIGKILL
     run_dir = last.parents[1]
     step_at_kill = max(lightning_ckpt(p)["global_step"] for p in run_dir.glob("checkpoints/step*.ckpt"))
     print(f"killed with checkpoints up to global step {step_at_kill}")
