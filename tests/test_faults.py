@@ -23,8 +23,9 @@ from PIL import Image
 
 from dmae_lightning.config import compose
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
+from dmae_lightning.errors import ConfigError
 from dmae_lightning.resume import resume_checkpoint
-from dmae_lightning.train import ConfigError, build, train
+from dmae_lightning.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -441,4 +442,6 @@ def test_truncated_jpeg_names_the_file_and_index(tmp_path):
     message = str(info.value)
     assert "\n" not in message and str(broken) in message and "image 2 " in message
     assert info.value.index == 2 and info.value.path == str(broken)
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ConfigError)  # the entry points print it as this one line
+    copy = pickle.loads(pickle.dumps(info.value))  # as it would cross a process boundary
+    assert (str(copy), copy.path, copy.index) == (message, str(broken), 2)

@@ -25,6 +25,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import InterpolationMode
 
+from dmae_lightning.errors import ConfigError
 from dmae_lightning.models.layers import IMAGENET_MEAN
 
 SPLITS = ("train", "val", "test")
@@ -32,8 +33,8 @@ SPLITS = ("train", "val", "test")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
-class DataError(ValueError):
-    """Missing, damaged or unreadable data files: one line, which the entry points print as it is."""
+class DataError(ConfigError):
+    """Missing, damaged or unreadable data files: one line, which the entry points print wherever it is raised."""
 
 
 class BrokenImageError(DataError):
