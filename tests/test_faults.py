@@ -25,6 +25,7 @@ from dmae_lightning.config import compose
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.resume import resume_checkpoint
+from dmae_lightning.tracking import ResumableCSVLogger
 from dmae_lightning.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +223,25 @@ def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path):
     text = metrics.read_text()
     assert text.startswith(complete) and "0.5,0,0.12" not in text
     assert len({len(row) for row in csv.reader(text.splitlines())}) == 1  # every row has every column
+
+
+def test_kill_during_the_header_rewrite_leaves_metrics_csv_intact(tmp_path, monkeypatch):
+    """A new metric name makes Lightning rewrite metrics.csv with a wider header. It does so in place, so a
+    kill in the middle leaves a cut-short file. Ours writes a new file and renames it over the old one."""
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"a": 1.0}, step=0)
+    logger.save()
+    metrics = tmp_path / "csv" / "metrics.csv"
+    before = metrics.read_text()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    logger.log_metrics({"a": 2.0, "b": 3.0}, step=1)  # "b" is new: the header is rewritten
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert metrics.read_text() == before == "a,step\n1.0,0\n"
 
 
 # ============================================================================================== item 4
