@@ -212,17 +212,20 @@ def test_resume_appends_to_metrics_csv(tmp_path):
     assert {r["epoch"] for r in rows if r.get("val/loss")} == {"0", "1"}
 
 
-def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path):
+@pytest.mark.parametrize("torn", ["row", "header"])
+def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path, torn):
     """A kill while a row was being written leaves it without its newline: appending must not glue the next
-    row onto it (the torn row belongs to a step after the checkpoint, which the resumed run logs again)."""
+    row onto it (the torn row belongs to a step after the checkpoint, which the resumed run logs again). A
+    file without even a whole header is started afresh."""
     train(compose(CONF, "train", [*TINY, "trainer.max_epochs=1"], output_dir=tmp_path))
     metrics = tmp_path / "csv" / "metrics.csv"
-    complete = metrics.read_text()
-    metrics.write_text(complete + "0.5,0,0.12")  # a torn row
+    complete = metrics.read_text() if torn == "row" else ""
+    metrics.write_text(complete + ("0.5,0,0.12" if torn == "row" else "epoch,lr-Ad"))
     train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=tmp_path))
     text = metrics.read_text()
-    assert text.startswith(complete) and "0.5,0,0.12" not in text
+    assert text.startswith(complete or "epoch,lr-AdamW/pg1,") and "0.5,0,0.12" not in text
     assert len({len(row) for row in csv.reader(text.splitlines())}) == 1  # every row has every column
+    assert {r["epoch"] for r in metric_rows(tmp_path) if r.get("val/loss")} == ({"0", "1"} if complete else {"1"})
 
 
 def test_kill_during_the_header_rewrite_leaves_metrics_csv_intact(tmp_path, monkeypatch):

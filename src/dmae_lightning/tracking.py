@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -113,18 +114,23 @@ def wandb_logger(
 
 
 class _SafeExperimentWriter(ExperimentWriter):
-    """Rewrites metrics.csv (Lightning does when a new metric name appears) into a temporary file that then
-    replaces it: Lightning rewrites it in place, and a kill during that rewrite would leave it cut short."""
+    """Rewrites metrics.csv (Lightning does when a new metric name appears) into a new file that is then renamed
+    over it: Lightning rewrites it in place, and a kill during that rewrite would leave only part of it."""
+
+    def _replace_metrics(self, text: str) -> None:
+        partial = f"{self.metrics_file_path}.partial"
+        with self._fs.open(partial, "w", newline="") as file:
+            file.write(text)
+        self._fs.mv(partial, self.metrics_file_path)  # a rename within the folder
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             rows = list(csv.DictReader(file))
-        partial = f"{self.metrics_file_path}.partial"
-        with self._fs.open(partial, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        self._fs.mv(partial, self.metrics_file_path)  # a rename within the folder
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        self._replace_metrics(text.getvalue())
 
 
 class _AppendingExperimentWriter(_SafeExperimentWriter):
@@ -133,14 +139,15 @@ class _AppendingExperimentWriter(_SafeExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "rb") as file:
-                text = file.read()
-            if text and not text.endswith(b"\n"):
-                with self._fs.open(self.metrics_file_path, "wb") as file:
-                    file.write(text[: text.rfind(b"\n") + 1])
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                header = next(csv.reader(file), [])
-            self.metrics_keys = sorted(set(header))
+                text = file.read()
+            if not text.endswith("\n"):
+                text = text[: text.rfind("\n") + 1]
+                if text:
+                    self._replace_metrics(text)
+                else:  # not even a whole header: start the file afresh
+                    self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = sorted(set(next(csv.reader(io.StringIO(text)), [])))
             log.info("appending to %s", self.metrics_file_path)
 
 
