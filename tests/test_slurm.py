@@ -354,8 +354,9 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     assert SIGNAL_AFTER_STEP <= hpc_step < MAX_EPOCHS * STEPS_PER_EPOCH, hpc_step
     resumed = re.findall(r"probe start global_rank=(\d) global_step=(\d+) epoch=(\d+) restart=1", out)
     assert sorted(resumed) == [(r, str(hpc_step), str(hpc_step // STEPS_PER_EPOCH)) for r in "01"], resumed
+    # last.ckpt was written at the last epoch's end, so it holds that epoch's index (Lightning's convention).
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS), (
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS - 1), (
         last["global_step"], last["epoch"])
 
     probes = load_probes(probe_dir)  # written at the end of training: the restarted ranks
@@ -410,4 +411,4 @@ def test_submitit_sweep_point_requeues_through_lightning(slurm_cluster, tmp_path
     assert len(dirs) == 1 and dirs[0].parent.name == f"slurm-{job}", dirs
     assert f"Restoring states from the checkpoint path at {dirs[0] / 'hpc_ckpt_1.ckpt'}" in errs, errs
     last = torch.load(dirs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS)
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS - 1)  # see above

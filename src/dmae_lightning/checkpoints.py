@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +61,19 @@ def _load_failure(err: Exception) -> str:
     return f"damaged or not in PyTorch's format ({detail})"
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed.
+
+    ``mmap``: map the tensors instead of reading them (a cheap check that the file loads); only files in
+    torch's zip format can be mapped, older ones are read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            mapped = mmap and zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as err:  # unpickling, zip and magic-number errors all mean "not a checkpoint we load"
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint: {_load_failure(err)}") from None
     if not isinstance(obj, dict):

@@ -13,7 +13,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from . import config  # noqa: F401  (registers the Hydra resolvers)
 from .errors import BAD_INPUT, ConfigError, one_line
-from .tracking import finish_runs
+from .resume import resume_checkpoint
+from .tracking import finish_runs, keep_logged_metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         return run_quickstart(cfg)
     pl.seed_everything(cfg.seed, workers=True)
+    try:  # before anything is built; a damaged last.ckpt falls back to the checkpoint kept before it
+        ckpt_path = resume_checkpoint(cfg)
+    except BAD_INPUT as err:
+        raise ConfigError(f"cannot resume: {one_line(err)}") from None
     datamodule, module, trainer = build(cfg)
+    if cfg.ckpt_path:
+        keep_logged_metrics(trainer.loggers)  # a resumed run appends to what the attempts before it logged
     if trainer.is_global_zero:
         log.info("run directory: %s", Path(cfg.paths.output_dir).resolve())
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException:
         finish_runs(failed=True)
         raise
