@@ -40,7 +40,6 @@ class DMAEViT(ViTEncoderBase):
             learnable_pos_embed=False,
         )
         self.sigma = float(sigma)
-        self.noise = GaussianNoise(self.sigma)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -71,6 +70,11 @@ class DMAEViT(ViTEncoderBase):
         x = x.reshape(x.shape[0], g, g, p, p, 3)  # [B, g, g, p, p, 3]
         x = torch.einsum("nhwpqc->nchpwq", x)  # [B, 3, g, p, g, p]
         return x.reshape(x.shape[0], 3, g * p, g * p)  # [B, 3, S, S]
+
+    @property
+    def noise(self) -> GaussianNoise:
+        """The input corruption, from the plain ``sigma`` attribute (which may be changed after building)."""
+        return GaussianNoise(self.sigma)
 
     # --- the three stages -------------------------------------------------------------------
     def add_noise(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
