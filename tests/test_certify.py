@@ -390,10 +390,10 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
     dataset = DigitsDataModule().dataset("test")
     procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), (0.0,))
     module = SmoothingPredictor(classifier(ckpt), 10, procedure, params, dataset, todo=[7], run_dir=tmp_path)
-    assert [idx for idx, _, _ in module.loader([7], 0, 2)] == [7]
-    assert [idx for idx, _, _ in module.loader([7], 1, 2)] == [-1] and module.share == []
+    assert [idx for idx, *_ in module.loader([7], 0, 2)] == [7]
+    assert [idx for idx, *_ in module.loader([7], 1, 2)] == [-1] and module.share == []
     assert len(module.loader([], 1, 2)) == 0  # nothing left anywhere: empty everywhere is fine
-    assert module.predict_step((-1, torch.zeros(0), -1), 0) is None  # no writer needed: nothing written
+    assert module.predict_step((-1, torch.zeros(0), -1, ""), 0) is None  # no writer needed: nothing written
 
 
 # --------------------------------------------------------------------------------------------- predict

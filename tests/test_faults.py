@@ -468,3 +468,37 @@ def test_truncated_jpeg_names_the_file_and_index(tmp_path):
     assert isinstance(info.value, ConfigError)  # the entry points print it as this one line
     copy = pickle.loads(pickle.dumps(info.value))  # as it would cross a process boundary
     assert (str(copy), copy.path, copy.index) == (message, str(broken), 2)
+
+
+# Certification side: the job stops on the broken image with one line naming it; what was done is kept.
+def test_certification_stops_at_a_truncated_jpeg_with_one_line_and_keeps_the_rest(tmp_path):
+    from test_certify import REPO, make_classifier_checkpoint
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    for wnid in ("n01", "n02"):
+        (root / "val" / wnid).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "val" / wnid / f"{wnid}_{i}.JPEG", quality=95)
+    broken = root / "val" / "n02" / "n02_0.JPEG"  # idx 2
+    truncate(broken)
+    ckpt = make_classifier_checkpoint(tmp_path / "ten.ckpt", steps=2)
+    state = torch.load(ckpt, weights_only=True)  # as a 2-class fine-tuning would write it
+    state["hyper_parameters"]["num_classes"] = 2
+    for key in ("model.head.weight", "model.head.bias"):
+        state["state_dict"][key] = state["state_dict"][key][:2].clone()
+    torch.save(state, tmp_path / "two.ckpt")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "certify.py"), f"ckpt_path={tmp_path / 'two.ckpt'}", "data=imagenet",
+         f"data.root={root}", "data.num_classes=2", "data.num_workers=1", "model=vit_micro_patch8", "split=val", "n0=10", "n=100",
+         "batch=100", "logger=none", f"hydra.run.dir={out}"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: certification stopped at idx 2: image 2 (") and str(broken) in last
+    assert "Traceback" not in proc.stderr
+    done = [line.split("\t")[0] for line in (out / "certify.rank0.tsv").read_text().splitlines()[1:]]
+    assert done == ["0", "1"]  # certified before the broken image, kept for the resume

@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import DataError
 from .procedures import Procedure
 from .records import ShardWriter
 from .sampler import Sampler
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class IndexedImages(Dataset):
-    """``(idx, image [C,H,W], label)`` for the given dataset indices; None gives a placeholder ``(-1, [], -1)``."""
+    """``(idx, image [C,H,W], label, error)`` for the given dataset indices; None gives a placeholder
+    ``(-1, [], -1, "")``. An image that cannot be read comes back as its one-line ``error`` instead of
+    raising here: in a DataLoader worker an exception would reach the job as a multi-line traceback."""
 
     def __init__(self, dataset: Dataset, indices: list[int | None]):
         self.dataset, self.indices = dataset, indices
@@ -33,12 +36,15 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int, str]:
         idx = self.indices[i]
         if idx is None:
-            return -1, torch.zeros(0), -1
-        image, label = self.dataset[idx]
-        return idx, image, int(label)
+            return -1, torch.zeros(0), -1, ""
+        try:
+            image, label = self.dataset[idx]
+        except DataError as err:
+            return idx, torch.zeros(0), -1, str(err)
+        return idx, image, int(label), ""
 
 
 class SmoothingPredictor(pl.LightningModule):
@@ -91,7 +97,10 @@ class SmoothingPredictor(pl.LightningModule):
         self._started = self._last_log = time.perf_counter()
 
     def predict_step(self, batch, batch_idx: int) -> None:
-        idx, image, label = batch  # int, [C,H,W], int
+        idx, image, label, error = batch  # int, [C,H,W], int, str
+        if error:  # finish and keep the images in flight first: a rerun resumes after the fix
+            self._write(self.sampler.drain())
+            raise DataError(f"certification stopped at idx {idx}: {error}")
         if idx < 0:  # the placeholder of a rank with nothing to do
             return
         done = self.sampler.add(idx, image, self.procedure.run(idx, label))
