@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
@@ -12,25 +11,14 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from . import config  # noqa: F401  (registers the Hydra resolvers)
+from .config import ConfigError, one_line, run_in_dir
 from .tracking import finish_runs
 
+__all__ = ["ConfigError", "build", "one_line", "train"]
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Bad input found before any training work: the entry points print it as one line."""
-
 
 # Errors that mean "bad config, data or checkpoint" when raised while the job is being built.
 BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
-
-
-def one_line(err: Exception) -> str:
-    if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
-        err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
@@ -38,6 +26,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
     Every check that can fail on bad input runs here, before the first training step.
     """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
@@ -60,16 +49,23 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, module, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline."""
+def train(cfg: DictConfig) -> dict:
+    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline.
+
+    Either way the job runs in its run directory's lifecycle (``config.run_in_dir``): checked before anything
+    is loaded, recorded once the job is valid, linked as ``logs/<run_name>/latest`` when it has finished.
+    """
     if cfg.task.name == "quickstart":
         from .quickstart import run_quickstart  # imported here: the pipeline calls back into train()
 
-        return run_quickstart(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
+        return run_in_dir(cfg, lambda: None, lambda _: run_quickstart(cfg),
+                          resume_hint="run the same command again (finished stages are kept)")
+    return run_in_dir(cfg, lambda: build(cfg), lambda built: fit(cfg, *built),
+                      resume_hint="run the same command again with ckpt_path=last")
+
+
+def fit(cfg: DictConfig, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
     if trainer.is_global_zero:
-        log.info("run directory: %s", Path(cfg.paths.output_dir).resolve())
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
