@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -406,10 +405,9 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        free = shutil.disk_usage(path).free
         raise ConfigError(
-            f"no space left on the device of {err.filename or path} ({free / 2**20:.0f} MiB free): what was "
-            f"written before is kept; free some space, then {resume_hint}"
+            f"no space left on the device of {err.filename or path}: what was written before is kept; "
+            f"free some space, then {resume_hint}"
         ) from None
     if global_rank() == 0:
         latest = _point_latest(path, cfg)
