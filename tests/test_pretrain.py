@@ -113,11 +113,21 @@ def test_reconstruction_picture_size_and_clean_panel(pretrain_run):
     pictures = pretrain_run.out / "pictures"
     names = sorted(p.name for p in pictures.iterdir())
     assert names == [f"reconstruction_epoch{e:04d}.png" for e in range(1, 5)] + ["reconstruction_final.png"]
-    img = (
+    picture = (
         np.asarray(Image.open(pictures / "reconstruction_final.png").convert("RGB")).astype(np.float64) / 255
     )
     s, k = PICTURE_SIZE, PICTURE_IMAGES
-    assert img.shape == (k * (s + 2) + 2, 5 * (s + 2) + 2, 3)  # make_grid(nrow=5, padding=2)
+    # make_grid(nrow=5, padding=2), upscaled 3x (48 px panels -> 144 px >= 128) under a band of labels.
+    scale, grid_h, grid_w = 3, k * (s + 2) + 2, 5 * (s + 2) + 2
+    band = picture.shape[0] - scale * grid_h
+    assert picture.shape[1:] == (scale * grid_w, 3) and 30 <= band <= 60, picture.shape
+    img = picture[band:][::scale, ::scale]  # the grid itself: nearest-neighbour upscaling repeats each pixel
+    assert (picture[band:] == img.repeat(scale, axis=0).repeat(scale, axis=1)).all()
+    # Labels: the title and a header over each of the 5 columns (dark text pixels on white).
+    for col in range(5):
+        x = scale * (2 + col * (s + 2))
+        assert picture[band // 2 : band, x : x + scale * s].min() < 0.5, f"no header over column {col}"
+    assert picture[: band // 2].min() < 0.5, "no title"
     # Independent recomputation of the first two panels of each row: the clean image, bicubic-resized
     # to the model size, and the noisy one (noise from the callback's seed, added at native size).
     from dmae_lightning.data import DigitsDataModule

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -261,6 +262,34 @@ def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir:
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ output
+# Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
+# Trainer of a process (the job logs its devices once), the stepping-batch estimate.
+_LIGHTNING_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:",
+                      "Loading `train_dataloader` to estimate")
+
+
+class _DropLightningChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
+
+
+def quiet_lightning() -> None:
+    """Silence, by name, what Lightning prints that is no news about this run; every other warning stays.
+
+    Lightning has no switch for these lines. Its ``srun`` hint fires on any machine with Slurm installed;
+    it is dropped only outside a Slurm job (inside one it catches a forgotten ``srun``). The LeafSpec
+    deprecation comes from Lightning's own code calling torch's pytree, not from ours.
+    """
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if slurm_job_tag() is None:
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+
+
 # ------------------------------------------------------------------------------------------ lifecycle
 class ConfigError(ValueError):
     """Bad input found before any work (or a run directory that cannot be used): entry points print one line."""
@@ -385,6 +414,7 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
        line saying how to resume (``resume_hint``);
     4. at the end rank 0 points ``logs/<run_name>/latest`` at the directory; both ends print it.
     """
+    quiet_lightning()
     path = Path(cfg.paths.output_dir).resolve()
     try:
         try:

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
 from .config import ConfigError, one_line, run_in_dir
 from .tracking import finish_runs
@@ -66,6 +67,12 @@ def train(cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
     if trainer.is_global_zero:
+        summary = ModelSummary(module, max_depth=0)  # one line instead of Lightning's table (enable_model_summary)
+        log.info("%s: %s parameters (%s trainable) on %d %s device(s) x %d node(s), precision %s",
+                 type(module.model).__name__, get_human_readable_count(summary.total_parameters),
+                 get_human_readable_count(summary.trainable_parameters), trainer.num_devices,
+                 type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(), trainer.num_nodes,
+                 trainer.precision)
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
