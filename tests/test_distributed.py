@@ -60,7 +60,8 @@ def single_run_dir(logs: Path, ignore: list[Path] | tuple[Path, ...] = ()) -> Pa
 def check_one_run(logs: Path, out: str) -> Path:
     """One run directory, one .hydra, one job log (rank 0's), one CSV run, one checkpoint set."""
     run_dir = single_run_dir(logs)
-    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
+        "config.yaml", "hydra.yaml", "identity.json", "overrides.yaml"]
     logs_written = sorted(p.name for p in logs.rglob("*.log"))
     assert logs_written == ["train.log"], logs_written  # not train_ddp_process_1.log
     text = (run_dir / "train.log").read_text()
