@@ -269,9 +269,9 @@ def test_resume_without_rng_state_is_not_exact(make_digits, make_trainer, tmp_pa
 
 
 def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
-    """The job as a user runs it: 1 epoch, then ckpt_path=last with max_epochs=2 (last.ckpt written at the
-    epoch's end by the default callbacks), against 2 epochs in one go. Epoch 1 is all warm-up, so its lr
-    does not depend on the run's length."""
+    """The job as a user runs it: 1 epoch, then max_epochs=2 resumed from that run's last.ckpt (written at the
+    epoch's end by the default callbacks) in a run directory of its own (another configuration), against 2
+    epochs in one go. Epoch 1 is all warm-up, so its lr does not depend on the run's length."""
     common = [
         "task=pretrain",
         "model=vit_micro_patch4",
@@ -283,13 +283,10 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
         "task.callbacks.reconstruction_pictures.num_images=1",
     ]
     train(compose(CONF, "train", [*common, "trainer.max_epochs=2"], output_dir=tmp_path / "full"))
-    train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "split"))
-    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    train(
-        compose(
-            CONF, "train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=tmp_path / "split"
-        )
-    )
+    train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "first"))
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, weights_only=True)["global_step"] == 4
+    train(compose(CONF, "train", [*common, "trainer.max_epochs=2", f"ckpt_path={first}"], output_dir=tmp_path / "split"))
     full, split = (
         torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in ("full", "split")
     )
