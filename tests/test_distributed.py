@@ -66,7 +66,7 @@ def check_one_run(logs: Path, out: str) -> Path:
     assert logs_written == ["train.log"], logs_written  # not train_ddp_process_1.log
     text = (run_dir / "train.log").read_text()
     assert text.count("probe log global_rank=0") == 1 and "probe log global_rank=1" not in text, text
-    assert text.count("run directory:") == 1, text
+    assert text.count("run directory:") == 2, text  # printed at the start and at the end
     metrics = list(logs.rglob("metrics.csv"))
     assert metrics == [run_dir / "csv" / "metrics.csv"], metrics
     assert not list(logs.rglob("version_*")), "a second logger version"

@@ -84,11 +84,13 @@ def file_digest(path: str) -> str:
     return _FILE_DIGESTS[cache_key]
 
 
-def _drop(cfg: DictConfig, dotted: str) -> None:
-    parent_key, _, leaf = dotted.rpartition(".")
-    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-    if isinstance(parent, DictConfig) and leaf in parent:
-        del parent[leaf]
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return
+    tree.pop(leaf, None)
 
 
 def job_identity(cfg: DictConfig) -> dict:
@@ -100,11 +102,11 @@ def job_identity(cfg: DictConfig) -> dict:
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(copy):
         copy.pop("hydra", None)
-        for key in spec.ignore:
-            _drop(copy, key)
-        if "paths" in copy:  # not part of the identity, but other keys may point below the run directory
+        if "paths" in copy:  # Hydra names the run directory from this: other keys may point below it
             copy.paths.output_dir = "<run dir>"
-    identity = OmegaConf.to_container(copy, resolve=True)
+    identity = OmegaConf.to_container(copy, resolve=True)  # resolved first: kept keys may use ignored ones
+    for key in spec.ignore:
+        _drop(identity, key)
     trainer = identity.get("trainer", {})
     if trainer.get("devices") in (-1, "auto") and trainer.get("accelerator") in ("gpu", "cuda"):
         import torch  # "every GPU of the node": the number itself changes the effective batch
