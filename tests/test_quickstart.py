@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dmae_lightning.results import read_records
+from dmae_lightning.certification import CertifyRecord
+from dmae_lightning.certification.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
         run / "certify" / "certified_accuracy.png",
     ):
         assert path.is_file(), path
-    records = read_records(run / "certify" / "certify.tsv")
+    records = read_records(run / "certify" / "certify.tsv", CertifyRecord)
     summary = json.loads((run / "certify" / "summary.json").read_text())
     assert [r.idx for r in records] == list(range(60)) and summary["num_images"] == 60
     # Certified accuracy at r = 0, recomputed from the per-image file, is far above chance (10%).

@@ -251,7 +251,8 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     from test_certify import make_classifier_checkpoint
     from test_certify import run as certify_in_process
 
-    from dmae_lightning.results import read_records
+    from dmae_lightning.certification import CertifyRecord
+    from dmae_lightning.certification.records import read_records
 
     ckpt = make_classifier_checkpoint(tmp_path / "classifier.ckpt")
     settings = ("model=vit_micro_patch8", "split=test", "max=10", "n0=10", "n=60", "batch=60", "logger=none")
@@ -278,7 +279,7 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     certify_in_process(single, ckpt, *settings)
 
     def columns(path):
-        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path)]
+        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path, CertifyRecord)]
 
     assert [row[0] for row in columns(tsv)] == list(range(10))
     assert columns(tsv) == columns(single / "certify.tsv")

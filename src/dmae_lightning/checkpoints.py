@@ -107,6 +107,9 @@ def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[
         state[key] = value
     if not state:
         raise ValueError(f"{path} holds no model tensors")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # a diverged run's weights: certifying them would give every image the top radius
+        raise ValueError(f"{path} holds non-finite (NaN/Inf) weights in {_short(broken)}: a diverged or damaged model")
     return state, layout
 
 

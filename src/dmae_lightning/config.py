@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
+
+from .errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -293,20 +294,7 @@ def quiet_lightning() -> None:
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
-class ConfigError(ValueError):
-    """Bad input found before any work (or a run directory that cannot be used): entry points print one line."""
-
-
 R = TypeVar("R")
-
-
-def one_line(err: Exception) -> str:
-    if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
-        err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
-    text = str(err).strip().splitlines()
-    # OmegaConf drops the cause and prefixes its type: "ValueError raised while resolving interpolation: ..."
-    return re.sub(r"^\w+ raised while resolving interpolation: ", "", text[0]) if text else type(err).__name__
-
 # Nothing else may be in a directory before its job writes identity.json (Hydra's job log aside).
 _NOT_RESULTS = ("train.log", "certify.log")
 

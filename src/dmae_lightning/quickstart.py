@@ -23,9 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .certify import certify
-from .config import ConfigError, compose
-from .results import format_table, read_summary
+from .certification.job import certify
+from .certification.metrics import format_table
+from .certification.records import read_json
+from .config import compose
+from .errors import ConfigError
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def run_quickstart(cfg: DictConfig) -> dict:
     overrides["certify"].append(f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
     _run_stage("certification", "certify", overrides["certify"], out / "certify", conf_dir)
 
-    summary = read_summary(out / "certify" / "summary.json")
+    summary = read_json(out / "certify" / "summary.json")
     radii = [float(r) for r in stages.report_radii]
     label = "DMAE pre-training + fine-tuning" if cfg.pretrain else "fine-tuning from scratch"
     row = {label: summary["certified_accuracy"]}

@@ -7,19 +7,15 @@ import logging
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
-from .config import ConfigError, one_line, run_in_dir
+from .config import run_in_dir
+from .errors import BAD_INPUT, ConfigError, one_line
 from .tracking import finish_runs
 
-__all__ = ["ConfigError", "build", "one_line", "train"]
 log = logging.getLogger(__name__)
-
-# Errors that mean "bad config, data or checkpoint" when raised while the job is being built.
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..noise import GaussianNoise
 from .layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
 
 
@@ -39,6 +40,7 @@ class DMAEViT(ViTEncoderBase):
             learnable_pos_embed=False,
         )
         self.sigma = float(sigma)
+        self.noise = GaussianNoise(self.sigma)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -73,8 +75,7 @@ class DMAEViT(ViTEncoderBase):
     # --- the three stages -------------------------------------------------------------------
     def add_noise(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise of std ``sigma`` in [0,1] pixel space at native resolution (no clamping)."""
-        noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
-        return imgs + self.sigma * noise  # [B, 3, H, W]
+        return self.noise.perturb(imgs, generator)  # [B, 3, H, W]
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
         """Per-sample shuffle; keep the first (1 - mask_ratio) of the patch tokens.
