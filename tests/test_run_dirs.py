@@ -146,7 +146,7 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     assert other.returncode == 1
     assert other.stderr.strip().splitlines() == [
         f"error: {run} holds the results of another configuration (trainer.max_epochs: 1 -> 2): "
-        "choose another run_name or remove it"
+        "choose another run directory or remove it"
     ]
     assert snapshot(run) == before
 

@@ -334,12 +334,12 @@ def _check_run_dir(path: Path, identity: dict) -> None:
             diff = _differences(old["identity"], identity)
             raise ConfigError(
                 f"{path} holds the results of another configuration ({'; '.join(diff[:3])}"
-                f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}): choose another run_name or remove it"
+                f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}): choose another run directory or remove it"
             )
     elif found := _results_present(path):
         raise ConfigError(
             f"{path} holds results of an unrecorded configuration ({', '.join(found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}): choose another run_name or remove it"
+            f"{', ...' if len(found) > 3 else ''}): choose another run directory or remove it"
         )
 
 
