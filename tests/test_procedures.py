@@ -423,3 +423,18 @@ def test_cuda_reproducible_and_bf16_by_default():
     assert run(4096) == run(4096) == run(1000)
     assert run(4096).n == 10_000
     assert set(classifier.logit_dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_no_host_synchronisation_until_a_request_is_complete():
+    linear = nn.Linear(3 * 8 * 8, 10).cuda()
+    smooth = Smooth(nn.Sequential(nn.Flatten(1), linear), 10, 0.5)
+    sampler = smooth.sampler(500, seed=0, device="cuda")
+    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), Certify(smooth.noise, 2000, 10, 0.001).run(0, 0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # 1,500 of the 2,000 selection draws: no request completes, nothing read back
+            assert sampler.step() == []
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

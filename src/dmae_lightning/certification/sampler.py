@@ -144,6 +144,7 @@ class Sampler:
                 raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
                                  f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size")
             self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
+            self._ones = torch.ones(self.batch_size, dtype=torch.long, device=self.device)  # [B]
         item = _Image(idx, image, run, self.num_classes)
         record = item.ask(None)
         if record is not None:
@@ -202,26 +203,24 @@ class Sampler:
                 f"expected {(batch.shape[0], self.num_classes)}"
             )
         logits = logits[:rows]  # [R,K]
-        sizes = torch.tensor([take for _, take in segments], device=self.device)  # [S]
-        owner = torch.repeat_interleave(torch.arange(len(segments), device=self.device), sizes)  # [R]
-        k = self.num_classes
-        counts = torch.bincount(owner * k + logits.argmax(dim=1), minlength=len(segments) * k)  # [S*K]
-        counts = counts.view(len(segments), k)  # [S,K]
-        bad = torch.bincount(owner, weights=(~torch.isfinite(logits).all(dim=1)).double(),
-                             minlength=len(segments))  # [S]
-        finished = []
-        for s, (item, take) in enumerate(segments):
-            item.counts += counts[s]
-            item.nonfinite += bad[s].long()
+        votes = logits.argmax(dim=1)  # [R]
+        broken = ~torch.isfinite(logits).all(dim=1)  # [R]
+        finished, start = [], 0
+        for item, take in segments:
+            # index_add_ and sum on slices: no host sync (bincount and one_hot read the data back on CUDA)
+            item.counts.index_add_(0, votes[start : start + take], self._ones[:take])
+            item.nonfinite += broken[start : start + take].sum()
             item.assigned += take
+            start += take
             if item.assigned == item.request.num:  # the request is complete: the one host sync for it
-                if int(item.nonfinite):
+                tallies = torch.cat([item.counts, item.nonfinite.view(1)]).cpu()  # [K+1]
+                if int(tallies[-1]):
                     raise NonFiniteLogits(
                         f"image {item.idx}: the base classifier returned NaN/Inf logits for "
-                        f"{int(item.nonfinite)} of {item.request.num} noisy samples: refusing to certify a "
+                        f"{int(tallies[-1])} of {item.request.num} noisy samples: refusing to certify a "
                         "broken model (check the checkpoint's weights)"
                     )
-                record = item.ask(item.counts.cpu())
+                record = item.ask(tallies[:-1])
                 if record is not None:
                     self.images.remove(item)
                     finished.append(self._finish(item, record))
