@@ -172,6 +172,9 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     [
         (["experiment=finetune_digits", "pretrained=missing.ckpt"], "error: checkpoint missing.ckpt does not exist"),
         (["experiment=finetune_imagenet_vit_base"], "error: this experiment needs pretrained=... on the command line"),
+        (["experiment=quickstart", "pretrained=x.ckpt"], "error: quickstart: pretrained=x.ckpt is not accepted"),
+        pytest.param(["experiment=pretrain_digits", "hardware=gpu"], "error: No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
     ],
 )
 def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):

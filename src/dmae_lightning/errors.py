@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import MissingMandatoryValue
 from omegaconf.errors import InterpolationResolutionError
 
@@ -16,8 +17,10 @@ class ConfigError(ValueError):
     """Bad input found before any expensive work: the entry points print it as one line."""
 
 
-# Errors that mean "bad config, data or checkpoint" when raised while a job is being built.
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
+# Errors that mean "bad config, data or checkpoint" when raised while a job is being built (Lightning's
+# MisconfigurationException: e.g. hardware=gpu on a machine without one).
+BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError,
+             MisconfigurationException)
 
 
 def one_line(err: Exception) -> str:

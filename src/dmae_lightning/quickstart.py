@@ -96,12 +96,17 @@ def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Pat
     (stage_dir / DONE).write_text(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
 
 
-def run_quickstart(cfg: DictConfig) -> dict:
-    """Run the stages and print the certified-accuracy table and where the outputs are."""
+def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
+    """The conf/ directory and each stage's overrides for this job: every typed override is placed or
+    refused here, before the run directory is recorded."""
     conf_dir = _main_config_dir()
+    return conf_dir, stage_overrides(conf_dir, cfg.quickstart, list(HydraConfig.get().overrides.task))
+
+
+def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str]]) -> dict:
+    """Run the stages and print the certified-accuracy table and where the outputs are."""
     out = Path(cfg.paths.output_dir)
     stages = cfg.quickstart
-    overrides = stage_overrides(conf_dir, stages, list(HydraConfig.get().overrides.task))
     if cfg.pretrain:
         _run_stage("pre-training", "train", overrides["pretrain"], out / "pretrain", conf_dir)
         overrides["finetune"].append(f"pretrained={out / 'pretrain' / 'checkpoints' / 'last.ckpt'}")

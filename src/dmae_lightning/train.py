@@ -53,9 +53,12 @@ def train(cfg: DictConfig) -> dict:
     is loaded, recorded once the job is valid, linked as ``logs/<run_name>/latest`` when it has finished.
     """
     if cfg.task.name == "quickstart":
-        from .quickstart import run_quickstart  # imported here: the pipeline calls back into train()
+        from .quickstart import (  # here: the pipeline calls back into train()
+            quickstart_stages,
+            run_quickstart,
+        )
 
-        return run_in_dir(cfg, lambda: None, lambda _: run_quickstart(cfg),
+        return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
                           resume_hint="run the same command again (finished stages are kept)")
     return run_in_dir(cfg, lambda: build(cfg), lambda built: fit(cfg, *built),
                       resume_hint="run the same command again with ckpt_path=last")
