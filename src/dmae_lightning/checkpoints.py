@@ -38,6 +38,15 @@ class LoadReport:
     reinitialised: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """One short line: counts and the first few keys (an official file drops two dozen decoder keys)."""
+        parts = [
+            f"{label} {len(keys)} ({_short(keys, 3)})"
+            for label, keys in (("resampled", self.interpolated), ("fresh", self.reinitialised), ("dropped", self.dropped))
+            if keys
+        ]
+        return "; ".join(parts) or "every tensor loaded as is"
+
 
 def _load_failure(err: Exception) -> str:
     """One line out of torch.load's multi-line error: the refused class, or what is wrong with the file.

@@ -6,6 +6,9 @@ importing the training job.
 
 from __future__ import annotations
 
+import re
+
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import MissingMandatoryValue
 from omegaconf.errors import InterpolationResolutionError
 
@@ -14,8 +17,10 @@ class ConfigError(ValueError):
     """Bad input found before any expensive work: the entry points print it as one line."""
 
 
-# Errors that mean "bad config, data or checkpoint" when raised while a job is being built.
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
+# Errors that mean "bad config, data or checkpoint" when raised while a job is being built (Lightning's
+# MisconfigurationException: e.g. hardware=gpu on a machine without one).
+BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError,
+             MisconfigurationException)
 
 
 def one_line(err: Exception) -> str:
@@ -23,4 +28,5 @@ def one_line(err: Exception) -> str:
     if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
         err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    # OmegaConf may drop the cause and prefix its type: "ValueError raised while resolving interpolation: ..."
+    return re.sub(r"^\w+ raised while resolving interpolation: ", "", text[0]) if text else type(err).__name__
