@@ -297,6 +297,7 @@ def test_resume_certifies_only_the_rest(base, ckpt, tmp_path):
         header + "\n" + "".join(f"{r.to_line()}\n" for r in marked[:5]) + torn
     )
     shutil.copy(out / "certify.params.json", run_dir / "certify.params.json")
+    shutil.copytree(out / ".hydra", run_dir / ".hydra")  # the run directory's recorded configuration
     run(run_dir, ckpt)
     final = read_records(run_dir / "certify.tsv", CertifyRecord)
     assert results(run_dir / "certify.tsv") == results(out / "certify.tsv")
@@ -313,14 +314,22 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
     out, _ = base
     run_dir = tmp_path / "mixed"
     shutil.copytree(out, run_dir)
-    with pytest.raises(ConfigError, match=r"other settings \(n: 100 there, 200 now\)"):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(n: 100 -> 200\)"):
         run(run_dir, ckpt, "n=200")
     other = tmp_path / "other.ckpt"
     state = torch.load(ckpt, weights_only=True)
     state["state_dict"]["model.head.bias"] += 1.0
     torch.save(state, other)
-    with pytest.raises(ConfigError, match="checkpoint_sha256"):
+    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(ckpt_path"):
         run(run_dir, other)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # left as it was
+    # What the config does not show (another noise scheme, precision resolved on another device) is in
+    # certify.params.json: a resume that would mix two noise schemes is refused too.
+    params = json.loads((run_dir / "certify.params.json").read_text())
+    (run_dir / "certify.params.json").write_text(json.dumps({**params, "noise_scheme": "block100-v0"}))
+    with pytest.raises(ConfigError, match=r"other settings \(noise_scheme: 'block100-v0' there"):
+        run(run_dir, ckpt)
 
 
 @pytest.mark.slow

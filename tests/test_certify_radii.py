@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -118,9 +119,15 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
         run(tmp_path / f"b{batch}", ckpt, *RADII, f"batch={batch}")
         got = [record_tuple(r) for r in read_records(tmp_path / f"b{batch}" / "certify_radii.tsv", RadiiRecord)]
         assert got == reference
-    run(tmp_path / "resume", ckpt, *overrides_with(*RADII[:3], "max=10"))  # first session: 10 images
-    run(tmp_path / "resume", ckpt, *RADII)  # max differs: the subset is not part of the resume key
-    got = [record_tuple(r) for r in read_records(tmp_path / "resume" / "certify_radii.tsv", RadiiRecord)]
+    # A session killed after 10 images (its shard and recorded settings), then the same command.
+    resumed = tmp_path / "resume"
+    resumed.mkdir()
+    shutil.copytree(out / ".hydra", resumed / ".hydra")
+    shutil.copy(out / "certify_radii.params.json", resumed)
+    lines = (out / "certify_radii.tsv").read_text().splitlines()
+    (resumed / "certify_radii.rank0.tsv").write_text("\n".join(lines[:11]) + "\n")
+    run(resumed, ckpt, *RADII)
+    got = [record_tuple(r) for r in read_records(resumed / "certify_radii.tsv", RadiiRecord)]
     assert got == reference
 
 

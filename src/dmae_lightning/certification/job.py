@@ -32,11 +32,11 @@ from ..errors import ConfigError, one_line
 from ..models import create_model
 from ..noise import GaussianNoise
 from .metrics import default_radii, format_table, plot_certified_accuracy, radius_key
-from .params import validate
+from .params import JobParams, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
-from .procedures import PROCEDURES
+from .procedures import PROCEDURES, Procedure
 from .records import sha256_file, write_json
-from .rundir import check_params, done_records, merge_results, results_path
+from .rundir import check_params, done_records, merge_results, record_params, results_path
 from .sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,39 @@ def load_classifier(
     return model.eval(), ClassifierInfo(name, source, report.layout, trained_sigma)
 
 
+@dataclass
+class Prepared:
+    """A validated certification job, everything loaded, nothing written yet."""
+
+    params: JobParams
+    procedure: Procedure
+    dataset_name: str
+    dataset_size: int
+    indices: list[int]
+    todo: list[int]
+    trainer: pl.Trainer
+    module: SmoothingPredictor
+    info: ClassifierInfo
+    key: dict  # what the results depend on (<mode>.params.json)
+    started: float
+
+
 def certify(cfg: DictConfig) -> dict:
-    """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere)."""
+    """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere).
+
+    It runs in the run directory's lifecycle (``config.run_in_dir``): checked before anything is loaded,
+    everything validated and loaded by :func:`prepare` before anything is written.
+    """
+    return config.run_in_dir(
+        cfg, lambda: prepare(cfg), lambda job: run(cfg, job),
+        resume_hint="run the same command again (images already done are kept)",
+    )
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Validate the settings, load data and classifier, check the run directory's earlier results."""
     started = time.time()
     params = validate(cfg)
-    is_rank_zero = config.global_rank() == 0
     datamodule = _instantiate(cfg.data, "data")
     radii = params.radii or default_radii(datamodule.name)
     try:
@@ -143,48 +171,54 @@ def certify(cfg: DictConfig) -> dict:
     trainer = _instantiate(
         cfg.trainer, "trainer", logger=logger, callbacks=bar, use_distributed_sampler=False, enable_checkpointing=False
     )
-    precision = resolve_precision(params.precision, trainer.strategy.root_device)
+    params = dataclasses.replace(params, precision=resolve_precision(params.precision, trainer.strategy.root_device))
     run_dir = Path(cfg.paths.output_dir)
-    checkpoint_sha256 = sha256_file(params.ckpt_path)
-    data_subset = {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")}
     key = {
         "mode": procedure.name,
         **procedure.settings(),
         "sigma": params.sigma,
         "seed": params.seed,
-        "precision": precision,
+        "precision": params.precision,
         "noise_scheme": NOISE_SCHEME,
         "dataset": datamodule.name,
         "split": params.split,
-        "data_subset": data_subset,
-        "checkpoint_sha256": checkpoint_sha256,
+        "data_subset": {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")},
+        "checkpoint_sha256": sha256_file(params.ckpt_path),
     }
-    check_params(run_dir, key, procedure.name, is_rank_zero)
+    check_params(run_dir, key, procedure.name)
     try:
         done = {record.idx for record in done_records(run_dir, procedure.name, procedure.record_type)}
     except ValueError as err:
         raise ConfigError(str(err)) from None
     todo = [idx for idx in indices if idx not in done]
-    if is_rank_zero:
-        log.info("run directory: %s", run_dir.resolve())
+    module = SmoothingPredictor(
+        classifier, num_classes, procedure, params, dataset, todo, run_dir,
+        num_workers=getattr(datamodule, "num_workers", 0),
+    )
+    return Prepared(params, procedure, datamodule.name, len(dataset), indices, todo, trainer, module, info, key,
+                    started)
+
+
+def run(cfg: DictConfig, job: Prepared) -> dict:
+    """Certify the images not yet done, merge the shards, write the summary (rank 0)."""
+    params, procedure, trainer, info = job.params, job.procedure, job.trainer, job.info
+    run_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        record_params(run_dir, job.key, procedure.name)
         log.info(
             "%s with classifier %s from %s (%s layout, architecture from %s), precision %s%s; %s %s split: "
             "%d images (skip=%d, max=%s), %d already done",
-            procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, precision,
-            ", compiled" if params.compile else "", datamodule.name, params.split, len(indices), params.skip,
-            params.max, len(indices) - len(todo),
+            procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, params.precision,
+            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), params.skip,
+            params.max, len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    module = SmoothingPredictor(
-        classifier, num_classes, procedure, dataclasses.replace(params, precision=precision),
-        dataset, todo, run_dir, num_workers=getattr(datamodule, "num_workers", 0),
-    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*predict returned None.*")  # on purpose: results go to the shards
         try:
-            trainer.predict(module, return_predictions=False, weights_only=True)
+            trainer.predict(job.module, return_predictions=False, weights_only=True)
         except NonFiniteLogits as err:
             raise ConfigError(str(err)) from None
     trainer.strategy.barrier("certify_merge")
@@ -192,12 +226,12 @@ def certify(cfg: DictConfig) -> dict:
         return {}
     records = merge_results(run_dir, procedure.name, procedure.record_type)
     by_idx = {record.idx: record for record in records}
-    missing = [idx for idx in indices if idx not in by_idx]
+    missing = [idx for idx in job.indices if idx not in by_idx]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no result (first idx {missing[0]}): re-run to resume")
-    subset = [by_idx[idx] for idx in indices]
+    subset = [by_idx[idx] for idx in job.indices]
     summary = {
-        **key,
+        **job.key,
         "batch": params.batch,
         "compile": params.compile,
         "checkpoint": str(params.ckpt_path.resolve()),
@@ -205,12 +239,12 @@ def certify(cfg: DictConfig) -> dict:
         "subset": {
             "skip": params.skip,
             "max": params.max,
-            "indices": f"range(0, {len(dataset)}, {params.skip})[:{params.max}]",
+            "indices": f"range(0, {job.dataset_size}, {params.skip})[:{params.max}]",
         },
         "world_size": trainer.world_size,
         "device": trainer.strategy.root_device.type,
-        **procedure.summarise(subset, radii),
-        "wall_time_s": time.time() - started,
+        **procedure.summarise(subset, tuple(params.radii or default_radii(job.dataset_name))),
+        "wall_time_s": time.time() - job.started,
     }
     write_json(run_dir / "summary.json", summary)
     outputs = [results_path(run_dir, procedure.name), run_dir / "summary.json"]

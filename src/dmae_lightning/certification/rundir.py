@@ -42,9 +42,13 @@ def merge_results(run_dir: Path, mode: str, record_type: type[Record]) -> list[R
     return records
 
 
-def check_params(run_dir: Path, key: dict, mode: str, is_rank_zero: bool) -> None:
-    """Refuse to resume into a directory whose results came from other settings; record them otherwise."""
-    path = run_dir / f"{mode}.params.json"
+def _params_path(run_dir: Path, mode: str) -> Path:
+    return run_dir / f"{mode}.params.json"
+
+
+def check_params(run_dir: Path, key: dict, mode: str) -> None:
+    """Refuse to resume into a directory whose results came from other settings (reads only)."""
+    path = _params_path(run_dir, mode)
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
         differ = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in key.items() if previous.get(k) != v]
@@ -53,6 +57,11 @@ def check_params(run_dir: Path, key: dict, mode: str, is_rank_zero: bool) -> Non
                 f"run directory {run_dir} holds {mode} results of other settings ({'; '.join(differ)}): "
                 "choose another run_name (or hydra.run.dir) for a new run"
             )
-    elif is_rank_zero:
+
+
+def record_params(run_dir: Path, key: dict, mode: str) -> None:
+    """Write ``<mode>.params.json`` once, before the first result (rank 0)."""
+    path = _params_path(run_dir, mode)
+    if not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(key, indent=2) + "\n")
