@@ -140,6 +140,6 @@ def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):  # noqa: F811
     proc = script(log, *args)
     output = finish(proc, log, 400)
     assert proc.returncode == 0, output
-    (merged,) = (tmp_path / "logs").glob("*/*/certify_radii.tsv")
+    (merged,) = (tmp_path / "logs").glob("*/latest/certify_radii.tsv")
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)][:11]
     assert [record_tuple(r) for r in read_records(merged, RadiiRecord)] == reference
