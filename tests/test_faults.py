@@ -198,11 +198,38 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert sorted(latest_by_step(rows, "train/loss_step")) == list(range(epochs * STEPS_PER_EPOCH))
 
 
+class Crash(RuntimeError):
+    """A run that dies at the start of an epoch, after the previous epoch's checkpoint was written."""
+
+
+@pytest.fixture
+def crash_at_epoch(monkeypatch):
+    """``crash_at_epoch(e)``: the next training run raises Crash when epoch e starts (once). A resume is the
+    same command with ckpt_path=last: the run directory's configuration must not change (issue 14.1)."""
+    from dmae_lightning.pretrain import DMAEPretrainModule
+
+    def arm(epoch: int) -> None:
+        def hook(module):
+            if module.current_epoch == epoch:
+                monkeypatch.undo()
+                raise Crash(f"killed at the start of epoch {epoch}")
+
+        monkeypatch.setattr(DMAEPretrainModule, "on_train_epoch_start", hook, raising=False)
+
+    return arm
+
+
+def crashed_run(cfg, crash_at_epoch, epoch: int) -> None:
+    crash_at_epoch(epoch)
+    with pytest.raises(Crash):
+        train(cfg)
+
+
 # ============================================================================================== item 2
 # Resuming appends to csv/metrics.csv, never deletes it.
 # ============================================================================================== item 2
-def test_resume_appends_to_metrics_csv(tmp_path):
-    train(compose(CONF, "train", [*TINY, "trainer.max_epochs=1"], output_dir=tmp_path))
+def test_resume_appends_to_metrics_csv(tmp_path, crash_at_epoch):
+    crashed_run(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1)
     first = metric_rows(tmp_path)
     assert sorted(latest_by_step(first, "train/loss_step")) == [0, 1, 2, 3]
     train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=tmp_path))
@@ -213,11 +240,11 @@ def test_resume_appends_to_metrics_csv(tmp_path):
 
 
 @pytest.mark.parametrize("torn", ["row", "header"])
-def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path, torn):
+def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path, torn, crash_at_epoch):
     """A kill while a row was being written leaves it without its newline: appending must not glue the next
     row onto it (the torn row belongs to a step after the checkpoint, which the resumed run logs again). A
     file without even a whole header is started afresh."""
-    train(compose(CONF, "train", [*TINY, "trainer.max_epochs=1"], output_dir=tmp_path))
+    crashed_run(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1)
     metrics = tmp_path / "csv" / "metrics.csv"
     complete = metrics.read_text() if torn == "row" else ""
     metrics.write_text(complete + ("0.5,0,0.12" if torn == "row" else "epoch,lr-Ad"))
@@ -378,7 +405,7 @@ def test_a_weights_file_is_not_a_resumable_checkpoint(tmp_path):
     weights = tmp_path / "weights.pth"
     torch.save({"model": {"w": torch.zeros(2)}}, weights)
     with pytest.raises(ConfigError, match=r"is not a training checkpoint to resume .* use pretrained="):
-        train(compose(CONF, "train", [*TINY, f"ckpt_path={weights}"], output_dir=tmp_path))
+        train(compose(CONF, "train", [*TINY, f"ckpt_path={weights}"], output_dir=tmp_path / "run"))
 
 
 # ============================================================================================== item 7
@@ -386,9 +413,19 @@ def test_a_weights_file_is_not_a_resumable_checkpoint(tmp_path):
 # ============================================================================================== item 7
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory, single_thread):
-    """A finished 2-epoch run (checkpoints at steps 4 and 8) and an uninterrupted 3-epoch run to compare with."""
+    """A 3-epoch run that died when its third epoch started (checkpoints at steps 4 and 8) and an
+    uninterrupted 3-epoch run to compare with."""
+    from dmae_lightning.pretrain import DMAEPretrainModule
+
     root = tmp_path_factory.mktemp("two_epochs")
-    train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=root / "run"))
+    with pytest.MonkeyPatch.context() as mp:
+        def hook(module):
+            if module.current_epoch == 2:
+                raise Crash("killed at the start of epoch 2")
+
+        mp.setattr(DMAEPretrainModule, "on_train_epoch_start", hook, raising=False)
+        with pytest.raises(Crash):
+            train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3"], output_dir=root / "run"))
     train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3"], output_dir=root / "full"))
     return root
 

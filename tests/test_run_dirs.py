@@ -119,7 +119,7 @@ def test_sweep_over_initial_weights_gives_two_directories_and_a_latest_link(tmp_
     initial = {json.loads((d / ".hydra" / "identity.json").read_text())["identity"]["pretrained"] for d in dirs}
     assert initial == {None, "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()}
     for d in dirs:
-        assert [p.name for p in (d / "checkpoints").iterdir()] == ["last.ckpt"]
+        assert "last.ckpt" in [p.name for p in (d / "checkpoints").iterdir()]  # each point its own checkpoints
         assert len((d / "csv" / "metrics.csv").read_text().splitlines()) > 1
         assert proc.stdout.count(f"run directory: {d}") == 2  # at the start and at the end
     assert (home / "latest").resolve() in dirs and (home / "latest" / "checkpoints" / "last.ckpt").is_file()
