@@ -103,8 +103,7 @@ class SmoothingPredictor(pl.LightningModule):
             raise DataError(f"certification stopped at idx {idx}: {error}")
         if idx < 0:  # the placeholder of a rank with nothing to do
             return
-        done = self.sampler.add(idx, image, self.procedure.run(idx, label))
-        self._write([done] if done else self.sampler.run_full_batches())
+        self._write(self.sampler.submit(idx, image, self.procedure.run(idx, label)))
 
     def on_predict_epoch_end(self) -> None:
         self._write(self.sampler.drain())

@@ -34,7 +34,7 @@ from .metrics import (
     max_certifiable_radius,
 )
 from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
-from .sampler import NOISE_BLOCK, Draw, Run, Sampler, check_image, resolve_precision
+from .sampler import NOISE_BLOCK, Draw, Run, Sampler, resolve_precision
 from .sequential_test import SequentialTest, clopper_pearson_lower
 
 
@@ -283,9 +283,8 @@ class Smooth:
         records: dict[int, Record] = {}
         sampler = None
         for idx, x, label in images:
-            sampler = sampler or self.sampler(batch_size, seed, x.device)
-            done = sampler.add(idx, x, procedure.run(idx, label))
-            records.update([done] if done else sampler.run_full_batches())
+            sampler = sampler or self.sampler(batch_size, seed, getattr(x, "device", "cpu"))
+            records.update(sampler.submit(idx, x, procedure.run(idx, label)))
         if sampler is not None:
             records.update(sampler.drain())
         return [records[idx] for idx, *_ in images]
@@ -295,7 +294,7 @@ class Smooth:
         if skip_wrong_guess and label is None:
             raise ValueError("skip_wrong_guess needs the image's label")
         procedure = Certify(self.noise, n0, n, alpha, skip_wrong_guess)
-        return self.run(procedure, [(idx, check_image(x), -1 if label is None else label)], batch_size, seed)[0]
+        return self.run(procedure, [(idx, x, -1 if label is None else label)], batch_size, seed)[0]
 
     def certify(self, x, n0, n, alpha, batch_size, seed=0, idx=0) -> tuple[int, float]:
         """CERTIFY: (cA, radius), or (ABSTAIN, 0.0) when cA's probability cannot be bounded above 1/2."""
@@ -305,4 +304,4 @@ class Smooth:
     def predict(self, x, n, alpha, batch_size, seed=0, idx=0) -> int:
         """PREDICT: the top class, or ABSTAIN."""
         procedure = Predict(self.noise, n, alpha)
-        return self.run(procedure, [(idx, check_image(x), -1)], batch_size, seed)[0].predict
+        return self.run(procedure, [(idx, x, -1)], batch_size, seed)[0].predict

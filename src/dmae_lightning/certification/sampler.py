@@ -108,8 +108,8 @@ class _Image:
 class Sampler:
     """Serves the Draw requests of many images with the smoothed classifier's noisy forward passes.
 
-    ``add(idx, image, run)`` starts an image; ``step()`` runs one forward batch and returns the
-    ``(idx, record)`` of the images it finished; ``pending_rows`` says how many samples are asked for.
+    ``submit(idx, image, run)`` starts an image and runs the batches the images in flight fill;
+    ``drain()`` finishes them all; both yield each ``(idx, record)`` the moment it is finished.
     """
 
     def __init__(
@@ -230,6 +230,14 @@ class Sampler:
         if dataclasses.is_dataclass(record) and hasattr(record, "time"):
             record = dataclasses.replace(record, time=time.perf_counter() - item.started)
         return item.idx, record
+
+    def submit(self, idx: int, image: torch.Tensor, run: Run) -> Iterator[tuple[int, object]]:
+        """Start ``run`` on ``image``, then run the forward batches the images in flight fill completely,
+        yielding each finished (idx, record) (lazily: nothing happens until it is iterated)."""
+        done = self.add(idx, image, run)
+        if done is not None:
+            yield done
+        yield from self.run_full_batches()
 
     def run_full_batches(self) -> Iterator[tuple[int, object]]:
         """Forward batches while the pending requests fill a whole batch (then more images are needed);
