@@ -122,6 +122,7 @@ class Prepared:
     procedure: Procedure
     dataset_name: str
     dataset_size: int
+    radii: tuple[float, ...]  # of the tables: the data set's paper radii unless radii= names others
     indices: list[int]
     todo: list[int]
     trainer: pl.Trainer
@@ -195,8 +196,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         classifier, num_classes, procedure, params, dataset, todo, run_dir,
         num_workers=getattr(datamodule, "num_workers", 0),
     )
-    return Prepared(params, procedure, datamodule.name, len(dataset), indices, todo, trainer, module, info, key,
-                    started)
+    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), indices, todo, trainer, module,
+                    info, key, started)
 
 
 def run(cfg: DictConfig, job: Prepared) -> dict:
@@ -243,7 +244,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         },
         "world_size": trainer.world_size,
         "device": trainer.strategy.root_device.type,
-        **procedure.summarise(subset, tuple(params.radii or default_radii(job.dataset_name))),
+        **procedure.summarise(subset, job.radii),
         "wall_time_s": time.time() - job.started,
     }
     write_json(run_dir / "summary.json", summary)
