@@ -25,6 +25,14 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from dmae_lightning.models.layers import IMAGENET_MEAN
+from dmae_lightning.pipelines import (
+    PIPELINES,
+    collate_bytes,
+    decode_crop_flip,
+    file_bytes,
+    lazy_image,
+    tensor_train_transform,
+)
 
 SPLITS = ("train", "val", "test")
 # The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
@@ -109,6 +117,10 @@ class _ImageDataModule(pl.LightningDataModule):
         for split in _STAGE_SPLITS.get(stage, SPLITS):
             self.dataset(split)
 
+    def _collate(self, split: str) -> Callable | None:
+        """The loader's collate_fn for ``split`` (None: PyTorch's default)."""
+        return None
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
             self.dataset(split),
@@ -118,6 +130,7 @@ class _ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=self._collate(split),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -143,6 +156,9 @@ class ImageNetDataModule(_ImageDataModule):
     augment: "flip" = RandomResizedCrop(224, scale 0.2-1, bicubic) + flip (pre-training); "randaug" =
     RandomResizedCrop(224, scale 0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 (fine-tuning);
     "none" = the deterministic eval transform, resize 256 (bicubic) + centre crop 224.
+    pipeline (training split only): "pil" (torchvision v1 on full-size PIL images), "tensor" (reduced-size
+    JPEG decoding where the crop allows + transforms.v2 on uint8) or "device" (decode, crop and flip on
+    the training device, augment "flip" only); see pipelines.py. val/test always use the PIL eval transform.
     Folders are checked when a split is first built (``setup`` or ``dataset``), so a certification
     job that reads only ``val`` does not need ``train``.
     """
@@ -151,8 +167,20 @@ class ImageNetDataModule(_ImageDataModule):
     image_size = 224
     AUGMENTS = ("none", "flip", "randaug")
 
-    def __init__(self, root: str | os.PathLike, batch_size: int = 64, augment: str = "flip", **kwargs):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        batch_size: int = 64,
+        augment: str = "flip",
+        pipeline: str = "pil",
+        **kwargs,
+    ):
         super().__init__(batch_size=batch_size, augment=augment, **kwargs)
+        if pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r} for imagenet: choose one of {list(PIPELINES)}")
+        if pipeline == "device" and augment != "flip":
+            raise ValueError(f"pipeline='device' does augment='flip' only, got augment={augment!r}")
+        self.pipeline = pipeline
         self.root = Path(root)
         self._classes: list[str] | None = None
 
@@ -191,14 +219,14 @@ class ImageNetDataModule(_ImageDataModule):
             ]
         )
 
+    @property
+    def _crop_scale(self) -> tuple[float, float]:
+        return (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
+
     def _train_transform(self) -> Callable:
         if self.augment == "none":
             return self._eval_transform()
-        scale = (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
-        steps = [
-            transforms.RandomResizedCrop(224, scale=scale, interpolation=InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(),
-        ]
+        randaug = None
         if self.augment == "randaug":
             # The hparams timm's create_transform passes; we call RandAugment directly because
             # create_transform either normalises or, with normalize=False, returns unscaled uint8.
@@ -207,14 +235,40 @@ class ImageNetDataModule(_ImageDataModule):
                 "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
                 "interpolation": Image.Resampling.BICUBIC,
             }
-            steps.append(rand_augment_transform("rand-m9-mstd0.5-inc1", hparams))
-        return transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 224, 224] in [0,1]
+            randaug = rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
+        if self.pipeline == "tensor":
+            return tensor_train_transform(224, self._crop_scale, randaug)
+        steps = [
+            transforms.RandomResizedCrop(224, scale=self._crop_scale, interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+        ]
+        return transforms.Compose([*steps, *([randaug] if randaug else []), transforms.ToTensor()])  # [3, 224, 224]
+
+    def _train_reader(self) -> tuple[Callable, Callable | None]:
+        """(file loader, transform) of the training split for the chosen pipeline."""
+        if self.pipeline == "device":  # decoding and augmentation happen in transfer_batch_to_device
+            return file_bytes, None
+        if self.pipeline == "tensor" and self.augment != "none":
+            return lazy_image, self._train_transform()
+        return datasets.folder.default_loader, self._train_transform()
+
+    def _collate(self, split: str) -> Callable | None:
+        return collate_bytes if split == "train" and self.pipeline == "device" else None
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """The device pipeline's training batches (a list of encoded files) are decoded on ``device``."""
+        if self.pipeline == "device" and isinstance(batch[0], list):
+            encoded, labels = batch
+            return decode_crop_flip(encoded, device, 224, self._crop_scale), labels.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _build(self, source: str) -> Dataset:
         folder = self._folder(source)
-        transform = self._train_transform() if source == "train" else self._eval_transform()
+        loader, transform = (
+            self._train_reader() if source == "train" else (datasets.folder.default_loader, self._eval_transform())
+        )
         try:
-            data = datasets.ImageFolder(folder, transform=transform)
+            data = datasets.ImageFolder(folder, transform=transform, loader=loader)
         except FileNotFoundError:  # ImageFolder's complaint about a class folder without images
             raise self._missing(folder) from None
         self._check_num_classes(len(data.classes), str(folder))
