@@ -27,10 +27,11 @@ from torchvision.transforms import InterpolationMode
 from dmae_lightning.models.layers import IMAGENET_MEAN
 from dmae_lightning.pipelines import (
     PIPELINES,
+    bytes_tensor,
     collate_bytes,
     decode_crop_flip,
-    file_bytes,
-    lazy_image,
+    open_rgb,
+    read_file,
     tensor_train_transform,
 )
 
@@ -223,9 +224,13 @@ class ImageNetDataModule(_ImageDataModule):
     def _crop_scale(self) -> tuple[float, float]:
         return (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
 
-    def _train_transform(self) -> Callable:
+    def _train_decode(self) -> Callable:
+        """Encoded file bytes -> training sample, for the chosen pipeline (the device pipeline decodes
+        in transfer_batch_to_device and ships the bytes)."""
         if self.augment == "none":
-            return self._eval_transform()
+            return transforms.Compose([open_rgb, self._eval_transform()])
+        if self.pipeline == "device":
+            return bytes_tensor
         randaug = None
         if self.augment == "randaug":
             # The hparams timm's create_transform passes; we call RandAugment directly because
@@ -239,18 +244,13 @@ class ImageNetDataModule(_ImageDataModule):
         if self.pipeline == "tensor":
             return tensor_train_transform(224, self._crop_scale, randaug)
         steps = [
+            open_rgb,
             transforms.RandomResizedCrop(224, scale=self._crop_scale, interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
+            *([randaug] if randaug else []),
+            transforms.ToTensor(),
         ]
-        return transforms.Compose([*steps, *([randaug] if randaug else []), transforms.ToTensor()])  # [3, 224, 224]
-
-    def _train_reader(self) -> tuple[Callable, Callable | None]:
-        """(file loader, transform) of the training split for the chosen pipeline."""
-        if self.pipeline == "device":  # decoding and augmentation happen in transfer_batch_to_device
-            return file_bytes, None
-        if self.pipeline == "tensor" and self.augment != "none":
-            return lazy_image, self._train_transform()
-        return datasets.folder.default_loader, self._train_transform()
+        return transforms.Compose(steps)  # float [3, 224, 224] in [0,1]
 
     def _collate(self, split: str) -> Callable | None:
         return collate_bytes if split == "train" and self.pipeline == "device" else None
@@ -265,7 +265,9 @@ class ImageNetDataModule(_ImageDataModule):
     def _build(self, source: str) -> Dataset:
         folder = self._folder(source)
         loader, transform = (
-            self._train_reader() if source == "train" else (datasets.folder.default_loader, self._eval_transform())
+            (read_file, self._train_decode())
+            if source == "train"
+            else (datasets.folder.default_loader, self._eval_transform())
         )
         try:
             data = datasets.ImageFolder(folder, transform=transform, loader=loader)

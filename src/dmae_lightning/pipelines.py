@@ -33,14 +33,24 @@ RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 DRAFT_FACTORS = (8, 4, 2)  # the reductions libjpeg can decode at directly
 
 
-def lazy_image(path: str | Path) -> Image.Image:
-    """An ImageFolder loader that reads the file but decodes nothing yet, so ``draft`` can still act."""
-    return Image.open(io.BytesIO(Path(path).read_bytes()))
+def read_file(path: str | Path) -> bytes:
+    """An ImageFolder loader that decodes nothing: the training decoders below take the encoded bytes,
+    so the folder and the streaming shards (which store the same bytes) share them."""
+    return Path(path).read_bytes()
 
 
-def file_bytes(path: str | Path) -> torch.Tensor:
-    """An ImageFolder loader for the device pipeline: the encoded file as a uint8 tensor [N]."""
-    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+def open_lazy(data: bytes) -> Image.Image:
+    """The image header only: pixels are decoded on first use, so ``draft`` can still shrink them."""
+    return Image.open(io.BytesIO(data))
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    return open_lazy(data).convert("RGB")
+
+
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """The encoded file as uint8 [N], what the device pipeline ships to the training device."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def draw_crop_flip(image, scale: tuple[float, float]) -> tuple[int, int, int, int, bool]:
@@ -81,8 +91,8 @@ class DraftResizedCropFlip:
 
 
 def tensor_train_transform(size: int, scale: tuple[float, float], randaug=None) -> v2.Compose:
-    """The ``tensor`` pipeline: draft decode, uint8 crop/resize/flip, optional (PIL) RandAugment, [0,1] float."""
-    steps = [DraftResizedCropFlip(size, scale)]
+    """The ``tensor`` pipeline on encoded bytes: draft decode, uint8 crop/resize/flip, optional (PIL) RandAugment, [0,1] float."""
+    steps = [open_lazy, DraftResizedCropFlip(size, scale)]
     if randaug is not None:  # timm's RandAugment works on PIL images: 224x224 round trips are cheap
         steps += [v2.ToPILImage(), randaug, v2.PILToTensor()]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])  # float [3, S, S] in [0,1]
