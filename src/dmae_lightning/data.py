@@ -48,12 +48,17 @@ class _ImageDataModule(pl.LightningDataModule):
     split to the source it reads, so splits that read the same files share one dataset object.
     ``subset_every`` keeps every k-th item, then ``subset_first`` the first N of those (quick runs).
     ``num_classes`` may be given (so configs can interpolate ``${data.num_classes}``); it must match.
+    ``streaming``: a folder or object-store URL of training shards written by ``prepare.py``; the training
+    loader then streams them (streaming.py, shuffled and augmented with ``seed``) while val/test and
+    ``dataset(split)`` keep reading the source files. Subclasses that support it set ``STREAMS`` and
+    implement ``_stream_decode()``, the training transform of one stored image.
     """
 
     name: str
     image_size: int
     num_classes: int
     AUGMENTS: tuple[str, ...]
+    STREAMS = False
 
     def __init__(
         self,
@@ -65,6 +70,8 @@ class _ImageDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         subset_every: int = 1,
         subset_first: int | None = None,
+        streaming: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -79,7 +86,13 @@ class _ImageDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"unknown augment {augment!r} for {self.name}: choose one of {list(self.AUGMENTS)}"
             )
+        if streaming is not None:
+            self._check_streaming(streaming, subset_every, subset_first)
         self.save_hyperparameters()
+        self.streaming = streaming
+        self.seed = seed
+        self._stream_loader = None  # the training loader over the shards, once built
+        self._stream_state: dict | None = None  # its position from a checkpoint, applied when it is built
         self.batch_size = batch_size
         self.augment = augment
         self.num_workers = num_workers
@@ -90,6 +103,19 @@ class _ImageDataModule(pl.LightningDataModule):
         self.subset_first = subset_first
         self._expected_classes = num_classes
         self._datasets: dict[str, Dataset] = {}
+
+    def _check_streaming(self, streaming: str, subset_every: int, subset_first: int | None) -> None:
+        if not self.STREAMS:
+            raise ValueError(f"{self.name} has no streaming shards: set data.streaming=null")
+        if subset_every != 1 or subset_first is not None:
+            raise ValueError("subset_every / subset_first do not apply to streaming shards: prepare a smaller set")
+        if "://" not in streaming and not (Path(streaming) / "index.json").is_file():
+            raise FileNotFoundError(
+                f"streaming shards {streaming} are missing (no index.json): write them with python prepare.py"
+            )
+
+    def _stream_decode(self) -> Callable:
+        raise NotImplementedError
 
     def _source(self, split: str) -> str:
         return split
@@ -116,7 +142,8 @@ class _ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Builds (and so checks) the splits the stage needs before any training work starts."""
         for split in _STAGE_SPLITS.get(stage, SPLITS):
-            self.dataset(split)
+            if not (split == "train" and self.streaming):  # streamed: the source files may be elsewhere
+                self.dataset(split)
 
     def _collate(self, split: str) -> Callable | None:
         """The loader's collate_fn for ``split`` (None: PyTorch's default)."""
@@ -135,6 +162,17 @@ class _ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            from dmae_lightning.streaming import streaming_loader  # litdata: imported only when streaming
+
+            self._stream_loader = streaming_loader(
+                self.streaming, self._stream_decode(), self.batch_size, self.num_workers, self.seed,
+                collate_fn=self._collate("train"), pin_memory=self.pin_memory,
+            )
+            if self._stream_state is not None:
+                self._stream_loader.load_state_dict(self._stream_state)
+                self._stream_state = None
+            return self._stream_loader
         n = len(self.dataset("train"))
         if n < self.batch_size:
             # With drop_last the epoch would be empty and training would silently do nothing.
@@ -145,6 +183,15 @@ class _ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
+
+    # The streaming loader's position travels in the data module's part of the checkpoint. Lightning also
+    # saves it with the fit loop, but restores it only into a loader built after the loop state is loaded,
+    # and the lr schedule (estimated_stepping_batches) builds the loader before that.
+    def state_dict(self) -> dict:
+        return {"stream_loader": self._stream_loader.state_dict()} if self._stream_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stream_state = state.get("stream_loader")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
@@ -167,6 +214,7 @@ class ImageNetDataModule(_ImageDataModule):
     name = "imagenet"
     image_size = 224
     AUGMENTS = ("none", "flip", "randaug")
+    STREAMS = True
 
     def __init__(
         self,
@@ -252,6 +300,9 @@ class ImageNetDataModule(_ImageDataModule):
         ]
         return transforms.Compose(steps)  # float [3, 224, 224] in [0,1]
 
+    def _stream_decode(self) -> Callable:
+        return self._train_decode()  # the shards hold the JPEG files' bytes
+
     def _collate(self, split: str) -> Callable | None:
         return collate_bytes if split == "train" and self.pipeline == "device" else None
 
@@ -295,6 +346,7 @@ class CIFAR10DataModule(_ImageDataModule):
     image_size = 32
     num_classes = 10
     AUGMENTS = ("none", "flip")
+    STREAMS = True
 
     def __init__(
         self,
@@ -322,9 +374,15 @@ class CIFAR10DataModule(_ImageDataModule):
     def _source(self, split: str) -> str:
         return "train" if split == "train" else "test"
 
-    def _build(self, source: str) -> Dataset:
+    def _transform(self, source: str) -> Callable:
         steps = [transforms.RandomHorizontalFlip()] if source == "train" and self.augment == "flip" else []
-        transform = transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 32, 32], bytes / 255
+        return transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 32, 32], bytes / 255
+
+    def _stream_decode(self) -> Callable:
+        return transforms.Compose([Image.fromarray, self._transform("train")])  # shards: uint8 [32, 32, 3]
+
+    def _build(self, source: str) -> Dataset:
+        transform = self._transform(source)
         try:
             # With download=True this only fetches what prepare_data has not already verified.
             return datasets.CIFAR10(
