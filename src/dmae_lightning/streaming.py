@@ -11,6 +11,7 @@ so a run resumed mid-epoch draws the same batches, crops and flips as the uninte
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -132,3 +133,24 @@ def streaming_loader(
         pin_memory=pin_memory,
         collate_fn=collate_fn,
     )
+
+
+# --- the prepare command ---------------------------------------------------------------------------
+PREPARERS = {"imagenet": prepare_imagenet, "cifar10": prepare_cifar10}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python prepare.py {imagenet,cifar10} --root SOURCE --out DIR_OR_URL [--workers N]``."""
+    parser = argparse.ArgumentParser(
+        prog="prepare.py", description="Write the training split as litdata shards for data.streaming=..."
+    )
+    parser.add_argument("data", choices=sorted(PREPARERS))
+    parser.add_argument("--root", required=True, help="the data module's root (ImageNet folder, CIFAR-10 root)")
+    parser.add_argument("--out", required=True, help="output folder or object-store URL (s3://bucket/prefix)")
+    parser.add_argument("--workers", type=int, default=4, help="processes reading and writing")
+    args = parser.parse_args(argv)
+    try:
+        count = PREPARERS[args.data](args.root, args.out, workers=args.workers)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {count} {args.data} training images to {args.out}: train with data={args.data} data.streaming={args.out}")
