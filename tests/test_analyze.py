@@ -1,4 +1,5 @@
-"""The analysis CLI on fake run directories: per-sigma rows, best-over-sigma envelope, written files."""
+"""The analysis CLI on fake run directories: per-sigma rows, the envelope only within like runs, skipped
+non-result paths, where the files go."""
 
 from __future__ import annotations
 
@@ -7,26 +8,28 @@ import sys
 
 import pytest
 
-from dmae_lightning.analyze import main
-from dmae_lightning.results import ABSTAIN, Record, ShardWriter, summary_metrics, write_summary
+from dmae_lightning.certification.analyze import main
+from dmae_lightning.certification.metrics import certified_accuracy
+from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, ShardWriter, write_json
 
 RADII = (0.0, 0.25, 0.5, 1.0)
 
 
-def make_run(run_dir, sigma, radii_correct, dataset="cifar10"):
+def make_run(run_dir, sigma, radii_correct, dataset="cifar10", **settings):
     """A run directory whose images are certified with the given (radius, correct) pairs."""
     records = [
-        Record(i, 1, 1 if correct else ABSTAIN, radius, int(correct), 900, 1000, 0.1)
+        CertifyRecord(i, 1, 1 if correct else ABSTAIN, radius, int(correct), 900, 1000, 0.1)
         for i, (radius, correct) in enumerate(radii_correct)
     ]
-    with ShardWriter(run_dir / "certify.tsv") as writer:
+    with ShardWriter(run_dir / "certify.tsv", CertifyRecord) as writer:
         for record in records:
             writer.write(record)
-    write_summary(
-        run_dir / "summary.json", sigma=sigma, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32",
-        checkpoint="ckpt.pth", checkpoint_sha256="0" * 64, dataset=dataset, subset="test", wall_time_s=1.0,
-        skip_wrong_guess=False, **summary_metrics(records, RADII),
+    summary = dict(
+        mode="certify", sigma=sigma, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32", model_name="vit_b",
+        dataset=dataset, split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=list(RADII),
+        num_images=len(records), certified_accuracy=certified_accuracy(records, RADII), max_certifiable_radius=9.0,
     )  # fmt: skip
+    write_json(run_dir / "summary.json", {**summary, **settings})
     return run_dir
 
 
@@ -46,6 +49,7 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
     )
     # at r = 0, 0.25, 0.5, 1: sigma 0.25 -> 80, 60, 20, 0; sigma 0.5 -> 60, 40, 40, 20; best -> 80, 60, 40, 20
     expected_md = (
+        "### all runs: vit_b on cifar10 test, 5 images, n=1000, alpha=0.001\n\n"
         "| sigma | r=0 | r=0.25 | r=0.5 | r=1 |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
         "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 |\n"
@@ -60,33 +64,61 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
     assert expected_md.strip() in printed and "\\begin{tabular}{lrrrr}" in printed
 
 
-def test_explicit_radii_and_single_run(two_runs, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # default --out is the current directory
+def test_explicit_radii_and_single_run_written_next_to_it(two_runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "s050")  # not the current directory: next to the input
     assert main([str(two_runs[0]), "--radii", "0.3", "0.6"]) == 0
-    assert (tmp_path / "certified_accuracy.md").read_text().splitlines()[2:] == ["| 0.25 | 60.0 | 20.0 |"]
+    assert (two_runs[0] / "certified_accuracy.md").read_text().splitlines()[4:] == ["| 0.25 | 60.0 | 20.0 |"]
+    assert not (tmp_path / "s050" / "certified_accuracy.md").exists()
 
 
 def test_default_radii_follow_the_dataset(tmp_path):
-    run = make_run(tmp_path / "imagenet", 1.0, [(3.5, 1), (1.2, 1)], dataset="imagenet")
+    run = make_run(tmp_path / "imagenet", 1.0, [(3.5, 1), (1.2, 1)], dataset="imagenet", radii=None)
     assert main([str(run), "--out", str(tmp_path)]) == 0
-    header = (tmp_path / "certified_accuracy.md").read_text().splitlines()[0]
+    header = (tmp_path / "certified_accuracy.md").read_text().splitlines()[2]
     assert header == "| sigma | r=0 | r=0.5 | r=1 | r=1.5 | r=2 | r=3 |"
 
 
-def test_directory_without_results_is_a_one_line_error(two_runs, tmp_path, capsys):
-    empty = tmp_path / "empty"
+def test_non_result_paths_are_skipped_with_a_note(two_runs, tmp_path, capsys):
+    empty = tmp_path / "empty"  # a run that stopped on a config error
     empty.mkdir()
-    assert main([str(two_runs[0]), str(empty), "--out", str(tmp_path / "report")]) == 2
+    multirun_yaml = tmp_path / "multirun.yaml"
+    multirun_yaml.write_text("hydra: {}\n")
+    assert main([str(two_runs[0]), str(empty), str(multirun_yaml), "--out", str(tmp_path / "report")]) == 0
     err = capsys.readouterr().err
-    assert (
-        err == f"analyze: error: {empty}: no certification results (certify.tsv and summary.json missing)\n"
-    )
-    assert not (tmp_path / "report").exists()
+    assert f"analyze: skipping {empty}: not a finished certification run (no summary.json)" in err
+    assert f"analyze: skipping {multirun_yaml}: not a finished certification run" in err
+    assert main([str(empty), "--out", str(tmp_path / "nothing")]) == 2
+    assert "none of the paths holds a finished certification run" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_unlike_runs_never_share_an_envelope(two_runs, tmp_path):
+    """Another model and a 2-image subset at another n: separate tables, labelled by what differs."""
+    other = make_run(tmp_path / "other", 0.25, [(0.9, 1), (0.9, 1)], model_name="vit_l", n=100)
+    out = tmp_path / "report"
+    assert main([*map(str, two_runs), str(other), "--radii", "0", "0.5", "--out", str(out)]) == 0
+    text = (out / "certified_accuracy.md").read_text()
+    tables = text.split("### ")[1:]
+    assert len(tables) == 2
+    like = next(t for t in tables if t.startswith("model_name=vit_b, n=1000"))
+    unlike = next(t for t in tables if t.startswith("model_name=vit_l, n=100"))
+    assert "| best | 80.0 | 40.0 |" in like  # the envelope of the two vit_b runs only
+    assert "best" not in unlike and "| 0.25 | 100.0 | 100.0 |" in unlike
+    assert {p.name for p in out.glob("*.png")} == {"certified_accuracy_1.png", "certified_accuracy_2.png"}
 
 
 def test_runs_as_a_module(two_runs, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dmae_lightning.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
+        [sys.executable, "-m", "dmae_lightning.certification.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
     assert "| best | 80.0 | 40.0 |" in result.stdout
+
+
+def test_sequential_runs_show_their_samples_and_saving(tmp_path):
+    run = make_run(tmp_path / "seq", 0.25, [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)], mode="certify",
+                   samples=4_000, saving_vs_fixed_n=10.1)
+    assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "certified_accuracy.md").read_text()
+    assert "| 0.25 | 75.0 | 50.0 |" in text
+    assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text

@@ -11,11 +11,10 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from test_certify import make_classifier_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 
-from dmae_lightning.certification_callback import CertificationCallback
+from dmae_lightning.certification import Smooth
+from dmae_lightning.certification.callback import CertificationCallback
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.finetune import SmoothedClassifierModule
-from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
-from dmae_lightning.smoothing import Smooth
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
 SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
@@ -28,9 +27,8 @@ def recompute(model: torch.nn.Module, dataset, sigma: float) -> dict[str, float]
     spacing = len(dataset) // SETTINGS["num_images"]
     for idx in [spacing * k for k in range(SETTINGS["num_images"])]:
         image, label = dataset[idx]
-        generator = seeded_generator(SETTINGS["seed"], CERTIFY_STREAM, idx)
         prediction, radius = smooth.certify(
-            image, SETTINGS["n0"], SETTINGS["n"], SETTINGS["alpha"], 60, generator
+            image, SETTINGS["n0"], SETTINGS["n"], SETTINGS["alpha"], 60, seed=SETTINGS["seed"], idx=idx
         )
         outcomes.append((prediction == label, radius, prediction == -1))
     count = len(outcomes)
@@ -97,16 +95,19 @@ def test_logged_every_n_epochs_only(fitted):
     assert [int(row["epoch"]) for row in rows] == [1]  # epoch 0 skipped with every_n_epochs=2
 
 
-class _SummingStrategy:
-    """Stands in for DDP: rank 1 reports first, rank 0 gets the sum of both."""
+class _GatheringStrategy:
+    """Stands in for DDP's all_gather: rank 1 reports first; rank 0 gets [rank 0's, rank 1's] tensors."""
 
-    def __init__(self, store: list):
-        self.store = store
+    def __init__(self, rank: int, store: list):
+        self.rank, self.store, self.calls = rank, store, 0
 
-    def reduce(self, tensor, reduce_op):
-        assert reduce_op == "sum"
-        self.store.append(tensor.clone())
-        return sum(self.store)
+    def all_gather(self, tensor):
+        if self.rank == 1:
+            self.store.append(tensor.clone())
+            return torch.stack([tensor, tensor])
+        other = self.store[self.calls]
+        self.calls += 1
+        return torch.stack([tensor, other])
 
 
 def test_ranks_split_the_images_and_sum_the_counts(fitted):
@@ -117,14 +118,17 @@ def test_ranks_split_the_images_and_sum_the_counts(fitted):
     module.train()
     for rank in (1, 0):
         fake = SimpleNamespace(
-            datamodule=datamodule, global_rank=rank, world_size=2, strategy=_SummingStrategy(store)
+            datamodule=datamodule, global_rank=rank, world_size=2, strategy=_GatheringStrategy(rank, store)
         )
         per_rank[rank] = callback.compute(fake, module)
     assert module.model.training  # certified in eval mode, then put back
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("cert/")}
     assert per_rank[0] == pytest.approx(logged, abs=1e-6)  # as one process (checked against Smooth above)
     assert per_rank[1] != per_rank[0]
-    assert [float(t[-1]) for t in store] == [6.0, 6.0]  # 12 images, 6 per rank
+    sizes, rows = store  # rank 1's: its image count, then its records
+    assert int(sizes) == 6 and rows.shape == (6, 4)  # 12 images, 6 per rank
+    spacing = len(datamodule.dataset("val")) // 12
+    assert sorted(int(i) for i in rows[:, 0]) == [spacing * k for k in range(1, 12, 2)]  # rank 1: odd positions
 
 
 @pytest.mark.parametrize(

@@ -18,17 +18,20 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
+from test_procedures import reference_noise
 
-from dmae_lightning.certify import SmoothingPredictor, certify, read_predict_tsv, validate
+from dmae_lightning.certification import PROCEDURES, CertifyRecord, PredictRecord, Smooth
+from dmae_lightning.certification.job import certify
+from dmae_lightning.certification.params import validate
+from dmae_lightning.certification.predictor import SmoothingPredictor
+from dmae_lightning.certification.records import read_json, read_records
 from dmae_lightning.checkpoints import load_weights
 from dmae_lightning.config import compose
 from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.errors import ConfigError
 from dmae_lightning.finetune import SmoothedClassifierModule
 from dmae_lightning.models import create_model
-from dmae_lightning.results import SUMMARY_KEYS, format_record, read_records, read_summary
-from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
-from dmae_lightning.smoothing import Smooth
-from dmae_lightning.train import ConfigError
+from dmae_lightning.noise import GaussianNoise
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
@@ -111,7 +114,7 @@ def run(out_dir: Path, ckpt_path: Path, *overrides: str) -> dict:
 
 def results(path: Path) -> list[tuple]:
     """Every column but the time."""
-    return [dataclasses.astuple(dataclasses.replace(r, time=0.0)) for r in read_records(path)]
+    return [dataclasses.astuple(dataclasses.replace(r, time=0.0)) for r in read_records(path, CertifyRecord)]
 
 
 def classifier(path: Path) -> torch.nn.Module:
@@ -170,14 +173,13 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
     assert {p.name for p in out.iterdir()} >= {"certify.tsv", "summary.json", "certified_accuracy.png"}
     assert not list(out.glob("certify.rank*.tsv"))  # shards are deleted after the merge
     assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    records = read_records(out / "certify.tsv")
+    records = read_records(out / "certify.tsv", CertifyRecord)
     labels = DigitsDataModule().dataset("test").labels
     assert [r.idx for r in records] == list(range(12))
     assert [r.label for r in records] == labels[:12].tolist()
 
-    on_disk = read_summary(out / "summary.json")
+    on_disk = read_json(out / "summary.json")
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(SUMMARY_KEYS) <= set(on_disk)
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]  # CIFAR-10's radii for a data set other than ImageNet
     assert on_disk["radii"] == radii
     expected_acc = {f"{r:g}": sum(x.correct == 1 and x.radius >= r for x in records) / 12 for r in radii}
@@ -202,7 +204,7 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
 
 def test_radius_is_cohens_formula_from_the_counts(base):
     out, _ = base
-    for r in read_records(out / "certify.tsv"):
+    for r in read_records(out / "certify.tsv", CertifyRecord):
         assert r.n == 100 and 0 <= r.n_a <= 100
         radius = expected_radius(r.n_a, r.n, 0.001, SIGMA)
         if radius is None:
@@ -213,14 +215,14 @@ def test_radius_is_cohens_formula_from_the_counts(base):
 
 
 def test_counts_equal_smooth_with_the_per_image_generator(base, ckpt):
-    """Line idx is Smooth.certify_record on image idx with seeded_generator(seed, 2, idx)."""
+    """Line idx is Smooth.certify_record on image idx with the same seed and idx."""
     out, _ = base
     smooth = Smooth(classifier(ckpt), 10, SIGMA)
     dataset = DigitsDataModule().dataset("test")
-    for r in read_records(out / "certify.tsv")[::4]:
+    for r in read_records(out / "certify.tsv", CertifyRecord)[::4]:
         image, _ = dataset[r.idx]
-        rec = smooth.certify_record(image, 10, 100, 0.001, 100, seeded_generator(0, CERTIFY_STREAM, r.idx))
-        assert (rec.prediction, rec.radius, rec.n_a, rec.n) == (r.predict, r.radius, r.n_a, r.n)
+        rec = smooth.certify_record(image, 10, 100, 0.001, 100, seed=0, idx=r.idx)
+        assert (rec.predict, rec.radius, rec.n_a, rec.n) == (r.predict, r.radius, r.n_a, r.n)
 
 
 def test_wandb_gets_the_table_and_the_plot(base, wandb_calls):
@@ -236,9 +238,12 @@ def test_wandb_gets_the_table_and_the_plot(base, wandb_calls):
 def test_same_seed_and_other_batch_give_identical_results(base, ckpt, tmp_path):
     out, _ = base
     run(tmp_path / "again", ckpt)
-    run(tmp_path / "batch30", ckpt, "batch=30")  # noise of an image does not depend on how it is batched
     assert results(tmp_path / "again" / "certify.tsv") == results(out / "certify.tsv")
-    assert results(tmp_path / "batch30" / "certify.tsv") == results(out / "certify.tsv")
+    # The noise of an image does not depend on how it is batched: blocks split (30, 45), several images
+    # per forward pass (250).
+    for batch in (30, 45, 250):
+        run(tmp_path / f"batch{batch}", ckpt, f"batch={batch}")
+        assert results(tmp_path / f"batch{batch}" / "certify.tsv") == results(out / "certify.tsv")
 
 
 def test_other_seed_other_noise(base, ckpt, tmp_path):
@@ -263,8 +268,8 @@ def test_skip_wrong_guess_keeps_certified_accuracy(base, ckpt, tmp_path):
     assert skipped["certified_accuracy"] == summary["certified_accuracy"]
     assert skipped["average_certified_radius"] == summary["average_certified_radius"]
     assert skipped["abstain_rate"] is None and summary["abstain_rate"] is not None  # not measurable when skipping
-    reference = {r.idx: r for r in read_records(out / "certify.tsv")}
-    for r in read_records(tmp_path / "skip_wrong" / "certify.tsv"):
+    reference = {r.idx: r for r in read_records(out / "certify.tsv", CertifyRecord)}
+    for r in read_records(tmp_path / "skip_wrong" / "certify.tsv", CertifyRecord):
         full = reference[r.idx]
         if full.predict not in (-1, full.label):  # guessed wrong: the n estimation draws were skipped
             assert (r.n, r.n_a, r.predict, r.radius, r.correct) == (0, 0, full.predict, 0.0, 0)
@@ -272,28 +277,29 @@ def test_skip_wrong_guess_keeps_certified_accuracy(base, ckpt, tmp_path):
             assert r.predict != r.label and full.correct == 0
         else:  # same selection and estimation draws as the full run
             assert dataclasses.replace(r, time=0.0) == dataclasses.replace(full, time=0.0)
-    assert any(r.n == 0 for r in read_records(tmp_path / "skip_wrong" / "certify.tsv"))
+    assert any(r.n == 0 for r in read_records(tmp_path / "skip_wrong" / "certify.tsv", CertifyRecord))
 
 
 # --------------------------------------------------------------------------------------------- resume
 def test_resume_certifies_only_the_rest(base, ckpt, tmp_path):
     """A shard of 5 lines and a torn sixth, and a merged file from an earlier session with 2 more."""
     out, _ = base
-    reference = read_records(out / "certify.tsv")
+    reference = read_records(out / "certify.tsv", CertifyRecord)
     marked = [dataclasses.replace(r, time=1000.0 + r.idx) for r in reference]  # tells reused lines apart
     run_dir = tmp_path / "resumed"
     run_dir.mkdir()
     header = (out / "certify.tsv").read_text().split("\n")[0]
     (run_dir / "certify.tsv").write_text(
-        "".join(f"{line}\n" for line in [header, *map(format_record, marked[7:9])])
+        "".join(f"{line}\n" for line in [header, *(r.to_line() for r in marked[7:9])])
     )
-    torn = format_record(marked[5])[:9]
+    torn = marked[5].to_line()[:9]
     (run_dir / "certify.rank0.tsv").write_text(
-        header + "\n" + "".join(f"{format_record(r)}\n" for r in marked[:5]) + torn
+        header + "\n" + "".join(f"{r.to_line()}\n" for r in marked[:5]) + torn
     )
     shutil.copy(out / "certify.params.json", run_dir / "certify.params.json")
+    shutil.copytree(out / ".hydra", run_dir / ".hydra")  # the run directory's recorded configuration
     run(run_dir, ckpt)
-    final = read_records(run_dir / "certify.tsv")
+    final = read_records(run_dir / "certify.tsv", CertifyRecord)
     assert results(run_dir / "certify.tsv") == results(out / "certify.tsv")
     reused = [r.idx for r in final if r.time >= 1000.0]
     assert reused == [0, 1, 2, 3, 4, 7, 8]
@@ -308,14 +314,22 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
     out, _ = base
     run_dir = tmp_path / "mixed"
     shutil.copytree(out, run_dir)
-    with pytest.raises(ConfigError, match=r"other settings \(n: 100 there, 200 now\)"):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(n: 100 -> 200\)"):
         run(run_dir, ckpt, "n=200")
     other = tmp_path / "other.ckpt"
     state = torch.load(ckpt, weights_only=True)
     state["state_dict"]["model.head.bias"] += 1.0
     torch.save(state, other)
-    with pytest.raises(ConfigError, match="checkpoint_sha256"):
+    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(ckpt_path"):
         run(run_dir, other)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # left as it was
+    # What the config does not show (another noise scheme, precision resolved on another device) is in
+    # certify.params.json: a resume that would mix two noise schemes is refused too.
+    params = json.loads((run_dir / "certify.params.json").read_text())
+    (run_dir / "certify.params.json").write_text(json.dumps({**params, "noise_scheme": "block100-v0"}))
+    with pytest.raises(ConfigError, match=r"other settings \(noise_scheme: 'block100-v0' there"):
+        run(run_dir, ckpt)
 
 
 @pytest.mark.slow
@@ -342,7 +356,7 @@ def test_sigkill_and_restart_equal_an_uninterrupted_run(base, ckpt, tmp_path):
     assert shard is not None
     run_dir = shard.parent
     assert not (run_dir / "certify.tsv").exists()
-    first = len(read_records(shard))
+    first = len(read_records(shard, CertifyRecord))
     assert 2 <= first < 6
     again = script(log, *args)
     output = finish(again, log, 300)
@@ -374,7 +388,7 @@ def test_two_ddp_processes_equal_one(base, ckpt, tmp_path):
     assert proc.returncode == 0, output
     (merged,) = (tmp_path / "logs").glob("*/*/certify.tsv")
     assert results(merged) == results(out / "certify.tsv")[:11]
-    summary = read_summary(merged.parent / "summary.json")
+    summary = read_json(merged.parent / "summary.json")
     assert summary["world_size"] == 2 and summary["num_images"] == 11
     assert not list(merged.parent.glob("certify.rank*.tsv"))
 
@@ -383,11 +397,12 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
     """Lightning refuses an empty loader on one rank while another has batches (1 image, 2 ranks)."""
     params = validate(compose_cfg(tmp_path, ckpt))
     dataset = DigitsDataModule().dataset("test")
-    module = SmoothingPredictor(classifier(ckpt), 10, params, dataset, todo=[7], run_dir=tmp_path)
-    assert [idx for idx, _, _ in module.loader([7], 0, 2)] == [7]
-    assert [idx for idx, _, _ in module.loader([7], 1, 2)] == [-1] and module.share == []
+    procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), (0.0,))
+    module = SmoothingPredictor(classifier(ckpt), 10, procedure, params, dataset, todo=[7], run_dir=tmp_path)
+    assert [idx for idx, *_ in module.loader([7], 0, 2)] == [7]
+    assert [idx for idx, *_ in module.loader([7], 1, 2)] == [-1] and module.share == []
     assert len(module.loader([], 1, 2)) == 0  # nothing left anywhere: empty everywhere is fine
-    assert module.predict_step((-1, torch.zeros(0), -1), 0) is None  # no writer needed: nothing written
+    assert module.predict_step((-1, torch.zeros(0), -1, ""), 0) is None  # no writer needed: nothing written
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -396,19 +411,21 @@ def test_predict_mode(base, ckpt, tmp_path):
     path = tmp_path / "predict" / "predict.tsv"
     lines = path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 7
-    records = read_predict_tsv(path, n=100)
-    smooth = Smooth(classifier(ckpt), 10, SIGMA)
+    records = read_records(path, PredictRecord)
+    model = classifier(ckpt)
     dataset = DigitsDataModule().dataset("test")
     for r in records:
         image, label = dataset[r.idx]
-        counts = smooth._sample_counts(image, 100, 100, seeded_generator(0, CERTIFY_STREAM, r.idx))
+        with torch.no_grad():  # recount from the documented noise (test_procedures.reference_noise)
+            noisy = image + SIGMA * reference_noise(0, r.idx, 0, 100, image.shape)  # [100,C,H,W]
+            counts = torch.bincount(model(noisy).argmax(1), minlength=10)
         top2 = counts.sort(descending=True, stable=True)
         n_a, n_b = (int(c) for c in top2.values[:2])
         expected = -1 if binomtest(n_a, n_a + n_b, 0.5).pvalue > 0.001 else int(top2.indices[0])
         assert (r.label, r.predict, r.correct) == (label, expected, int(expected == label))
     assert summary["accuracy"] == pytest.approx(sum(r.correct for r in records) / 6)
     assert summary["abstain_rate"] == pytest.approx(sum(r.predict == -1 for r in records) / 6)
-    assert read_summary(tmp_path / "predict" / "summary.json")["num_images"] == 6
+    assert read_json(tmp_path / "predict" / "summary.json")["num_images"] == 6
     assert not (tmp_path / "predict" / "certify.tsv").exists()
 
 
@@ -424,7 +441,16 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
     for key in ("model.head.weight", "model.head.bias"):
         state["state_dict"][key] = state["state_dict"][key][:5].clone()
     torch.save(state, five)
-    return {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+    files = {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+    for name, change in {
+        "nan": lambda st: st["state_dict"]["model.head.weight"].view(-1).__setitem__(3, float("nan")),
+        "pretrain": lambda st: st["hyper_parameters"].__setitem__("model_name", "dmae_vit_micro_patch4"),
+        "overflow": lambda st: st["state_dict"]["model.head.weight"].fill_(3e38),  # finite weights, inf logits
+    }.items():
+        state = torch.load(ckpt, weights_only=True)
+        change(state)
+        torch.save(state, files.setdefault(name, folder / f"{name}.ckpt"))
+    return files
 
 
 @pytest.mark.parametrize(
@@ -439,7 +465,7 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["batch=0"], "batch must be an integer >= 1, got 0"),
         (["skip=0"], "skip must be an integer >= 1, got 0"),
         (["max=0"], "max must be an integer >= 1 or null, got 0"),
-        (["precision=fp64"], "precision must be one of fp32|bf16|fp16, got 'fp64'"),
+        (["precision=fp64"], "precision must be one of auto|fp32|bf16|fp16, got 'fp64'"),
         (["mode=guess"], "mode must be one of certify|predict"),
         (["split=dev"], "split must be one of train|val|test"),
         (["radii=[0.5,-1]"], "radii must be null or a non-empty list of numbers >= 0"),
@@ -459,6 +485,9 @@ def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, messag
         ("five", "classifies 5 classes but digits has 10"),
         ("text", "is not a loadable PyTorch checkpoint"),
         ("missing", "does not exist"),
+        ("nan", "holds non-finite (NaN/Inf) weights in head.weight: a diverged or damaged model"),
+        # first, not "add model=dmae_vit_micro_patch4" (following that advice would fail)
+        ("pretrain", "holds the pre-training model dmae_vit_micro_patch4: certify a fine-tuned classifier"),
     ],
 )
 def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
@@ -466,6 +495,16 @@ def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
         run(tmp_path / "bad", bad_files[which])
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_classifier_with_non_finite_logits_is_never_certified(bad_files, tmp_path):
+    """Finite weights whose logits overflow: argmax would return class 0 for every draw and certify the
+    largest radius; the job stops on the first image instead, naming it, and writes no result."""
+    with pytest.raises(ConfigError, match=r"^image 0: the base classifier returned NaN/Inf logits for \d+ of 10 "):
+        run(tmp_path / "overflow", bad_files["overflow"], "max=3")
+    assert not (tmp_path / "overflow" / "certify.tsv").exists()
+    shard = tmp_path / "overflow" / "certify.rank0.tsv"
+    assert not shard.exists() or shard.read_text().count("\n") == 1  # the header only
 
 
 def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):

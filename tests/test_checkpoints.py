@@ -442,3 +442,14 @@ def test_pretrain_checkpoint_needs_its_decoder(tmp_path):
     torch.save(create_model("vit_micro_patch4").state_dict(), path)
     with pytest.raises(ValueError, match=r"missing: .*decoder_.*; unexpected: fc_norm.bias, fc_norm.weight, head"):
         load_weights(create_model("dmae_vit_micro_patch4"), path)
+
+
+def test_load_report_is_one_short_line():
+    """An official pre-training file drops two dozen decoder keys: the log line counts them (issue 14.6)."""
+    from dmae_lightning.checkpoints import LoadReport
+
+    dropped = [f"decoder_blocks.{i}.weight" for i in range(23)]
+    report = LoadReport(layout="official", reinitialised=["head"], dropped=dropped)
+    assert str(report) == ("fresh 1 (head); dropped 23 (decoder_blocks.0.weight, decoder_blocks.1.weight, "
+                           "decoder_blocks.2.weight and 20 more)")
+    assert str(LoadReport(layout="lightning")) == "every tensor loaded as is"

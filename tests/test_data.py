@@ -230,7 +230,7 @@ def test_cifar_missing_damaged_and_mismatch(tmp_path: Path):
         CIFAR10DataModule(tmp_path, batch_size=2)
     write_cifar(tmp_path)  # real md5 check (no monkeypatch): written files are not the real ones
     dm = CIFAR10DataModule(tmp_path, batch_size=2)
-    with pytest.raises(RuntimeError, match="CIFAR-10 files in .* are incomplete or damaged"):
+    with pytest.raises(ValueError, match=r"CIFAR-10 file .*data_batch_1 is damaged"):
         dm.setup("fit")
     with pytest.raises(ValueError, match="data.num_classes=100 but CIFAR-10 has 10 classes"):
         CIFAR10DataModule(tmp_path, batch_size=2, num_classes=100)

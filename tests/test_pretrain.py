@@ -114,11 +114,21 @@ def test_reconstruction_picture_size_and_clean_panel(pretrain_run):
     pictures = pretrain_run.out / "pictures"
     names = sorted(p.name for p in pictures.iterdir())
     assert names == [f"reconstruction_epoch{e:04d}.png" for e in range(1, 5)] + ["reconstruction_final.png"]
-    img = (
+    picture = (
         np.asarray(Image.open(pictures / "reconstruction_final.png").convert("RGB")).astype(np.float64) / 255
     )
     s, k = PICTURE_SIZE, PICTURE_IMAGES
-    assert img.shape == (k * (s + 2) + 2, 5 * (s + 2) + 2, 3)  # make_grid(nrow=5, padding=2)
+    # make_grid(nrow=5, padding=2), upscaled 3x (48 px panels -> 144 px >= 128) under a band of labels.
+    scale, grid_h, grid_w = 3, k * (s + 2) + 2, 5 * (s + 2) + 2
+    band = picture.shape[0] - scale * grid_h
+    assert picture.shape[1:] == (scale * grid_w, 3) and 30 <= band <= 60, picture.shape
+    img = picture[band:][::scale, ::scale]  # the grid itself: nearest-neighbour upscaling repeats each pixel
+    assert (picture[band:] == img.repeat(scale, axis=0).repeat(scale, axis=1)).all()
+    # Labels: the title and a header over each of the 5 columns (dark text pixels on white).
+    for col in range(5):
+        x = scale * (2 + col * (s + 2))
+        assert picture[band // 2 : band, x : x + scale * s].min() < 0.5, f"no header over column {col}"
+    assert picture[: band // 2].min() < 0.5, "no title"
     # Independent recomputation of the first two panels of each row: the clean image, bicubic-resized
     # to the model size, and the noisy one (noise from the callback's seed, added at native size).
     from dmae_lightning.data import DigitsDataModule
@@ -260,9 +270,9 @@ def test_resume_without_rng_state_is_not_exact(make_digits, make_trainer, tmp_pa
 
 
 def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
-    """The job as a user runs it: 1 epoch, then ckpt_path=last with max_epochs=2 (last.ckpt written at the
-    epoch's end by the default callbacks), against 2 epochs in one go. Epoch 1 is all warm-up, so its lr
-    does not depend on the run's length."""
+    """The job as a user runs it: 1 epoch, then max_epochs=2 resumed from that run's last.ckpt (written at the
+    epoch's end by the default callbacks) in a run directory of its own (another configuration), against 2
+    epochs in one go. Epoch 1 is all warm-up, so its lr does not depend on the run's length."""
     common = [
         "task=pretrain",
         "model=vit_micro_patch4",
@@ -274,13 +284,10 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
         "task.callbacks.reconstruction_pictures.num_images=1",
     ]
     train(compose(CONF, "train", [*common, "trainer.max_epochs=2"], output_dir=tmp_path / "full"))
-    train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "split"))
-    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    train(
-        compose(
-            CONF, "train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=tmp_path / "split"
-        )
-    )
+    train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "first"))
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, weights_only=True)["global_step"] == 4
+    train(compose(CONF, "train", [*common, "trainer.max_epochs=2", f"ckpt_path={first}"], output_dir=tmp_path / "split"))
     full, split = (
         torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in ("full", "split")
     )

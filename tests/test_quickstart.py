@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from dmae_lightning.results import read_records
+from dmae_lightning.certification import CertifyRecord
+from dmae_lightning.certification.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,7 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
         run / "certify" / "certified_accuracy.png",
     ):
         assert path.is_file(), path
-    records = read_records(run / "certify" / "certify.tsv")
+    records = read_records(run / "certify" / "certify.tsv", CertifyRecord)
     summary = json.loads((run / "certify" / "summary.json").read_text())
     assert [r.idx for r in records] == list(range(60)) and summary["num_images"] == 60
     # Certified accuracy at r = 0, recomputed from the per-image file, is far above chance (10%).
@@ -70,8 +72,56 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
 @pytest.mark.slow
 def test_quickstart_without_pretraining_is_the_baseline(tmp_path):
     run = tmp_path / "quickstart-scratch"
-    proc = run_quickstart(run, "pretrain=false")
+    proc = run_quickstart(run, "pretrain=false", "noise=sigma_0.5", "logger=none", "trainer.max_epochs=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (run / "pretrain").exists()
     assert (run / "certify" / "summary.json").is_file()
     assert "fine-tuning from scratch" in proc.stdout
+    # The overrides typed after experiment=quickstart reached the stages (issue 14.2).
+    saved = OmegaConf.load(run / "finetune" / ".hydra" / "config.yaml")
+    assert saved.noise.sigma == 0.5 and not saved.get("logger") and saved.trainer.max_epochs == 4
+    assert json.loads((run / "certify" / "summary.json").read_text())["sigma"] == 0.5
+    assert not (run / "finetune" / "csv").exists()
+
+
+def quickstart_stages(typed: list[str]) -> dict:
+    """Each stage's config as the quickstart composes it for ``python train.py experiment=quickstart <typed>``."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.quickstart import CONFIG_NAME, stage_overrides
+
+    conf = REPO / "conf"
+    stages = compose(conf, "train", ["experiment=quickstart", *typed]).quickstart
+    overrides = stage_overrides(str(conf), stages, ["experiment=quickstart", *typed])
+    return {name: compose(conf, CONFIG_NAME[name], overrides[name]) for name in overrides}
+
+
+def test_quickstart_overrides_reach_every_stage_they_apply_to():
+    typed = ["hardware=gpu", "logger=wandb", "logger.project=qs", "noise=sigma_0.5", "seed=3",
+             "trainer.max_epochs=2", "data.batch_size=32"]
+    cfgs = quickstart_stages(typed)
+    for name, cfg in cfgs.items():
+        assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("gpu", 1), name
+        assert cfg.logger.project == "qs" and cfg.noise.sigma == 0.5 and cfg.seed == 3, name
+        assert cfg.data.batch_size == 32, name
+    assert cfgs["pretrain"].task.name == "pretrain" and cfgs["finetune"].task.name == "finetune"
+    assert cfgs["pretrain"].trainer.max_epochs == cfgs["finetune"].trainer.max_epochs == 2
+    assert cfgs["finetune"].task.module.sigma == 0.5 and cfgs["certify"].n == 1000  # the stage's own list kept
+    assert "max_epochs" not in cfgs["certify"].trainer  # a training-only key goes to the training stages only
+    none = quickstart_stages(["logger=none"])
+    assert all(not cfg.get("logger") for cfg in none.values())
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        ("pretrained=x.ckpt", r"quickstart: pretrained=x.ckpt is not accepted \(fine-tuning starts from the "
+                              r"pre-training stage \(pretrain=false: from scratch\)\)"),
+        ("ckpt_path=last", "quickstart: ckpt_path=last is not accepted"),
+        ("+foo.bar=1", r"quickstart: \+foo.bar=1 applies to none of its stages \(pretrain, finetune, certify\)"),
+    ],
+)
+def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
+    from dmae_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        quickstart_stages([typed])

@@ -1,4 +1,4 @@
-"""certify.tsv round trip and crash safety, shard merging, metrics by hand, summary.json, tables, plot."""
+"""Record files (round trip, crash safety, shard merging), metrics by hand, JSON, tables, plot."""
 
 from __future__ import annotations
 
@@ -7,36 +7,55 @@ import json
 from pathlib import Path
 
 import pytest
+from scipy.stats import beta, norm
 
-from dmae_lightning.results import (
-    ABSTAIN,
+from dmae_lightning.certification.metrics import (
+    BEYOND,
     CIFAR10_RADII,
-    HEADER,
     IMAGENET_RADII,
-    SUMMARY_KEYS,
-    Record,
-    ShardWriter,
     abstain_rate,
     average_certified_radius,
     best_over_sigma,
     certified_accuracy,
-    format_record,
     format_table,
-    merge_shards,
-    parse_record,
+    max_certifiable_radius,
     plot_certified_accuracy,
     radius_key,
-    read_records,
-    read_summary,
-    sha256_file,
-    summary_metrics,
-    write_summary,
 )
+from dmae_lightning.certification.records import (
+    ABSTAIN,
+    CertifyRecord,
+    PredictRecord,
+    ShardWriter,
+    merge_files,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from dmae_lightning.certification.records import read_records as read_any
+
+HEADER = CertifyRecord.header()
+
+
+def read_records(path):
+    return read_any(path, CertifyRecord)
+
+
+def format_record(record):
+    return record.to_line()
+
+
+def parse_record(line, where="<line>"):
+    return CertifyRecord.from_line(line, where)
+
+
+def merge_shards(paths, out):
+    return merge_files(paths, out, CertifyRecord)
 
 
 def rec(idx, radius=0.5, correct=1, predict=None, label=1, n_a=900, n=1000, time=0.5):
     predict = label if predict is None else predict
-    return Record(idx, label, predict, radius, correct, n_a, n, time)
+    return CertifyRecord(idx, label, predict, radius, correct, n_a, n, time)
 
 
 def test_header_and_paper_radii():
@@ -46,11 +65,11 @@ def test_header_and_paper_radii():
 
 
 def test_format_and_parse_keep_full_precision():
-    record = Record(3, 7, 7, 0.49960000000000004, 1, 9000, 10000, 1.25)
+    record = CertifyRecord(3, 7, 7, 0.49960000000000004, 1, 9000, 10000, 1.25)
     line = format_record(record)
     assert line == "3\t7\t7\t0.49960000000000004\t1\t9000\t10000\t1.25"
     assert parse_record(line) == record
-    tiny = Record(4, 0, ABSTAIN, 0.1 + 0.2, 0, 10, 100, 1e-17)
+    tiny = CertifyRecord(4, 0, ABSTAIN, 0.1 + 0.2, 0, 10, 100, 1e-17)
     assert parse_record(format_record(tiny)).radius == 0.30000000000000004
     with pytest.raises(ValueError, match="f.tsv:3: expected 8 tab-separated fields, got 2"):
         parse_record("1\t2", "f.tsv:3")
@@ -66,7 +85,7 @@ def test_writer_round_trip_and_near_threshold_radius(tmp_path):
         rec(2, 2.0 / 3.0, correct=0, predict=4),
         rec(3, 0.0, 0, ABSTAIN),
     ]
-    with ShardWriter(path) as writer:
+    with ShardWriter(path, CertifyRecord) as writer:
         assert writer.existing == []
         for r in records:
             writer.write(r)
@@ -80,14 +99,14 @@ def test_writer_round_trip_and_near_threshold_radius(tmp_path):
 def test_partial_trailing_line_is_ignored_then_truncated_on_reopen(tmp_path):
     path = tmp_path / "shard.tsv"
     first = [rec(0), rec(1, 0.75)]
-    with ShardWriter(path) as writer:
+    with ShardWriter(path, CertifyRecord) as writer:
         for r in first:
             writer.write(r)
     with open(path, "ab") as f:  # a crash in the middle of a line
         f.write(b"2\t1\t1\t0.3")
     assert read_records(path) == first
 
-    with ShardWriter(path) as writer:
+    with ShardWriter(path, CertifyRecord) as writer:
         assert writer.existing == first
         assert path.read_bytes().endswith(b"\t0.5\n")  # the partial line is gone
         writer.write(rec(5, 1.5))
@@ -99,21 +118,21 @@ def test_crash_inside_the_header_and_foreign_files(tmp_path):
     path = tmp_path / "shard.tsv"
     path.write_bytes(b"idx\tla")
     assert read_records(path) == []
-    with ShardWriter(path) as writer:
+    with ShardWriter(path, CertifyRecord) as writer:
         assert writer.existing == []
         writer.write(rec(0))
     assert path.read_text() == HEADER + "\n" + format_record(rec(0)) + "\n"
 
     other = tmp_path / "other.tsv"
     other.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n")
-    with pytest.raises(ValueError, match="not a certification TSV"):
+    with pytest.raises(ValueError, match="not a CertifyRecord TSV"):
         read_records(other)
-    with pytest.raises(ValueError, match="not a certification TSV"):
-        ShardWriter(other)
+    with pytest.raises(ValueError, match="not a CertifyRecord TSV"):
+        ShardWriter(other, CertifyRecord)
 
 
 def write_shard(path: Path, records) -> Path:
-    with ShardWriter(path) as writer:
+    with ShardWriter(path, CertifyRecord) as writer:
         for r in records:
             writer.write(r)
     return path
@@ -160,50 +179,47 @@ def test_metrics_against_a_hand_count():
     assert acc == {"0": 4 / 8, "0.25": 3 / 8, "0.5": 2 / 8, "1": 1 / 8, "2": 0.0}
     assert average_certified_radius(RECORDS) == pytest.approx((1.2 + 0.5 + 0.3 + 0.05) / 8)
     assert abstain_rate(RECORDS) == 2 / 8
-    assert summary_metrics(RECORDS, [0.5]) == {
-        "num_images": 8,
-        "certified_accuracy": {"0.5": 0.25},
-        "average_certified_radius": pytest.approx(2.05 / 8),
-        "abstain_rate": 0.25,
-    }
     assert [radius_key(r) for r in (0, 0.0, 0.25, 1.0, 1.5, 3)] == ["0", "0", "0.25", "1", "1.5", "3"]
     with pytest.raises(ValueError, match="no certification records"):
         certified_accuracy([], [0.5])
 
 
-def test_summary_json_and_sha256(tmp_path):
+def test_json_and_sha256(tmp_path):
     checkpoint = tmp_path / "ckpt.pth"
     data = bytes(range(256)) * 1000
     checkpoint.write_bytes(data)
     assert sha256_file(checkpoint, chunk_size=4096) == hashlib.sha256(data).hexdigest()
-
-    fields = dict(
-        sigma=0.5, n0=100, n=10_000, alpha=0.001, seed=0, precision="bf16",
-        checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint),
-        dataset="imagenet", subset="every 50th validation image", wall_time_s=12.5, skip_wrong_guess=False,
-        **summary_metrics(RECORDS, IMAGENET_RADII),
-    )  # fmt: skip
     path = tmp_path / "summary.json"
-    write_summary(path, **fields, note="extra fields are kept")
-    summary = json.loads(path.read_text())
-    assert summary == read_summary(path)
-    assert set(SUMMARY_KEYS) <= set(summary) and summary["note"] == "extra fields are kept"
+    write_json(path, {"checkpoint": checkpoint, "certified_accuracy": certified_accuracy(RECORDS, IMAGENET_RADII)})
+    summary = read_json(path)
+    assert summary == json.loads(path.read_text())
     assert summary["checkpoint"] == str(checkpoint)
-    assert summary["checkpoint_sha256"] == hashlib.sha256(data).hexdigest()
-    assert summary["certified_accuracy"] == {
-        "0": 0.5,
-        "0.5": 0.25,
-        "1": 0.125,
-        "1.5": 0.0,
-        "2": 0.0,
-        "3": 0.0,
-    }
-    assert summary["num_images"] == 8 and summary["abstain_rate"] == 0.25
-    with pytest.raises(ValueError, match="summary is missing fields: seed, precision"):
-        write_summary(
-            tmp_path / "bad.json", **{k: v for k, v in fields.items() if k not in ("seed", "precision")}
-        )
-    assert not (tmp_path / "bad.json").exists()
+    assert summary["certified_accuracy"] == {"0": 0.5, "0.5": 0.25, "1": 0.125, "1.5": 0.0, "2": 0.0, "3": 0.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "summary.json"]  # no temp file left
+
+
+def test_predict_records_and_optional_fields_round_trip(tmp_path):
+    record = PredictRecord(5, 3, ABSTAIN, 0, 0.25)
+    assert record.to_line() == "5\t3\t-1\t0\t0.25"
+    assert PredictRecord.from_line(record.to_line()) == record
+    assert PredictRecord.header() == "idx\tlabel\tpredict\tcorrect\ttime"
+    assert record.certified_correct_radius is None
+
+
+@pytest.mark.parametrize("sigma,n,alpha", [(0.25, 1000, 0.001), (0.25, 10_000, 0.001), (0.5, 100_000, 0.001)])
+def test_max_certifiable_radius_is_n_out_of_n(sigma, n, alpha):
+    # n successes out of n: the Clopper-Pearson bound is the alpha quantile of Beta(n, 1) = alpha^(1/n)
+    p_lower = beta.ppf(alpha, n, 1)
+    assert max_certifiable_radius(sigma, n, alpha) == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-9)
+    assert max_certifiable_radius(0.25, 10_000, 0.001) == pytest.approx(0.7996, abs=1e-4)  # method.md: about 0.80
+
+
+def test_table_marks_radii_beyond_the_runs_reach():
+    row = {"0": 0.9, "0.5": 0.6, "0.75": 0.0}
+    table = format_table({"0.25": row}, [0.0, 0.5, 0.75], limits={"0.25": 0.6158})
+    assert table.splitlines()[2] == f"| 0.25 | 90.0 | 60.0 | {BEYOND} |"
+    assert "beyond the largest radius the run can certify" in table
+    assert BEYOND not in format_table({"0.25": row}, [0.0, 0.5, 0.75])
 
 
 def test_plot_writes_a_png(tmp_path):

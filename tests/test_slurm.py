@@ -251,7 +251,8 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     from test_certify import make_classifier_checkpoint
     from test_certify import run as certify_in_process
 
-    from dmae_lightning.results import read_records
+    from dmae_lightning.certification import CertifyRecord
+    from dmae_lightning.certification.records import read_records
 
     ckpt = make_classifier_checkpoint(tmp_path / "classifier.ckpt")
     settings = ("model=vit_micro_patch8", "split=test", "max=10", "n0=10", "n=60", "batch=60", "logger=none")
@@ -278,7 +279,7 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     certify_in_process(single, ckpt, *settings)
 
     def columns(path):
-        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path)]
+        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path, CertifyRecord)]
 
     assert [row[0] for row in columns(tsv)] == list(range(10))
     assert columns(tsv) == columns(single / "certify.tsv")
@@ -343,7 +344,7 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     assert sorted(p.name for p in (tmp_path / "logs").rglob("*.log")) == ["train.log"]
     log_text = (run_dir / "train.log").read_text()  # appended by rank 0 of each start, never by rank 1
     assert log_text.count("probe log global_rank=0") == 2 and "global_rank=1" not in log_text, log_text
-    assert log_text.count("run directory:") == 2, log_text
+    assert log_text.count("run directory:") == 3, log_text  # each start prints it, the end once more
 
     # Lightning's auto-requeue: hpc checkpoint on SIGUSR1, `scontrol requeue`, restore at the exact step.
     assert "Handling auto-requeue signal: 10" in out and f"Requeued SLURM job: {job}" in out, out
@@ -353,8 +354,9 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     assert SIGNAL_AFTER_STEP <= hpc_step < MAX_EPOCHS * STEPS_PER_EPOCH, hpc_step
     resumed = re.findall(r"probe start global_rank=(\d) global_step=(\d+) epoch=(\d+) restart=1", out)
     assert sorted(resumed) == [(r, str(hpc_step), str(hpc_step // STEPS_PER_EPOCH)) for r in "01"], resumed
+    # last.ckpt was written at the last epoch's end, so it holds that epoch's index (Lightning's convention).
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS), (
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS - 1), (
         last["global_step"], last["epoch"])
 
     probes = load_probes(probe_dir)  # written at the end of training: the restarted ranks
@@ -409,4 +411,4 @@ def test_submitit_sweep_point_requeues_through_lightning(slurm_cluster, tmp_path
     assert len(dirs) == 1 and dirs[0].parent.name == f"slurm-{job}", dirs
     assert f"Restoring states from the checkpoint path at {dirs[0] / 'hpc_ckpt_1.ckpt'}" in errs, errs
     last = torch.load(dirs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS)
+    assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS - 1)  # see above

@@ -1,7 +1,8 @@
-"""Callbacks: exact-resume RNG state and reconstruction pictures for DMAE pre-training."""
+"""Callbacks: exact-resume RNG state and labelled reconstruction pictures for DMAE pre-training."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import make_grid
 
 from .models import DMAEViT
 from .models.layers import IMAGENET_MEAN, IMAGENET_STD
@@ -89,7 +92,31 @@ def reconstruction_grid(model: DMAEViT, imgs: torch.Tensor, mask_ratio: float, s
     masked_input = noisy_px * (1 - hidden) + 0.5 * hidden  # masked patches shown grey
     pasted = recon * hidden + noisy_px * (1 - hidden)
     panels = torch.stack([clean_px, noisy_px, masked_input, recon, pasted], dim=1)  # [K, 5, 3, S, S]
-    return make_grid(panels.flatten(0, 1).clamp(0, 1), nrow=5, padding=2, pad_value=1.0)  # [3, h, w]
+    return make_grid(panels.flatten(0, 1).clamp(0, 1), nrow=5, padding=PANEL_PAD, pad_value=1.0)  # [3, h, w]
+
+
+PANEL_PAD = 2  # make_grid's padding around every panel
+MIN_PANEL_PX = 128  # small models' 32x32 panels are upscaled (nearest neighbour) to at least this
+
+
+def labelled_picture(grid: torch.Tensor, panel: int, headers: list[str], title: str) -> Image.Image:
+    """The grid of ``reconstruction_grid`` (``[3, h, w]``, panels of ``panel`` px) upscaled by a whole factor
+    (nearest neighbour: pixels stay exact, just bigger) under a white band with ``title`` and one header per
+    column. torchvision's make_grid has no labels, hence PIL."""
+    scale = max(1, math.ceil(MIN_PANEL_PX / panel))
+    body = to_pil_image(grid.clamp(0, 1).mul(255).add(0.5).to(torch.uint8).cpu())  # rounded, as save_image does
+    body = body.resize((body.width * scale, body.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default(size=14)
+    line = 20
+    picture = Image.new("RGB", (body.width, body.height + 2 * line + 4), "white")
+    picture.paste(body, (0, 2 * line + 4))
+    draw = ImageDraw.Draw(picture)
+    draw.text((PANEL_PAD * scale, 2), title, fill="black", font=font)
+    column = (panel + PANEL_PAD) * scale
+    for i, header in enumerate(headers):
+        centre = PANEL_PAD * scale + i * column + panel * scale // 2
+        draw.text((centre, line + 2), header, fill="black", font=font, anchor="ma")
+    return picture
 
 
 class ReconstructionPictures(pl.Callback):
@@ -116,14 +143,21 @@ class ReconstructionPictures(pl.Callback):
         imgs = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
         was_training = pl_module.training
         pl_module.eval()
-        grid = reconstruction_grid(pl_module.model, imgs.to(pl_module.device), pl_module.mask_ratio, self.seed)
+        model, ratio = pl_module.model, pl_module.mask_ratio
+        grid = reconstruction_grid(model, imgs.to(pl_module.device), ratio, self.seed)
         pl_module.train(was_training)
+        sigma = float(model.sigma)
+        picture = labelled_picture(
+            grid, model.img_size,
+            headers=["clean", f"noisy (sigma {sigma:g})", f"masked ({ratio:.0%})", "reconstruction", "pasted"],
+            title=f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}: sigma {sigma:g}, mask ratio {ratio:g}",
+        )
         path = Path(trainer.default_root_dir) / self.dirname / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        picture.save(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="reconstruction", images=[str(path)], step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("reconstruction", grid, trainer.global_step)
+                logger.experiment.add_image("reconstruction", pil_to_tensor(picture), trainer.global_step)
         return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,15 @@ class LoadReport:
     reinitialised: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """One short line: counts and the first few keys (an official file drops two dozen decoder keys)."""
+        parts = [
+            f"{label} {len(keys)} ({_short(keys, 3)})"
+            for label, keys in (("resampled", self.interpolated), ("fresh", self.reinitialised), ("dropped", self.dropped))
+            if keys
+        ]
+        return "; ".join(parts) or "every tensor loaded as is"
+
 
 def _load_failure(err: Exception) -> str:
     """One line out of torch.load's multi-line error: the refused class, or what is wrong with the file.
@@ -60,14 +70,19 @@ def _load_failure(err: Exception) -> str:
     return f"damaged or not in PyTorch's format ({detail})"
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed.
+
+    ``mmap``: map the tensors instead of reading them (a cheap check that the file loads); only files in
+    torch's zip format can be mapped, older ones are read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            mapped = mmap and zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as err:  # unpickling, zip and magic-number errors all mean "not a checkpoint we load"
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint: {_load_failure(err)}") from None
     if not isinstance(obj, dict):
@@ -98,6 +113,9 @@ def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[
         state[key] = value
     if not state:
         raise ValueError(f"{path} holds no model tensors")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # a diverged run's weights: certifying them would give every image the top radius
+        raise ValueError(f"{path} holds non-finite (NaN/Inf) weights in {_short(broken)}: a diverged or damaged model")
     return state, layout
 
 

@@ -1,21 +1,48 @@
-"""Hydra glue: resolvers for run directories that survive ``srun`` and requeue, and config checks.
+"""Hydra glue: run directories named by what a job computes, their lifecycle, and config resolvers.
 
 Under ``srun`` every task runs ``@hydra.main`` itself, and a ``${now:...}`` directory would differ
-per task and per restart. The run directory is therefore a pure function of the config and the
-SLURM job id: every rank and every requeued restart of a job resolves the same path.
+per task and per restart. The run directory is therefore a pure function of the job's resolved
+configuration and the SLURM job id, ``logs/<run_name>[/slurm-<job id>]/<key>``, where ``<key>`` is a
+digest of everything that can change the results (``run_identity`` in the job config says what does
+not): every rank and every requeued restart of a job finds the same directory, two configurations
+never share one, and how the overrides were typed does not matter.
+
+``prepare_run_dir`` is the one lifecycle both jobs follow: check that the directory can be written and
+holds no other configuration's results (before anything is loaded), build the job, and only then write
+the resolved config and point ``logs/<run_name>/latest`` at the directory. Hydra itself writes nothing
+there (``hydra.output_subdir: null``), so a refused or invalid job leaves no trace.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
+
+from .errors import ConfigError, one_line
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+IDENTITY_FILE = "identity.json"  # in <run dir>/.hydra/, next to the resolved config.yaml
+LATEST = "latest"  # logs/<run_name>/latest -> the run directory of the newest finished job of that name
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used (not writable, or another configuration's results): one line."""
 
 
 def slurm_job_tag() -> str | None:
@@ -27,10 +54,142 @@ def slurm_job_tag() -> str | None:
     return f"slurm-{job}" if job else None
 
 
-def run_dir(base: str, overrides: str = "") -> str:
-    """``base[/slurm-<id>][/<overrides>]``: the same on every rank and after every restart."""
-    parts = [base, slurm_job_tag(), overrides or None]
+def run_dir(base: str, key: str = "") -> str:
+    """``base[/slurm-<id>][/<key>]``: the same on every rank and after every restart."""
+    parts = [base, slurm_job_tag(), key or None]
     return "/".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------ identity
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str) -> str:
+    """``sha256:<hex>`` of a file's content (cached per path, size and mtime), or ``missing:<path>``.
+
+    Content, not the path: ``logs/x/latest/checkpoints/last.ckpt`` and the real path are the same
+    initial weights, and a checkpoint rewritten in place is a different one.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return f"missing:{path}"  # the job itself stops with one line when it needs the file
+    cache_key = (real, st.st_size, st.st_mtime_ns)
+    if cache_key not in _FILE_DIGESTS:
+        sha = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+        _FILE_DIGESTS[cache_key] = f"sha256:{sha.hexdigest()}"
+    return _FILE_DIGESTS[cache_key]
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return
+    tree.pop(leaf, None)
+
+
+def job_identity(cfg: DictConfig) -> dict:
+    """The job config, resolved, minus ``run_identity.ignore`` (where and how the job runs), with each key of
+    ``run_identity.files`` replaced by its file's content digest: everything that can change the results."""
+    spec = cfg.get("run_identity")
+    if spec is None:
+        raise ValueError("the job config has no run_identity (which keys name the run directory)")
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(copy):
+        copy.pop("hydra", None)
+        if "paths" in copy:  # Hydra names the run directory from this: other keys may point below it
+            copy.paths.output_dir = "<run dir>"
+    identity = OmegaConf.to_container(copy, resolve=True)  # resolved first: kept keys may use ignored ones
+    for key in spec.ignore:
+        _drop(identity, key)
+    trainer = identity.get("trainer", {})
+    if trainer.get("devices") in (-1, "auto") and trainer.get("accelerator") in ("gpu", "cuda"):
+        import torch  # "every GPU of the node": the number itself changes the effective batch
+
+        trainer["devices"] = torch.cuda.device_count()
+    for key in spec.files:
+        node, leaf = identity, key.split(".")
+        for part in leaf[:-1]:
+            node = node.get(part, {})
+        if isinstance(node, dict) and node.get(leaf[-1]):
+            node[leaf[-1]] = file_digest(str(node[leaf[-1]]))
+    return identity
+
+
+def identity_key(identity: dict) -> str:
+    """8 hex digits of the identity's sha256: distinct configurations never meet within one run_name."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two identities (for the refusal message)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
+
+
+# Hydra resolves hydra.run.dir (and a sweep's dir and subdir) before it creates the directory, and again
+# when anything asks for it later: directories that did not exist at the first resolution were made for
+# this job, with the nearest directory that did exist, so that an invalid job can remove them again.
+_MADE_FOR_JOB: dict[str, str] = {}
+
+
+def _note_new_dir(path: str) -> str:
+    """Record a directory Hydra is about to create for this job; stop (one line) if it cannot be created:
+    Hydra's own mkdir would fail with a traceback. SystemExit, because Hydra reports any Exception raised
+    while it resolves the directory with a traceback."""
+    absolute = Path(path).resolve()
+    if str(absolute) not in _MADE_FOR_JOB and not absolute.is_dir():
+        existing = absolute
+        while not existing.is_dir():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is not writable "
+                             "(permissions or a read-only file system); choose another paths.log_dir")
+        _MADE_FOR_JOB[str(absolute)] = str(existing)
+    return path
+
+
+def _key_or_invalid(root: DictConfig) -> str:
+    """The identity key; a config that does not resolve gets ``invalid``: the job then stops with its one-line
+    error (``run_in_dir``) and removes the directory again, instead of Hydra printing a traceback."""
+    try:
+        return identity_key(job_identity(root))
+    except Exception:  # noqa: BLE001 (any resolution error is reported by the job itself)
+        return "invalid"
+
+
+def _hydra_dir(root: DictConfig, sweep: bool) -> str:
+    """``${run_dir:}`` / ``${sweep_dir:}``: logs/<run_name>[/multirun][/slurm-<id>][/<key>]."""
+    log_dir, name = OmegaConf.select(root, "paths.log_dir"), OmegaConf.select(root, "run_name")
+    if log_dir is None or name is None:  # `--cfg hydra` prints the hydra node alone
+        return "<paths.log_dir>/<run_name>/<key>: decided when the job runs"
+    if sweep:
+        return _note_new_dir(run_dir(f"{log_dir}/{name}/multirun"))
+    return _note_new_dir(run_dir(f"{log_dir}/{name}", _key_or_invalid(root)))
+
+
+def _run_dir_resolver(*, _root_: DictConfig) -> str:
+    return _hydra_dir(_root_, sweep=False)
+
+
+def _sweep_dir_resolver(*, _root_: DictConfig) -> str:
+    return _hydra_dir(_root_, sweep=True)
+
+
+def _sweep_subdir_resolver(*, _root_: DictConfig) -> str:
+    base = _hydra_dir(_root_, sweep=True)
+    key = _key_or_invalid(_root_)
+    _note_new_dir(f"{base}/{key}")
+    return key
 
 
 def global_rank() -> int:
@@ -73,7 +232,9 @@ def group_choice(group: str, *, _root_) -> str:
 
 def register_resolvers() -> None:
     resolvers = (
-        ("run_dir", run_dir),
+        ("run_dir", _run_dir_resolver),
+        ("sweep_dir", _sweep_dir_resolver),
+        ("run_key", _sweep_subdir_resolver),
         ("rank_zero_only", rank_zero_only_value),
         ("is_terminal", stderr_is_terminal),
         ("require", require),
@@ -102,3 +263,173 @@ def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+# ------------------------------------------------------------------------------------------ output
+# Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
+# Trainer of a process (the job logs its devices once), the stepping-batch estimate.
+_LIGHTNING_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:",
+                      "Loading `train_dataloader` to estimate")
+
+
+class _DropLightningChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
+
+
+def quiet_lightning() -> None:
+    """Silence, by name, what Lightning prints that is no news about this run; every other warning stays.
+
+    Lightning has no switch for these lines. Its ``srun`` hint fires on any machine with Slurm installed;
+    it is dropped only outside a Slurm job (inside one it catches a forgotten ``srun``). The LeafSpec
+    deprecation comes from Lightning's own code calling torch's pytree, not from ours.
+    """
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if slurm_job_tag() is None:
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+R = TypeVar("R")
+# Nothing else may be in a directory before its job writes identity.json (Hydra's job log aside).
+_NOT_RESULTS = ("train.log", "certify.log")
+
+
+def _unwritable(path: Path) -> Path | None:
+    """The run directory (or, before it exists, the nearest existing parent) or one of its sub-directories
+    where this process cannot create files; None if all can be written. ``os.access`` changes nothing
+    and also sees read-only mounts and immutable directories (which stop root too)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    dirs = [existing, *(p for p in existing.iterdir() if p.is_dir())] if existing == path else [existing]
+    return next((d for d in dirs if not os.access(d, os.W_OK | os.X_OK)), None)
+
+
+def _results_present(path: Path) -> list[str]:
+    """Files in ``path`` that some job wrote (Hydra's job log and our own .hydra/ records aside)."""
+    if not path.is_dir():
+        return []
+    return sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in _NOT_RESULTS and ".hydra" not in p.relative_to(path).parts
+    )
+
+
+def _check_run_dir(path: Path, identity: dict) -> None:
+    """Refuse (one line, nothing written) a run directory that cannot be written or holds other results."""
+    blocked = _unwritable(path)
+    if blocked is not None:
+        raise ConfigError(f"cannot write to {blocked} (permissions or a read-only file system): "
+                          "fix its permissions or choose another paths.log_dir")
+    recorded = path / ".hydra" / IDENTITY_FILE
+    if recorded.is_file():
+        old = json.loads(recorded.read_text())
+        if old["key"] != identity_key(identity):
+            diff = _differences(old["identity"], identity)
+            raise ConfigError(
+                f"{path} holds the results of another configuration ({'; '.join(diff[:3])}"
+                f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}): choose another run directory or remove it"
+            )
+    elif found := _results_present(path):
+        raise ConfigError(
+            f"{path} holds results of an unrecorded configuration ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): choose another run directory or remove it"
+        )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
+    """``.hydra/{identity.json,config.yaml,overrides.yaml,hydra.yaml}``: what Hydra would write, but resolved and
+    only for a job that was found valid (``hydra.output_subdir: null``); identity.json guards the directory."""
+    hydra_dir = path / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    record = {"key": identity_key(identity), "identity": identity}
+    _atomic_write(hydra_dir / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    _atomic_write(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        _atomic_write(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+        _atomic_write(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra_cfg)}))
+
+
+def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
+    """``logs/<run_name>/latest`` -> this run directory, replaced atomically; None where the run directory is
+    not below ``logs/<run_name>`` (an explicit hydra.run.dir, a quickstart stage)."""
+    home = Path(cfg.paths.log_dir, cfg.run_name).resolve()
+    if home not in path.parents:
+        return None
+    link = home / LATEST
+    tmp = home / f".{LATEST}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(path.relative_to(home), target_is_directory=True)
+    os.replace(tmp, link)
+    return link
+
+
+def _remove_if_made_for_job(path: Path) -> None:
+    """Undo Hydra's mkdir for a job that stopped before it was valid: only its empty job log and empty
+    directories go, up to the nearest directory that existed before the job."""
+    existing = _MADE_FOR_JOB.get(str(path))
+    if existing is None:
+        return
+    for name in _NOT_RESULTS:
+        log_file = path / name
+        if log_file.is_file() and log_file.stat().st_size == 0:
+            log_file.unlink()
+    current = path
+    while str(current) != existing and current.is_dir() and not any(current.iterdir()):
+        current.rmdir()
+        current = current.parent
+
+
+def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str) -> R:
+    """The run directory's lifecycle, the same for every job (training, quickstart, certification):
+
+    1. before anything is loaded: the directory (``paths.output_dir``) can be written and holds no other
+       configuration's results (``.hydra/identity.json``), else one line and nothing touched;
+    2. ``build()`` (data, model, checkpoints: every check on the user's input); if it fails, a directory
+       Hydra created for this job is removed again;
+    3. rank 0 records the resolved config in ``.hydra/``; ``run(built)``; a full disk there ends in one
+       line saying how to resume (``resume_hint``);
+    4. at the end rank 0 points ``logs/<run_name>/latest`` at the directory; both ends print it.
+    """
+    quiet_lightning()
+    path = Path(cfg.paths.output_dir).resolve()
+    try:
+        try:
+            identity = job_identity(cfg)
+        except (ValueError, MissingMandatoryValue, InterpolationResolutionError) as err:
+            raise ConfigError(one_line(err)) from None
+        _check_run_dir(path, identity)
+        built = build()
+    except BaseException:
+        if global_rank() == 0:
+            _remove_if_made_for_job(path)
+        raise
+    try:
+        if global_rank() == 0:
+            _record_config(path, cfg, identity)
+            log.info("run directory: %s", path)
+        result = run(built)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConfigError(
+            f"no space left on the device of {err.filename or path}: what was written before is kept; "
+            f"free some space, then {resume_hint}"
+        ) from None
+    if global_rank() == 0:
+        latest = _point_latest(path, cfg)
+        log.info("run directory: %s%s", path, f" (also {latest})" if latest else "")
+    return result

@@ -22,8 +22,10 @@ from sklearn.model_selection import train_test_split
 from timm.data import rand_augment_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import InterpolationMode
 
+from dmae_lightning.errors import ConfigError
 from dmae_lightning.models.layers import IMAGENET_MEAN
 from dmae_lightning.pipelines import (
     PIPELINES,
@@ -38,6 +40,25 @@ from dmae_lightning.pipelines import (
 SPLITS = ("train", "val", "test")
 # The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+class DataError(ConfigError):
+    """Missing, damaged or unreadable data files: one line, which the entry points print wherever it is raised."""
+
+
+class BrokenImageError(DataError):
+    """An image file that cannot be decoded, raised by the dataset when item ``index`` is read.
+
+    Raised per item, not when the folder is scanned (decoding a million JPEGs up front would take hours),
+    so a job meets it at that image; ``path`` and ``index`` let the caller record the image as failed.
+    """
+
+    def __init__(self, path: str, index: int, reason: str):
+        super().__init__(f"image {index} ({path}) cannot be decoded: {reason}")
+        self.path, self.index, self.reason = path, index, reason
+
+    def __reduce__(self):  # pickled with its three fields (the default would call it with the message alone)
+        return type(self), (self.path, self.index, self.reason)
 
 
 class _ImageDataModule(pl.LightningDataModule):
@@ -197,6 +218,19 @@ class _ImageDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
 
+class _CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose items that cannot be decoded raise BrokenImageError (file and index, one line) instead
+    of PIL's OSError, which names neither."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            return super().__getitem__(index)
+        # PIL: truncated or unidentified files; SyntaxError: bad headers; RuntimeError: torchvision's
+        # JPEG decoder (the tensor pipeline)
+        except (OSError, SyntaxError, RuntimeError) as err:
+            raise BrokenImageError(self.samples[index][0], index, str(err).splitlines()[0]) from None
+
+
 class ImageNetDataModule(_ImageDataModule):
     """ImageNet-1k from an ImageFolder tree ``root/{train,val}/<wnid>/<image>.JPEG``.
 
@@ -321,7 +355,7 @@ class ImageNetDataModule(_ImageDataModule):
             else (datasets.folder.default_loader, self._eval_transform())
         )
         try:
-            data = datasets.ImageFolder(folder, transform=transform, loader=loader)
+            data = _CheckedImageFolder(folder, transform=transform, loader=loader)
         except FileNotFoundError:  # ImageFolder's complaint about a class folder without images
             raise self._missing(folder) from None
         self._check_num_classes(len(data.classes), str(folder))
@@ -388,11 +422,21 @@ class CIFAR10DataModule(_ImageDataModule):
             return datasets.CIFAR10(
                 self.root, train=source == "train", transform=transform, download=self.download
             )
-        except RuntimeError as err:  # torchvision: a file is missing or fails its md5 check
-            raise RuntimeError(
-                f"CIFAR-10 files in {self.folder} are incomplete or damaged ({err}): "
-                "remove the folder and set data.download=true"
-            ) from None
+        except RuntimeError:  # torchvision: a file is missing or fails its md5 check, without saying which
+            raise DataError(f"{self._first_bad_file()}: remove the folder and set data.download=true") from None
+
+    def _first_bad_file(self) -> str:
+        """The first file of torchvision's list that fails torchvision's own md5 check (checked again here,
+        only after a failure, to name it)."""
+        listed = [*datasets.CIFAR10.train_list, *datasets.CIFAR10.test_list]
+        listed.append([datasets.CIFAR10.meta["filename"], datasets.CIFAR10.meta["md5"]])
+        for name, md5 in listed:
+            path = self.folder / name
+            if not path.is_file():
+                return f"CIFAR-10 file {path} is missing"
+            if not check_integrity(str(path), md5):
+                return f"CIFAR-10 file {path} is damaged (its md5 differs from the published one)"
+        return f"CIFAR-10 files in {self.folder} are incomplete or damaged"
 
 
 class _ImageTensors(Dataset):

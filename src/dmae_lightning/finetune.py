@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .checkpoints import LoadReport, load_weights
 from .models import VisionTransformerClassifier, create_model
+from .noise import GaussianNoise
 from .optim import configure_optimizer
 from .pretrain import check_finite, compile_in_place
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
@@ -57,8 +58,7 @@ def mix_then_noise(
     """
     imgs, soft_targets = mix(imgs, labels)  # [B, 3, H, W], [B, C]
     imgs = imgs.repeat(m, 1, 1, 1)  # [m*B, 3, H, W]: copies share partner and lambda
-    noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
-    return imgs + sigma * noise, soft_targets.repeat(m, 1)
+    return GaussianNoise(sigma).perturb(imgs, generator), soft_targets.repeat(m, 1)
 
 
 class SmoothedClassifierModule(pl.LightningModule):
@@ -136,9 +136,8 @@ class SmoothedClassifierModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int):
         imgs, labels = batch
         generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
-        noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
         self.val_acc_clean(self(imgs), labels)
-        self.val_acc_noisy(self(imgs + self.hparams.sigma * noise), labels)
+        self.val_acc_noisy(self(GaussianNoise(self.hparams.sigma).perturb(imgs, generator)), labels)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_noisy", self.val_acc_noisy, prog_bar=True)
 

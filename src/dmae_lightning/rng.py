@@ -3,8 +3,8 @@
 Training noise and masks come from a generator seeded by (seed, rank, step, micro-batch), so DDP
 ranks draw different noise while the model initialisation (global seed) stays identical, and a
 resumed run draws exactly what the uninterrupted run would have drawn. Certification noise for
-image ``idx`` comes from a generator seeded by (seed, CERTIFY_STREAM, idx). The stream ids keep the
-three uses apart.
+image ``idx`` comes in blocks, block b of stage s from a generator seeded by (seed, CERTIFY_STREAM, idx,
+s, b) (see certification/sampler.py). The stream ids keep the three uses apart.
 """
 
 from __future__ import annotations

@@ -8,13 +8,15 @@
   a WandbLogger that finds ``wandb.run`` still open *reuses* it: without this every point of a sweep would log
   into the first point's run.
 - ``ResumableCSVLogger``: Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, which after
-  a requeue would erase everything logged before the preemption; on a SLURM restart this one appends.
+  a requeue or a resume would erase everything logged before; on a SLURM restart and on a resume
+  (``keep_logged_metrics``) this one appends.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -111,31 +113,66 @@ def wandb_logger(
     )
 
 
-class _AppendingExperimentWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (and its header) instead of deleting it."""
+class _SafeExperimentWriter(ExperimentWriter):
+    """Rewrites metrics.csv (Lightning does when a new metric name appears) into a new file that is then renamed
+    over it: Lightning rewrites it in place, and a kill during that rewrite would leave only part of it."""
+
+    def _replace_metrics(self, text: str) -> None:
+        partial = f"{self.metrics_file_path}.partial"
+        with self._fs.open(partial, "w", newline="") as file:
+            file.write(text)
+        self._fs.mv(partial, self.metrics_file_path)  # a rename within the folder
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        self._replace_metrics(text.getvalue())
+
+
+class _AppendingExperimentWriter(_SafeExperimentWriter):
+    """Keeps an existing metrics.csv (and its header) instead of deleting it. A last row cut short by a kill
+    (no newline at its end) is dropped: it belongs to a step after the checkpoint, which is logged again."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                header = next(csv.reader(file), [])
-            self.metrics_keys = sorted(set(header))
-            log.info("appending to %s (restart of a requeued job)", self.metrics_file_path)
+                text = file.read()
+            if not text.endswith("\n"):
+                text = text[: text.rfind("\n") + 1]
+                if text:
+                    self._replace_metrics(text)
+                else:  # not even a whole header: start the file afresh
+                    self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = sorted(set(next(csv.reader(io.StringIO(text)), [])))
+            log.info("appending to %s", self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """CSVLogger that appends to the run's metrics.csv on a SLURM restart (``SLURM_RESTART_COUNT`` > 0) or when
-    ``append=true``, instead of deleting it. Rows of steps run twice (after the checkpoint, before the job was
-    killed) then appear twice: the later row is the one the resumed run computed."""
+    """CSVLogger that appends to the run's metrics.csv instead of deleting it: on a SLURM restart
+    (``SLURM_RESTART_COUNT`` > 0), when ``append=true``, or after ``keep_logged_metrics`` (a resumed run).
+    Rows of steps run twice (after the checkpoint, before the job was killed) then appear twice: the later row
+    is the one the resumed run computed."""
 
     def __init__(self, *args: Any, append: bool | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._append = slurm_restart_count() > 0 if append is None else bool(append)
+        self.append = slurm_restart_count() > 0 if append is None else bool(append)
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            writer = _AppendingExperimentWriter if self._append else ExperimentWriter
+            writer = _AppendingExperimentWriter if self.append else _SafeExperimentWriter
             self._experiment = writer(log_dir=self.log_dir)
         return self._experiment
+
+
+def keep_logged_metrics(loggers: list) -> None:
+    """Make the CSV loggers of a resumed run append (call before anything is logged)."""
+    for logger in loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.append = True

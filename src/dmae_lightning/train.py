@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
-from . import config  # noqa: F401  (registers the Hydra resolvers)
-from .tracking import finish_runs
+from .config import run_in_dir
+from .errors import BAD_INPUT, ConfigError, one_line
+from .resume import resume_checkpoint
+from .tracking import finish_runs, keep_logged_metrics
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Bad input found before any training work: the entry points print it as one line."""
-
-
-# Errors that mean "bad config, data or checkpoint" when raised while the job is being built.
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
-
-
-def one_line(err: Exception) -> str:
-    if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
-        err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
@@ -38,6 +24,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
     Every check that can fail on bad input runs here, before the first training step.
     """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
@@ -60,20 +47,48 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, module, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline."""
-    if cfg.task.name == "quickstart":
-        from .quickstart import run_quickstart  # imported here: the pipeline calls back into train()
+def train(cfg: DictConfig) -> dict:
+    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline.
 
-        return run_quickstart(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
+    Either way the job runs in its run directory's lifecycle (``config.run_in_dir``): checked before anything
+    is loaded, recorded once the job is valid, linked as ``logs/<run_name>/latest`` when it has finished.
+    """
+    if cfg.task.name == "quickstart":
+        from .quickstart import (  # here: the pipeline calls back into train()
+            quickstart_stages,
+            run_quickstart,
+        )
+
+        return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
+                          resume_hint="run the same command again (finished stages are kept)")
+    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared),
+                      resume_hint="run the same command again with ckpt_path=last")
+
+
+def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
+    """The checkpoint to resume from (checked before anything is built; a damaged last.ckpt falls back to
+    the checkpoint kept before it), then data, module and trainer."""
+    try:
+        ckpt_path = resume_checkpoint(cfg)
+    except BAD_INPUT as err:
+        raise ConfigError(f"cannot resume: {one_line(err)}") from None
+    return (ckpt_path, *build(cfg))
+
+
+def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
+    if cfg.ckpt_path:
+        keep_logged_metrics(trainer.loggers)  # a resumed run appends to what the attempts before it logged
     if trainer.is_global_zero:
-        log.info("run directory: %s", Path(cfg.paths.output_dir).resolve())
+        summary = ModelSummary(module, max_depth=0)  # one line instead of Lightning's table (enable_model_summary)
+        log.info("%s: %s parameters (%s trainable) on %d %s device(s) x %d node(s), precision %s",
+                 type(module.model).__name__, get_human_readable_count(summary.total_parameters),
+                 get_human_readable_count(summary.trainable_parameters), trainer.num_devices,
+                 type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(), trainer.num_nodes,
+                 trainer.precision)
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException:
         finish_runs(failed=True)
         raise

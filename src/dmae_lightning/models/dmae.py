@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..noise import GaussianNoise
 from .layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
 
 
@@ -70,11 +71,15 @@ class DMAEViT(ViTEncoderBase):
         x = torch.einsum("nhwpqc->nchpwq", x)  # [B, 3, g, p, g, p]
         return x.reshape(x.shape[0], 3, g * p, g * p)  # [B, 3, S, S]
 
+    @property
+    def noise(self) -> GaussianNoise:
+        """The input corruption, from the plain ``sigma`` attribute (which may be changed after building)."""
+        return GaussianNoise(self.sigma)
+
     # --- the three stages -------------------------------------------------------------------
     def add_noise(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise of std ``sigma`` in [0,1] pixel space at native resolution (no clamping)."""
-        noise = torch.randn(imgs.shape, generator=generator, device=imgs.device, dtype=imgs.dtype)
-        return imgs + self.sigma * noise  # [B, 3, H, W]
+        return self.noise.perturb(imgs, generator)  # [B, 3, H, W]
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
         """Per-sample shuffle; keep the first (1 - mask_ratio) of the patch tokens.

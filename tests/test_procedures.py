@@ -1,7 +1,9 @@
-"""Randomized smoothing: confidence bound, radii against a closed form, exact counts, input checks."""
+"""Smooth, CERTIFY and PREDICT: confidence bound, radii against a closed form, exact counts against an
+independent recount of the block-seeded noise, batch-size independence, input checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +12,9 @@ from scipy.optimize import brentq
 from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
-from dmae_lightning.smoothing import Smooth, certified_radius, lower_confidence_bound
+from dmae_lightning.certification import NOISE_BLOCK, Certify, NonFiniteLogits, Smooth, lower_confidence_bound
+from dmae_lightning.noise import GaussianNoise
+from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 
 
 class Recording(nn.Module):
@@ -41,16 +45,23 @@ def linear_binary(w: torch.Tensor, b: float):
     return fn
 
 
-def reference_counts(fn, x, sigma, sizes, generator, num_classes, batch_size):
-    """Counts per phase recomputed outside Smooth: same generator stream, same batch shapes."""
+def reference_noise(seed, idx, stage, num, shape):
+    """The documented noise scheme, written out: blocks of NOISE_BLOCK samples, block b of a stage drawn
+    whole from seeded_generator(seed, CERTIFY_STREAM, idx, stage, b), the rows taken in order."""
+    blocks = [
+        torch.randn((NOISE_BLOCK, *shape), generator=seeded_generator(seed, CERTIFY_STREAM, idx, stage, b))
+        for b in range(-(-num // NOISE_BLOCK))
+    ]
+    return torch.cat(blocks)[:num]  # [num,C,H,W]
+
+
+def reference_counts(fn, x, sigma, sizes, seed, num_classes, idx=0):
+    """Counts per stage recomputed outside Smooth, one sample at a time from the documented noise."""
     phases = []
-    for size in sizes:
+    for stage, size in enumerate(sizes):
         counts = [0] * num_classes
-        for start in range(0, size, batch_size):
-            b = min(batch_size, size - start)
-            noise = torch.randn((b, *x.shape), generator=generator)
-            for c in fn(x + sigma * noise).argmax(1).tolist():
-                counts[c] += 1
+        for noise in reference_noise(seed, idx, stage, size, x.shape):
+            counts[int(fn((x + sigma * noise).unsqueeze(0)).argmax(1))] += 1
         phases.append(counts)
     return phases
 
@@ -79,9 +90,10 @@ def test_lower_confidence_bound_edges():
 
 
 def test_certified_radius():
-    assert certified_radius(0.5, 0.25) == 0.0
-    assert certified_radius(norm.cdf(2.0), 0.5) == pytest.approx(1.0, rel=1e-12)
-    assert certified_radius(0.99, 1.0) == pytest.approx(2.3263478740408408, rel=1e-12)
+    assert GaussianNoise(0.25).radius(0.5) == 0.0
+    assert GaussianNoise(0.5).radius(norm.cdf(2.0)) == pytest.approx(1.0, rel=1e-12)
+    assert GaussianNoise(1.0).radius(0.99) == pytest.approx(2.3263478740408408, rel=1e-12)
+    assert GaussianNoise(0.5).probability_for_radius(1.0) == pytest.approx(norm.cdf(2.0), rel=1e-12)
 
 
 # --- radius against the closed form ----------------------------------------------------------------
@@ -103,8 +115,7 @@ def test_certified_radius_never_exceeds_the_true_radius(seed):
     x, w, b = linear_case(seed, true_radius, side)
     smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=sigma)
     for draw in range(5):
-        gen = torch.Generator().manual_seed(1000 * seed + draw)
-        prediction, radius = smooth.certify(x, n0=100, n=2000, alpha=0.001, batch_size=500, generator=gen)
+        prediction, radius = smooth.certify(x, n0=100, n=2000, alpha=0.001, batch_size=500, seed=1000 * seed + draw)
         assert prediction == (1 if side == 1 else 0)
         assert 0.0 < radius <= true_radius
 
@@ -114,10 +125,10 @@ def test_certified_radius_is_tight_at_large_n():
     x, w, b = linear_case(7, true_radius, 1)
     smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=sigma)
     record = smooth.certify_record(
-        x, n0=100, n=n, alpha=alpha, batch_size=25_000, generator=torch.Generator().manual_seed(0)
+        x, n0=100, n=n, alpha=alpha, batch_size=25_000, seed=0
     )
     p_true = norm.cdf(true_radius / sigma)
-    assert record.prediction == 1 and record.n == n
+    assert record.predict == 1 and record.n == n
     assert abs(record.n_a / n - p_true) < 4 * math.sqrt(p_true * (1 - p_true) / n)
     assert record.radius <= true_radius
     assert record.radius == pytest.approx(true_radius, rel=0.04)  # normal approx: about 2.2 % below
@@ -138,20 +149,17 @@ def test_certify_record_counts_match_an_independent_recount(seed):
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(10 + seed))
     classifier = Recording(fn)
     record = Smooth(classifier, num_classes=3, sigma=sigma).certify_record(
-        x, n0, n, alpha, batch_size=1000, generator=torch.Generator().manual_seed(seed)
+        x, n0, n, alpha, batch_size=1000, seed=seed
     )
-    selection, estimation = reference_counts(
-        fn, x, sigma, [n0, n], torch.Generator().manual_seed(seed), 3, 1000
-    )
+    selection, estimation = reference_counts(fn, x, sigma, [n0, n], seed, 3)
     guess = max(range(3), key=lambda c: (selection[c], -c))
     n_a = estimation[guess]
     p_lower = beta.ppf(alpha, n_a, n - n_a + 1)
-    assert (record.guess, record.n_a, record.n) == (guess, n_a, n)
-    assert record.p_lower == pytest.approx(p_lower, rel=1e-12)
+    assert (record.n_a, record.n) == (n_a, n)
     if p_lower < 0.5:
-        assert (record.prediction, record.radius) == (Smooth.ABSTAIN, 0.0)
+        assert (record.predict, record.radius) == (Smooth.ABSTAIN, 0.0)
     else:
-        assert record.prediction == guess
+        assert record.predict == guess
         assert record.radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)
     assert classifier.batch_sizes == [60, 1000, 500]
 
@@ -172,28 +180,21 @@ def test_remainder_batches_and_noise_in_native_pixel_space():
 def test_skip_wrong_guess():
     fn, sigma = three_class_fn(), 0.25
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(4))
-    full = Smooth(Recording(fn), 3, sigma).certify_record(
-        x, 50, 800, 0.001, 256, torch.Generator().manual_seed(5)
-    )
-    wrong = (full.guess + 1) % 3
+    full = Smooth(Recording(fn), 3, sigma).certify_record(x, 50, 800, 0.001, 256, seed=5, label=0)
+    assert full.predict != Smooth.ABSTAIN
+    wrong = (full.predict + 1) % 3
 
     classifier = Recording(fn)
     skipped = Smooth(classifier, 3, sigma).certify_record(
-        x, 50, 800, 0.001, 256, torch.Generator().manual_seed(5), label=wrong, skip_wrong_guess=True
+        x, 50, 800, 0.001, 256, seed=5, label=wrong, skip_wrong_guess=True
     )
-    assert (skipped.prediction, skipped.radius, skipped.guess, skipped.n_a, skipped.n) == (
-        full.guess,
-        0.0,
-        full.guess,
-        0,
-        0,
-    )
+    assert (skipped.predict, skipped.radius, skipped.correct, skipped.n_a, skipped.n) == (full.predict, 0.0, 0, 0, 0)
     assert sum(classifier.batch_sizes) == 50  # the n estimation draws were never made
 
     kept = Smooth(Recording(fn), 3, sigma).certify_record(
-        x, 50, 800, 0.001, 256, torch.Generator().manual_seed(5), label=full.guess, skip_wrong_guess=True
+        x, 50, 800, 0.001, 256, seed=5, label=full.predict, skip_wrong_guess=True
     )
-    assert kept == full
+    assert dataclasses.replace(kept, time=0.0, label=0, correct=0) == dataclasses.replace(full, time=0.0, correct=0)
 
 
 def test_same_seed_same_result_different_seed_different_counts():
@@ -201,7 +202,7 @@ def test_same_seed_same_result_different_seed_different_counts():
     smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=0.5)
 
     def run(seed):
-        return smooth.certify_record(x, 100, 5000, 0.001, 1024, generator=torch.Generator().manual_seed(seed))
+        return dataclasses.replace(smooth.certify_record(x, 100, 5000, 0.001, 1024, seed=seed), time=0.0)
 
     assert run(3) == run(3)
     assert len({run(seed).n_a for seed in (3, 4, 5)}) == 3
@@ -226,13 +227,13 @@ def threshold_fn(x0: float, sigma: float, probabilities):
 def test_predict_abstains_on_a_coin_flip_and_answers_a_confident_classifier():
     x, sigma = torch.full((1, 2, 2), 0.5), 0.25
     coin = Smooth(Recording(threshold_fn(0.5, sigma, [0.5, 0.5])), 2, sigma)
-    assert [coin.predict(x, 1000, 0.001, 500, torch.Generator().manual_seed(s)) for s in range(5)] == [
+    assert [coin.predict(x, 1000, 0.001, 500, seed=s) for s in range(5)] == [
         Smooth.ABSTAIN
     ] * 5
     confident = Smooth(
         Recording(lambda z: nn.functional.one_hot(torch.full((z.shape[0],), 3), 5).float()), 5, sigma
     )
-    assert confident.predict(x, 100, 0.001, 64, torch.Generator().manual_seed(0)) == 3
+    assert confident.predict(x, 100, 0.001, 64, seed=0) == 3
 
 
 def test_predict_decision_matches_scipy_binomtest():
@@ -241,8 +242,8 @@ def test_predict_decision_matches_scipy_binomtest():
     smooth = Smooth(Recording(fn), 3, sigma)
     outcomes = []
     for seed in range(20):
-        prediction = smooth.predict(x, n, alpha, 64, torch.Generator().manual_seed(seed))
-        (counts,) = reference_counts(fn, x, sigma, [n], torch.Generator().manual_seed(seed), 3, 64)
+        prediction = smooth.predict(x, n, alpha, 64, seed=seed)
+        (counts,) = reference_counts(fn, x, sigma, [n], seed, 3)
         top, second = sorted(range(3), key=lambda c: (-counts[c], c))[:2]
         abstain = binomtest(counts[top], counts[top] + counts[second], 0.5).pvalue > alpha
         assert prediction == (Smooth.ABSTAIN if abstain else top)
@@ -322,18 +323,118 @@ def test_skip_wrong_guess_needs_a_label_and_rounding_is_tolerated():
     assert smooth.certify(x, 10, 100, 0.001, 64) == (0, pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 100))))
 
 
+# --- block-seeded noise: independent of batch size and packing -------------------------------------
+
+
+def three_class_images(count):
+    g = torch.Generator().manual_seed(21)
+    return [(idx, torch.rand(3, 2, 2, generator=g), idx % 3) for idx in range(count)]
+
+
+def without_time(records):
+    return [dataclasses.replace(r, time=0.0) for r in records]
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_results_identical_for_every_batch_size_and_packing(device):
+    """Several images share forward batches; each image's record equals certifying it alone, for batch
+    sizes that split blocks (37), align with them (100, 200) and hold several images (1000)."""
+    weights = torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
+    smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, 0.5, precision="fp32")
+    images = [(idx, x.to(device), label) for idx, x, label in three_class_images(7)]
+    procedure = Certify(smooth.noise, n0=100, n=450, alpha=0.001)
+    runs = [without_time(smooth.run(procedure, images, batch_size, seed=4)) for batch_size in (37, 100, 200, 1000)]
+    assert all(run == runs[0] for run in runs[1:])
+    alone = [without_time(smooth.run(procedure, [image], 64, seed=4))[0] for image in images]
+    assert alone == runs[0]
+    assert len({r.n_a for r in runs[0]}) > 1  # different images, different noise
+
+
+def test_images_share_forward_batches():
+    classifier = Recording(lambda z: torch.zeros(z.shape[0], 3))
+    smooth = Smooth(classifier, 3, 0.25)
+    smooth.run(Certify(smooth.noise, n0=100, n=300, alpha=0.001), three_class_images(5), batch_size=250, seed=0)
+    # 5 x (100 selection + 300 estimation) = 2000 samples; until the last image has arrived every batch is
+    # full (one image alone would give 100, 250, 50 per image); then the last estimations finish the run.
+    assert sum(classifier.batch_sizes) == 2000
+    assert classifier.batch_sizes == [250] * 6 + [200, 250, 50]
+
+
+def test_counts_match_the_documented_noise_for_another_image_index():
+    fn = three_class_fn()
+    x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(8))
+    record = Smooth(Recording(fn), 3, 0.5).certify_record(x, 30, 250, 0.01, batch_size=70, seed=2, idx=17)
+    selection, estimation = reference_counts(fn, x, 0.5, [30, 250], 2, 3, idx=17)
+    guess = max(range(3), key=lambda c: (selection[c], -c))
+    assert record.n_a == estimation[guess]
+
+
+def test_nan_logits_are_refused_naming_the_image():
+    smooth = Smooth(Recording(lambda z: torch.full((z.shape[0], 3), float("nan"))), 3, 0.25)
+    with pytest.raises(NonFiniteLogits, match="image 12: the base classifier returned NaN/Inf logits for 10 of 10"):
+        smooth.certify(torch.rand(3, 2, 2), 10, 100, 0.001, 64, idx=12)
+    inf_once = Recording(lambda z: torch.cat([torch.full((1, 3), float("inf")), torch.zeros(z.shape[0] - 1, 3)]))
+    with pytest.raises(NonFiniteLogits, match="for 1 of 10 noisy samples"):
+        Smooth(inf_once, 3, 0.25).predict(torch.rand(3, 2, 2), 10, 0.001, 64)
+
+
+def test_float64_images_are_certified_as_float32():
+    classifier = Recording(three_class_fn())
+    x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(9))
+    smooth = Smooth(classifier, 3, 0.5)
+    assert smooth.certify(x.double(), 20, 200, 0.001, 64) == smooth.certify(x, 20, 200, 0.001, 64)
+    assert {batch.dtype for batch in classifier.inputs} == {torch.float32}
+
+
+def test_auto_precision_is_fp32_on_the_cpu():
+    classifier = Recording(lambda z: torch.zeros(z.shape[0], 2))
+    Smooth(classifier, 2, 0.25).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
+    assert set(classifier.logit_dtypes) == {torch.float32}
+
+
+@pytest.mark.slow
+def test_compiled_classifier_gives_the_eager_results_with_one_batch_shape():
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(1), nn.Linear(12, 3))
+    images = three_class_images(3)
+    procedure = Certify(GaussianNoise(0.5), n0=100, n=250, alpha=0.001)
+    eager = without_time(Smooth(classifier, 3, 0.5).run(procedure, images, 128, seed=1))
+    smooth = Smooth(classifier, 3, 0.5, compile=True)
+    sampler = smooth.sampler(128, seed=1, device="cpu")
+    shapes, compiled_forward = [], sampler.forward
+    sampler.forward = lambda batch: shapes.append(tuple(batch.shape)) or compiled_forward(batch)
+    assert without_time(smooth.run(procedure, images, 128, seed=1)) == eager
+    assert set(shapes) == {(128, 3, 2, 2)}  # 1050 samples: the short last batch was padded
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_generator_reproducible_and_bf16():
+def test_cuda_reproducible_and_bf16_by_default():
     linear = nn.Linear(3 * 32 * 32, 10).cuda()
-    smooth = Smooth(Recording(lambda z: linear(z.flatten(1))), 10, 0.5, precision="bf16")
+    classifier = Recording(lambda z: linear(z.flatten(1)))
+    smooth = Smooth(classifier, 10, 0.5)
     x = torch.rand(3, 32, 32, device="cuda")
 
-    def run(seed):
-        return smooth.certify_record(
-            x, 100, 10_000, 0.001, 4096, torch.Generator(device="cuda").manual_seed(seed)
-        )
+    def run(batch):
+        return dataclasses.replace(smooth.certify_record(x, 100, 10_000, 0.001, batch, seed=0), time=0.0)
 
-    assert run(0) == run(0)
-    assert run(0).n == 10_000
-    with pytest.raises(ValueError, match="generator is on cpu"):
-        smooth.certify(x, 10, 10, 0.001, 4, torch.Generator())
+    assert run(4096) == run(4096) == run(1000)
+    assert run(4096).n == 10_000
+    assert set(classifier.logit_dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_no_host_synchronisation_until_a_request_is_complete():
+    linear = nn.Linear(3 * 8 * 8, 10).cuda()
+    smooth = Smooth(nn.Sequential(nn.Flatten(1), linear), 10, 0.5)
+    sampler = smooth.sampler(500, seed=0, device="cuda")
+    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), Certify(smooth.noise, 2000, 10, 0.001).run(0, 0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # 1,500 of the 2,000 selection draws: no request completes, nothing read back
+            assert sampler.step() == []
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -2,12 +2,12 @@
 
 At the end of every ``every_n_epochs``-th validation epoch, CERTIFY runs on ``num_images`` evenly spaced
 images of ``trainer.datamodule.dataset(split)`` (not the first ones: a class-sorted ImageFolder would give
-one class), split across the ranks (rank R takes ``idx[R::world]``).
-Image ``idx`` draws its noise from ``seeded_generator(seed, CERTIFY_STREAM, idx)`` as in the
-certification job, so the numbers do not depend on the number of ranks and, for equal settings, equal
-what ``certify.py`` reports for those images. Counts are summed over the ranks before logging
-``cert/acc@<r>`` (certified accuracy at radius r), ``cert/acr`` and ``cert/abstain_rate``.
-A small n keeps it cheap; the radii it can certify are at most sigma * Phi^-1(alpha^(1/n)).
+one class), split across the ranks (rank R takes ``idx[R::world]``), all of a rank's images sharing
+forward batches. The noise is the certification job's (seed, idx) block streams, so the numbers do not
+depend on the number of ranks and, for equal settings, equal what ``certify.py`` reports for those
+images. The records of all ranks are gathered and summarised by :mod:`.metrics`, as in the job:
+``cert/acc@<r>``, ``cert/acr`` and ``cert/abstain_rate``. A small n keeps it cheap; the radii it can
+certify are at most sigma * Phi^-1(alpha^(1/n)).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from .results import ABSTAIN, default_radii, radius_key
-from .rng import CERTIFY_STREAM, seeded_generator
-from .smoothing import AUTOCAST_DTYPES, Smooth
+from ..noise import GaussianNoise
+from .metrics import abstain_rate, average_certified_radius, certified_accuracy, default_radii
+from .procedures import Certify, Smooth
+from .records import CertifyRecord
+from .sampler import PRECISIONS
 
 
 class CertificationCallback(pl.Callback):
@@ -39,7 +41,7 @@ class CertificationCallback(pl.Callback):
         split: str = "val",
         radii: list[float] | None = None,
         seed: int = 0,
-        precision: str = "fp32",
+        precision: str = "auto",
     ):
         for name, value in (
             ("every_n_epochs", every_n_epochs),
@@ -54,8 +56,8 @@ class CertificationCallback(pl.Callback):
             raise ValueError(f"CertificationCallback: alpha must lie strictly between 0 and 1, got {alpha!r}")
         if radii is not None and (not radii or any(not math.isfinite(r) or r < 0 for r in radii)):
             raise ValueError(f"CertificationCallback: radii must be null or numbers >= 0, got {radii!r}")
-        if precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"CertificationCallback: precision must be one of {sorted(AUTOCAST_DTYPES)}")
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"CertificationCallback: precision must be one of auto|{'|'.join(PRECISIONS)}")
         if seed < 0:
             raise ValueError(f"CertificationCallback: seed must be >= 0, got {seed}")
         self.every_n_epochs, self.num_images, self.n0, self.n = every_n_epochs, num_images, n0, n
@@ -67,52 +69,55 @@ class CertificationCallback(pl.Callback):
         if stage != "fit":
             return
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "dataset"):
-            raise ValueError(
-                "CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)"
-            )
+            raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
         if "sigma" not in pl_module.hparams or "num_classes" not in pl_module.hparams:
-            raise ValueError(
-                "CertificationCallback needs hparams sigma and num_classes (SmoothedClassifierModule)"
-            )
+            raise ValueError("CertificationCallback needs hparams sigma and num_classes (SmoothedClassifierModule)")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         for name, value in self.compute(trainer, pl_module).items():
-            # Already summed over the ranks: every rank logs the same value, no further sync needed.
+            # Computed from every rank's records: every rank logs the same value, no further sync needed.
             pl_module.log(name, value, sync_dist=False, on_step=False, on_epoch=True)
+
+    def indices(self, dataset_size: int) -> list[int]:
+        step = max(1, dataset_size // self.num_images)
+        return list(range(0, dataset_size, step))[: self.num_images]
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics over all ranks' images (every rank returns the same values)."""
         dataset = trainer.datamodule.dataset(self.split)
         radii = self.radii or default_radii(getattr(trainer.datamodule, "name", ""))
-        step = max(1, len(dataset) // self.num_images)
-        indices = list(range(0, len(dataset), step))[: self.num_images]
         model = getattr(pl_module, "model", pl_module)
-        smooth = Smooth(
-            model, int(pl_module.hparams.num_classes), float(pl_module.hparams.sigma), self.precision
-        )
-        # Per rank: [certified correct at each radius..., sum of radius over correct, abstentions, images]
-        sums = torch.zeros(len(radii) + 3, dtype=torch.float64)
+        sigma = float(pl_module.hparams.sigma)
+        smooth = Smooth(model, int(pl_module.hparams.num_classes), sigma, self.precision)
+        procedure = Certify(GaussianNoise(sigma), self.n0, self.n, self.alpha)
+        mine = self.indices(len(dataset))[trainer.global_rank :: trainer.world_size]
+        images = [(idx, *dataset[idx]) for idx in mine]
+        images = [(idx, image.to(pl_module.device), int(label)) for idx, image, label in images]
         was_training = model.training
         model.eval()
         try:
-            for idx in indices[trainer.global_rank :: trainer.world_size]:
-                image, label = dataset[idx]
-                image = image.to(pl_module.device)  # [C,H,W]
-                generator = seeded_generator(self.seed, CERTIFY_STREAM, idx, device=pl_module.device)
-                prediction, radius = smooth.certify(image, self.n0, self.n, self.alpha, self.batch, generator)
-                correct = prediction == int(label)
-                for i, r in enumerate(radii):
-                    sums[i] += correct and radius >= r
-                sums[-3] += radius if correct else 0.0
-                sums[-2] += prediction == ABSTAIN
-                sums[-1] += 1
+            records = smooth.run(procedure, images, self.batch, self.seed)
         finally:
             model.train(was_training)
-        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").cpu()  # [R+3]
-        count = float(sums[-1])
-        metrics = {f"cert/acc@{radius_key(r)}": float(sums[i]) / count for i, r in enumerate(radii)}
-        metrics["cert/acr"] = float(sums[-3]) / count
-        metrics["cert/abstain_rate"] = float(sums[-2]) / count
+        records = self._gather(trainer, records, pl_module.device)
+        metrics = {f"cert/acc@{key}": value for key, value in certified_accuracy(records, radii).items()}
+        metrics["cert/acr"] = average_certified_radius(records)
+        metrics["cert/abstain_rate"] = abstain_rate(records)
         return metrics
+
+    @staticmethod
+    def _gather(trainer: pl.Trainer, records: list[CertifyRecord], device) -> list[CertifyRecord]:
+        """Every rank's records on every rank (padded to the longest share, the padding rows dropped)."""
+        fields = ("idx", "predict", "radius", "correct")
+        longest = int(trainer.strategy.all_gather(torch.tensor(len(records), device=device)).max())
+        rows = torch.full((longest, len(fields)), -1.0, dtype=torch.float64, device=device)  # [L,4]
+        for i, r in enumerate(records):
+            rows[i] = torch.tensor([float(getattr(r, f)) for f in fields], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(rows).reshape(-1, len(fields)).cpu()  # [W*L,4]
+        return [
+            CertifyRecord(int(idx), -1, int(predict), float(radius), int(correct), 0, 0, 0.0)
+            for idx, predict, radius, correct in gathered.tolist()
+            if idx >= 0
+        ]

@@ -1,0 +1,119 @@
+"""Certified-accuracy tables and plots from certification run directories.
+
+    python -m dmae_lightning.certification.analyze RUN_DIR... [--radii 0 0.25 0.5] [--out DIR]
+
+Runs are grouped by everything but sigma that their numbers depend on (procedure, model, data set,
+split, image subset, n, alpha, precision); each group gets its own table (a row per sigma plus, with
+several, the best-over-sigma envelope that papers report) and plot. Paths that hold no finished
+certification run (Hydra's multirun.yaml, a run stopped by a config error) are skipped with a note.
+Tables, LaTeX and plots go to --out (default: the deepest directory holding every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from .metrics import best_over_sigma, certified_accuracy, default_radii, format_table, plot_certified_accuracy
+from .procedures import PROCEDURES
+from .records import Record, read_json, read_records
+
+# What a run's numbers depend on besides sigma: runs differing in any of these never share a table.
+GROUP_KEYS = ("mode", "model_name", "dataset", "split", "subset", "data_subset", "n0", "n", "alpha", "precision")
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[Record]]:
+    """(summary, records) of one finished run; FileNotFoundError / ValueError in one line if there is none."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a finished certification run (no summary.json)")
+    summary = read_json(summary_path)
+    procedure = PROCEDURES.get(summary.get("mode", "certify"))
+    if procedure is None or "certified_accuracy" not in summary or "sigma" not in summary:
+        raise ValueError(f"{run_dir}: no certified radii in this run (mode {summary.get('mode')!r})")
+    tsv = run_dir / f"{procedure.name}.tsv"
+    if not tsv.is_file():
+        raise FileNotFoundError(f"{run_dir}: {tsv.name} is missing")
+    records = read_records(tsv, procedure.record_type)
+    if not records:
+        raise ValueError(f"{tsv}: no records")
+    return summary, records
+
+
+def group_label(key: tuple, varying: list[int]) -> str:
+    """What distinguishes a group from the others, e.g. 'model_name=vit_tiny_patch4, n=1000'."""
+    return ", ".join(f"{GROUP_KEYS[i]}={key[i]}" for i in varying) or "all runs"
+
+
+def sample_cost(label: str, summary: dict) -> str:
+    """'sigma=0.25: 123,400 noisy samples (343 per image, 29.4x fewer than fixed n)', when the run says."""
+    if "samples" not in summary:
+        return ""
+    text = f"\n- sigma={label}: {summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image"
+    saving = summary.get("saving_vs_fixed_n")
+    return text + (f", {saving:.1f}x fewer than fixed n)" if saving else ")")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dmae_lightning.certification.analyze", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="certification run directories")
+    parser.add_argument("--radii", nargs="+", type=float, help="table columns (default: the runs' own radii)")
+    parser.add_argument("--out", type=Path, help="where to write tables and plots (default: the runs' common parent)")
+    args = parser.parse_args(argv)
+
+    runs = []
+    for path in args.run_dirs:
+        try:
+            runs.append((Path(path), *load_run(path)))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"analyze: skipping {err}", file=sys.stderr)
+    if not runs:
+        print("analyze: error: none of the paths holds a finished certification run", file=sys.stderr)
+        return 2
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        key = tuple(str(run[1].get(k)) for k in GROUP_KEYS)
+        groups.setdefault(key, []).append(run)
+    varying = [i for i in range(len(GROUP_KEYS)) if len({key[i] for key in groups}) > 1]
+    out = args.out or Path(os.path.commonpath([run_dir.resolve() for run_dir, *_ in runs]))
+    if out.is_file():
+        out = out.parent
+    out.mkdir(parents=True, exist_ok=True)
+
+    markdown, latex = [], []
+    for number, (key, members) in enumerate(sorted(groups.items()), start=1):
+        first = members[0][1]
+        radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
+        rows, curves, limits, costs = {}, {}, {}, []
+        for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
+            label = f"{float(summary['sigma']):g}"
+            if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
+                label = f"{label} ({run_dir.name})"
+            rows[label] = certified_accuracy(records, radii)
+            curves[f"sigma={label}"] = records
+            limits[label] = summary.get("max_certifiable_radius", math.inf)
+            costs.append(sample_cost(label, summary))
+        if len(rows) > 1:
+            rows["best"] = best_over_sigma(rows)
+            limits["best"] = max(limits.values())
+        title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
+                f"{len(members[0][2])} images, n={first['n']}, alpha={first['alpha']}"
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}" + "".join(c for c in costs if c))
+        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', limits=limits)}")
+        png = out / ("certified_accuracy.png" if len(groups) == 1 else f"certified_accuracy_{number}.png")
+        plot_certified_accuracy(curves, png, title=title)
+    print("Certified accuracy (%)\n\n" + "\n\n".join(markdown) + "\n\n" + "\n\n".join(latex))
+    (out / "certified_accuracy.md").write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
+    (out / "certified_accuracy.tex").write_text("\n\n".join(latex) + "\n", encoding="utf-8")
+    print(f"\nwrote certified_accuracy.md, .tex and the plot(s) to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

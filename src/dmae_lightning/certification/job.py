@@ -1,0 +1,313 @@
+"""The certification job behind ``python certify.py``: run a procedure on every image of a data subset.
+
+Each image of the subset ``range(0, len(split), skip)[:max]`` is certified exactly once, by one rank of a
+Lightning ``Trainer`` (any number of devices and nodes): rank R takes ``todo[R::world]`` of the images not
+yet done and appends one line per image to its own shard (:mod:`.rundir`). Noise comes from the (seed,
+idx) block streams of :mod:`.sampler`, so a result depends neither on the batch size, nor on the number
+of ranks, nor on where an interrupted run was resumed. When every rank is done, rank 0 merges the shards
+into ``<mode>.tsv`` ordered by idx and writes ``summary.json`` (and for radii, ``certified_accuracy.png``).
+Re-running into the same run directory resumes; other settings are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+
+from .. import config
+from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
+from ..errors import ConfigError, one_line
+from ..models import create_model
+from ..noise import GaussianNoise
+from .metrics import default_radii, format_table, plot_certified_accuracy, radius_key
+from .params import JobParams, validate
+from .predictor import ImageProgressBar, SmoothingPredictor
+from .procedures import PROCEDURES, Procedure
+from .records import sha256_file, write_json
+from .rundir import check_params, done_records, merge_results, record_params, results_path
+from .sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs):
+    """hydra.utils.instantiate with the constructor's own complaint as a one-line ConfigError."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise ConfigError(f"{what}: {one_line(err.__cause__ or err)}") from None
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    model_name: str
+    source: str  # where the architecture came from
+    layout: str  # checkpoint layout, as load_weights names it
+    trained_sigma: float | None  # the checkpoint's training noise level, when it says
+
+
+def load_classifier(
+    cfg: DictConfig, path: Path, num_classes: int, dataset: str
+) -> tuple[torch.nn.Module, ClassifierInfo]:
+    """The base classifier of ``path`` in eval mode, checked against the data set's class count.
+
+    Our Lightning checkpoints carry their architecture in ``hyper_parameters`` (model_name, model_kwargs,
+    num_classes); other layouts (official fine-tuned releases, plain state dicts) are built from the
+    ``model`` group. A pre-training file, a file whose head is missing or of another class count, and a
+    file with NaN/Inf weights are refused.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+        state, _ = checkpoint_state_dict(ckpt, path)
+        head = state.get("head.weight")
+        file_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
+        hparams = ckpt.get("hyper_parameters")
+        other_group = False  # the checkpoint's architecture differs from the model group's
+        if isinstance(hparams, dict) and "model_name" in hparams:
+            name = str(hparams["model_name"])
+            other_group = name != cfg.model.classifier_name
+            kwargs = dict(hparams.get("model_kwargs") or {})
+            file_classes = hparams.get("num_classes", file_classes)
+            source = "the checkpoint's hyper-parameters"
+            trained_sigma = hparams.get("sigma")
+        else:
+            name = str(cfg.model.classifier_name)
+            kwargs = {"img_size": cfg.model.img_size}
+            source = f"model={cfg.model.name}"
+            trained_sigma = None
+        del ckpt, state
+        if name.startswith("dmae_"):  # first: no model= override can make a pre-training file certifiable
+            raise ConfigError(f"{path} holds the pre-training model {name}: certify a fine-tuned classifier")
+        if other_group:
+            raise ConfigError(f"{path} holds a {name} classifier: add model={name}")  # names the run directory
+        if file_classes is None:
+            raise ConfigError(
+                f"{path} has no classification head (a pre-training file?): certify a fine-tuned classifier"
+            )
+        if int(file_classes) != num_classes:
+            raise ConfigError(f"{path} classifies {file_classes} classes but {dataset} has {num_classes}")
+        model = create_model(name, num_classes=num_classes, **kwargs)
+        report = load_weights(model, path)
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
+    if report.reinitialised:
+        raise ConfigError(
+            f"{path} leaves {', '.join(report.reinitialised)} of {name} at random initialisation: "
+            "not a fine-tuned classifier"
+        )
+    if report.interpolated:
+        log.warning("%s: position embeddings resampled to the model's grid: %s", path, report.interpolated)
+    return model.eval(), ClassifierInfo(name, source, report.layout, trained_sigma)
+
+
+@dataclass
+class Prepared:
+    """A validated certification job, everything loaded, nothing written yet."""
+
+    params: JobParams
+    procedure: Procedure
+    dataset_name: str
+    dataset_size: int
+    indices: list[int]
+    todo: list[int]
+    trainer: pl.Trainer
+    module: SmoothingPredictor
+    info: ClassifierInfo
+    key: dict  # what the results depend on (<mode>.params.json)
+    started: float
+
+
+def certify(cfg: DictConfig) -> dict:
+    """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere).
+
+    It runs in the run directory's lifecycle (``config.run_in_dir``): checked before anything is loaded,
+    everything validated and loaded by :func:`prepare` before anything is written.
+    """
+    return config.run_in_dir(
+        cfg, lambda: prepare(cfg), lambda job: run(cfg, job),
+        resume_hint="run the same command again (images already done are kept)",
+    )
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Validate the settings, load data and classifier, check the run directory's earlier results."""
+    started = time.time()
+    params = validate(cfg)
+    datamodule = _instantiate(cfg.data, "data")
+    radii = params.radii or default_radii(datamodule.name)
+    try:
+        procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), radii)
+    except ValueError as err:
+        raise ConfigError(f"mode={params.mode}: {err}") from None
+    try:
+        dataset = datamodule.dataset(params.split)
+        num_classes = int(datamodule.num_classes)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    classifier, info = load_classifier(cfg, params.ckpt_path, num_classes, datamodule.name)
+    if info.trained_sigma is not None and not math.isclose(float(info.trained_sigma), params.sigma):
+        log.warning(
+            "the classifier was trained at sigma=%s, certification uses sigma=%s", info.trained_sigma, params.sigma
+        )
+    indices = list(range(0, len(dataset), params.skip))[: params.max]
+    if not indices:
+        raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
+    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
+    bar = [ImageProgressBar(procedure.name)] if cfg.trainer.get("enable_progress_bar") else []
+    trainer = _instantiate(
+        cfg.trainer, "trainer", logger=logger, callbacks=bar, use_distributed_sampler=False, enable_checkpointing=False
+    )
+    params = dataclasses.replace(params, precision=resolve_precision(params.precision, trainer.strategy.root_device))
+    run_dir = Path(cfg.paths.output_dir)
+    key = {
+        "mode": procedure.name,
+        **procedure.settings(),
+        "sigma": params.sigma,
+        "seed": params.seed,
+        "precision": params.precision,
+        "noise_scheme": NOISE_SCHEME,
+        "dataset": datamodule.name,
+        "split": params.split,
+        "data_subset": {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")},
+        "checkpoint_sha256": sha256_file(params.ckpt_path),
+    }
+    check_params(run_dir, key, procedure.name)
+    try:
+        done = {record.idx for record in done_records(run_dir, procedure.name, procedure.record_type)}
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    todo = [idx for idx in indices if idx not in done]
+    module = SmoothingPredictor(
+        classifier, num_classes, procedure, params, dataset, todo, run_dir,
+        num_workers=getattr(datamodule, "num_workers", 0),
+    )
+    return Prepared(params, procedure, datamodule.name, len(dataset), indices, todo, trainer, module, info, key,
+                    started)
+
+
+def run(cfg: DictConfig, job: Prepared) -> dict:
+    """Certify the images not yet done, merge the shards, write the summary (rank 0)."""
+    params, procedure, trainer, info = job.params, job.procedure, job.trainer, job.info
+    run_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        record_params(run_dir, job.key, procedure.name)
+        log.info(
+            "%s with classifier %s from %s (%s layout, architecture from %s), precision %s%s; %s %s split: "
+            "%d images (skip=%d, max=%s), %d already done",
+            procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, params.precision,
+            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), params.skip,
+            params.max, len(job.indices) - len(job.todo),
+        )
+        for lg in trainer.loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*predict returned None.*")  # on purpose: results go to the shards
+        try:
+            trainer.predict(job.module, return_predictions=False, weights_only=True)
+        except NonFiniteLogits as err:
+            raise ConfigError(str(err)) from None
+    trainer.strategy.barrier("certify_merge")
+    if not trainer.is_global_zero:
+        return {}
+    records = merge_results(run_dir, procedure.name, procedure.record_type)
+    by_idx = {record.idx: record for record in records}
+    missing = [idx for idx in job.indices if idx not in by_idx]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no result (first idx {missing[0]}): re-run to resume")
+    subset = [by_idx[idx] for idx in job.indices]
+    summary = {
+        **job.key,
+        "batch": params.batch,
+        "compile": params.compile,
+        "checkpoint": str(params.ckpt_path.resolve()),
+        "model_name": info.model_name,
+        "subset": {
+            "skip": params.skip,
+            "max": params.max,
+            "indices": f"range(0, {job.dataset_size}, {params.skip})[:{params.max}]",
+        },
+        "world_size": trainer.world_size,
+        "device": trainer.strategy.root_device.type,
+        **procedure.summarise(subset, tuple(params.radii or default_radii(job.dataset_name))),
+        "wall_time_s": time.time() - job.started,
+    }
+    write_json(run_dir / "summary.json", summary)
+    outputs = [results_path(run_dir, procedure.name), run_dir / "summary.json"]
+    png = None
+    if "certified_accuracy" in summary:
+        png = run_dir / "certified_accuracy.png"
+        plot_certified_accuracy({f"sigma={params.sigma:g}": subset}, png, title=plot_title(summary))
+        outputs.append(png)
+    log.info("%s", report(summary))
+    _log_to_loggers(trainer, summary, png)
+    for path in outputs:
+        print(f"wrote {path}")
+    return summary
+
+
+def plot_title(summary: dict) -> str:
+    return (
+        f"{summary['model_name']} on {summary['dataset']} {summary['split']} ({summary['num_images']} images): "
+        f"sigma={summary['sigma']:g}, n={summary['n']}, alpha={summary['alpha']:g}"
+    )
+
+
+def report(summary: dict) -> str:
+    """The summary as the lines the job logs."""
+    if "certified_accuracy" not in summary:
+        return (
+            f"{summary['mode']}: accuracy {100 * summary['accuracy']:.1f} %, abstain rate "
+            f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
+        )
+    label = f"{summary['sigma']:g}"
+    table = format_table(
+        {label: summary["certified_accuracy"]}, summary["radii"],
+        limits={label: summary.get("max_certifiable_radius", math.inf)},
+    )
+    extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
+    if "average_certified_radius" in summary:
+        extra.append(f"ACR {summary['average_certified_radius']:.4f}")
+    if "abstain_rate" in summary:
+        rate = summary["abstain_rate"]
+        extra.append("abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}")
+    return f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n{table}"
+
+
+def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> None:
+    """The results as metrics for every logger; for Weights & Biases also the certified-accuracy table and
+    plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
+    if "certified_accuracy" in summary:
+        metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
+        if "average_certified_radius" in summary:
+            metrics["cert/acr"] = summary["average_certified_radius"]
+    else:
+        metrics = {f"{summary['mode']}/accuracy": summary["accuracy"]}
+    if summary.get("abstain_rate") is not None:
+        metrics[f"{'cert' if png else summary['mode']}/abstain_rate"] = summary["abstain_rate"]
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics)
+        if isinstance(lg, WandbLogger) and png is not None:
+            keys = [radius_key(r) for r in summary["radii"]]
+            row = [summary["sigma"], *(summary["certified_accuracy"][k] for k in keys)]
+            lg.log_table(key="certified_accuracy", columns=["sigma", *(f"r={k}" for k in keys)], data=[row])
+            lg.log_image(key="certified_accuracy_plot", images=[str(png)])
+        lg.save()
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+

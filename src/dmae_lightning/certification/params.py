@@ -1,0 +1,112 @@
+"""The certification job's validated settings: every top-level key of conf/certify.yaml, checked
+before anything is loaded, each bad value refused with one line (ConfigError)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ..data import SPLITS
+from ..errors import ConfigError
+from .procedures import PROCEDURES
+from .sampler import PRECISIONS
+
+_TRAINER_PRECISIONS = ("32-true", "32", 32)
+
+
+@dataclass(frozen=True)
+class JobParams:
+    mode: str  # a key of PROCEDURES
+    ckpt_path: Path
+    split: str
+    skip: int
+    max: int | None
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+    batch: int
+    seed: int
+    precision: str  # auto | fp32 | bf16 | fp16 (auto is resolved once the device is known)
+    compile: bool
+    skip_wrong_guess: bool
+    radii: tuple[float, ...] | None
+    log_every_s: float
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _radii(value) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    radii = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+    if not radii or not all(_is_number(r) and r >= 0 for r in radii):
+        raise ConfigError(f"radii must be null or a non-empty list of numbers >= 0, got {radii!r}")
+    return tuple(float(r) for r in radii)
+
+
+def validate(cfg: DictConfig) -> JobParams:
+    """Check every top-level key before anything is loaded; ConfigError (one line) on the first bad one."""
+    try:
+        ckpt_path = cfg.ckpt_path
+    except MissingMandatoryValue:
+        ckpt_path = None
+    if not ckpt_path:
+        raise ConfigError("ckpt_path is required: python certify.py ckpt_path=PATH ...")
+    for key, minimum in (("n0", 1), ("n", 1), ("batch", 1), ("skip", 1), ("seed", 0)):
+        value = cfg.get(key)
+        if not _is_int(value) or value < minimum:
+            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    if cfg.max is not None and (not _is_int(cfg.max) or cfg.max < 1):
+        raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
+    if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
+        raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
+    sigma = cfg.noise.sigma
+    if not _is_number(sigma) or sigma <= 0:
+        raise ConfigError(f"noise.sigma must be a finite number > 0, got {sigma!r}")
+    if cfg.precision not in ("auto", *PRECISIONS):
+        raise ConfigError(f"precision must be one of auto|{'|'.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.mode not in PROCEDURES:
+        raise ConfigError(f"mode must be one of {'|'.join(PROCEDURES)}, got {cfg.mode!r}")
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split must be one of {'|'.join(SPLITS)}, got {cfg.split!r}")
+    for key in ("skip_wrong_guess", "compile"):
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    log_every_s = cfg.get("log_every_s", 60)
+    if not _is_number(log_every_s) or log_every_s <= 0:
+        raise ConfigError(f"log_every_s must be a number > 0, got {log_every_s!r}")
+    if cfg.trainer.get("precision", "32-true") not in _TRAINER_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} would autocast the whole job: leave it at 32-true "
+            "and choose the classifier's precision with the top-level key precision=auto|fp32|bf16|fp16"
+        )
+    return JobParams(
+        mode=cfg.mode,
+        ckpt_path=Path(str(ckpt_path)).expanduser(),
+        split=cfg.split,
+        skip=cfg.skip,
+        max=cfg.max,
+        n0=cfg.n0,
+        n=cfg.n,
+        alpha=float(cfg.alpha),
+        sigma=float(sigma),
+        batch=cfg.batch,
+        seed=cfg.seed,
+        precision=cfg.precision,
+        compile=cfg.compile,
+        skip_wrong_guess=cfg.skip_wrong_guess,
+        radii=_radii(cfg.get("radii")),
+        log_every_s=float(log_every_s),
+    )

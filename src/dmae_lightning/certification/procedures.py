@@ -1,0 +1,308 @@
+"""Certification procedures and the smoothed classifier that runs them.
+
+A procedure turns the noisy predictions of one labelled image into one record. It is a small class
+with ``run(idx, label)``: a generator that yields :class:`~.sampler.Draw` requests, receives the class
+counts ([K] int64 CPU tensor) of each, and returns its record (:mod:`.records`). The sampler serves the
+requests of many images at once, so a procedure never sees batches, devices or seeds. ``PROCEDURES``
+maps the job's ``mode`` value to the class; a new procedure is one class plus one entry there.
+
+- :class:`Certify`: CERTIFY of Cohen, Rosenfeld & Kolter (ICML 2019): n0 draws select the top class cA,
+  n fresh draws bound its probability from below (Clopper-Pearson), radius from the noise's formula.
+- :class:`Predict`: PREDICT: the top class, or abstain when a two-sided binomial test cannot separate
+  the two top counts at level alpha.
+- :class:`CertifyRadii`: sequential certification of the label at a fixed grid of radii (the question a
+  certified-accuracy table asks), stopping each image as soon as every radius is decided
+  (:mod:`.sequential_test`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from scipy.stats import binomtest
+from torch import nn
+
+from ..noise import GaussianNoise
+from .metrics import (
+    abstain_rate,
+    accuracy,
+    average_certified_radius,
+    certified_accuracy,
+    max_certifiable_radius,
+)
+from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
+from .sampler import NOISE_BLOCK, Draw, Run, Sampler, check_image, resolve_precision
+from .sequential_test import SequentialTest, clopper_pearson_lower
+
+
+def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from n_a successes in n trials.
+
+    It is the p with P[Bin(n, p) >= n_a] = alpha, i.e. the alpha quantile of Beta(n_a, n - n_a + 1);
+    with n_a = 0 every p satisfies P >= alpha, so the bound is 0.
+    """
+    if not 0 <= n_a <= n:
+        raise ValueError(f"need 0 <= n_a <= n, got n_a={n_a}, n={n}")
+    return clopper_pearson_lower(n_a, n, alpha)
+
+
+class Procedure(ABC):
+    """Interface of a certification procedure (see the module docstring)."""
+
+    name: ClassVar[str]  # the mode= value; results go to <name>.tsv
+    record_type: ClassVar[type[Record]]
+
+    @abstractmethod
+    def run(self, idx: int, label: int) -> Run:
+        """Yield Draws, receive counts, return the image's record."""
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """Everything the per-image results depend on besides the noise, seed, model and data."""
+
+    @abstractmethod
+    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+        """The result fields of summary.json (metrics from :mod:`.metrics`)."""
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Procedure:
+        """The procedure of a validated job (``params``: :class:`~.params.JobParams`; ``radii``: the
+        radii of the job's tables, the data set's paper radii unless the job names others)."""
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+
+
+@dataclass(frozen=True)
+class Certify(Procedure):
+    """CERTIFY(f, sigma, x, n0, n, alpha); with ``skip_wrong_guess`` a guess cA != label skips the n
+    estimation draws (the record keeps cA, radius 0.0 and n = 0): such an image can only be certified
+    wrong or abstain, so certified accuracy is unchanged and the time is saved."""
+
+    name: ClassVar[str] = "certify"
+    record_type: ClassVar[type[Record]] = CertifyRecord
+    noise: GaussianNoise
+    n0: int
+    n: int
+    alpha: float
+    skip_wrong_guess: bool = False
+
+    def __post_init__(self):
+        _check_counts(n0=self.n0, n=self.n)
+        _check_alpha(self.alpha)
+
+    def run(self, idx: int, label: int) -> Run:
+        selection = yield Draw(stage=0, num=self.n0)  # [K]
+        guess = int(selection.argmax())  # first class among ties
+        if self.skip_wrong_guess and guess != label:
+            return CertifyRecord(idx, label, guess, 0.0, 0, 0, 0, 0.0)
+        n_a = int((yield Draw(stage=1, num=self.n))[guess])
+        p_lower = lower_confidence_bound(n_a, self.n, self.alpha)
+        if p_lower < 0.5:
+            return CertifyRecord(idx, label, ABSTAIN, 0.0, 0, n_a, self.n, 0.0)
+        return CertifyRecord(idx, label, guess, self.noise.radius(p_lower), int(guess == label), n_a, self.n, 0.0)
+
+    def settings(self) -> dict:
+        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "skip_wrong_guess": self.skip_wrong_guess}
+
+    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+        return {
+            "radii": list(radii),
+            "num_images": len(records),
+            "certified_accuracy": certified_accuracy(records, radii),
+            "average_certified_radius": average_certified_radius(records),
+            # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
+            "abstain_rate": None if self.skip_wrong_guess else abstain_rate(records),
+            "max_certifiable_radius": max_certifiable_radius(self.noise.sigma, self.n, self.alpha),
+            "samples": sum(self.n0 + r.n for r in records),
+        }
+
+    @classmethod
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Certify:
+        return cls(noise, params.n0, params.n, params.alpha, params.skip_wrong_guess)
+
+
+@dataclass(frozen=True)
+class Predict(Procedure):
+    """PREDICT(f, sigma, x, n, alpha): g(x) is returned wrongly with probability at most alpha."""
+
+    name: ClassVar[str] = "predict"
+    record_type: ClassVar[type[Record]] = PredictRecord
+    noise: GaussianNoise
+    n: int
+    alpha: float
+
+    def __post_init__(self):
+        _check_counts(n=self.n)
+        _check_alpha(self.alpha)
+
+    def run(self, idx: int, label: int) -> Run:
+        counts = yield Draw(stage=0, num=self.n)  # [K]
+        # classes by count; the stable sort keeps the lower class first among ties
+        order = torch.sort(counts, descending=True, stable=True).indices
+        n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
+        top = ABSTAIN if binomtest(n_a, n_a + n_b, 0.5).pvalue > self.alpha else int(order[0])
+        return PredictRecord(idx, label, top, int(top == label), 0.0)
+
+    def settings(self) -> dict:
+        return {"n": self.n, "alpha": self.alpha}
+
+    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+        return {
+            "num_images": len(records),
+            "accuracy": accuracy(records),
+            "abstain_rate": abstain_rate(records),
+            "samples": self.n * len(records),
+        }
+
+    @classmethod
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Predict:
+        return cls(noise, params.n, params.alpha)
+
+
+@dataclass(frozen=True)
+class CertifyRadii(Procedure):
+    """For every radius r of the grid: is P(f(x + eps) = label) >= Phi(r / sigma) (> 1/2 at r = 0)?
+
+    Draws are counted against the label (sound for labelled evaluation, no selection stage). The image
+    is sampled look by look of the :class:`SequentialTest` (block multiples, up to the cap ``n``) and
+    stops as soon as every radius is decided; a radius still undecided at the cap counts as not certified.
+    The record holds the largest certified grid radius, the samples used and the final bounds.
+    """
+
+    name: ClassVar[str] = "certify_radii"
+    record_type: ClassVar[type[Record]] = RadiiRecord
+    noise: GaussianNoise
+    radii: tuple[float, ...]
+    n: int
+    alpha: float
+    n0: int = 100  # only to report the saving against fixed-n CERTIFY (n0 + n samples per image)
+
+    def __post_init__(self):
+        _check_counts(n=self.n)
+        _check_alpha(self.alpha)
+        test = SequentialTest(tuple(sorted(self.radii)), self.noise.sigma, self.n, self.alpha, block=NOISE_BLOCK)
+        object.__setattr__(self, "test", test)
+
+    def run(self, idx: int, label: int) -> Run:
+        decision, successes, drawn = self.test.decide(0, 0), 0, 0
+        for look in self.test.looks():
+            if decision.stop:
+                break
+            counts = yield Draw(stage=0, num=look - drawn)  # [K]
+            successes, drawn = successes + int(counts[label]), look
+            decision = self.test.decide(successes, look, decision)
+        return RadiiRecord(idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0)
+
+    def settings(self) -> dict:
+        return {"radii": list(self.test.radii), "n": self.n, "alpha": self.alpha,
+                "looks": list(self.test.looks()), "lower_levels": list(self.test.lower_levels())}
+
+    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+        samples = sum(r.n for r in records)
+        fixed = (self.n0 + self.n) * len(records)
+        return {
+            "radii": list(self.test.radii),
+            "num_images": len(records),
+            "certified_accuracy": certified_accuracy(records, self.test.radii),
+            "max_certifiable_radius": self.test.max_radius(),
+            "samples": samples,
+            "samples_at_cap": sum(r.n == self.n for r in records),
+            "fixed_n_samples": fixed,
+            "saving_vs_fixed_n": fixed / samples if samples else None,
+        }
+
+    @classmethod
+    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> CertifyRadii:
+        return cls(noise, radii, params.n, params.alpha, params.n0)
+
+PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii)}
+
+
+class Smooth:
+    """The smoothed classifier g around ``base_classifier`` ([B,C,H,W] [0,1] images -> [B,K] logits).
+
+    The base classifier should be in eval mode (dropout or drop path would change f between draws).
+    ``precision``: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; ``compile``:
+    torch.compile the base classifier (one graph, every batch padded to ``batch_size``). The noise of
+    image ``idx`` comes from the (seed, idx) block streams of :mod:`.sampler`: the result depends on
+    neither ``batch_size`` nor which other images are certified with it.
+    """
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(
+        self,
+        base_classifier: nn.Module,
+        num_classes: int,
+        sigma: float,
+        precision: str = "auto",
+        compile: bool = False,
+    ):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        resolve_precision(precision, "cpu")  # refuses an unknown name now, not at the first image
+        self.noise = GaussianNoise(float(sigma))
+        self.base_classifier, self.num_classes = base_classifier, num_classes
+        self.precision, self.compile = precision, compile
+        self._samplers: dict[tuple, Sampler] = {}  # keeps a compiled classifier across calls
+
+    @property
+    def sigma(self) -> float:
+        return self.noise.sigma
+
+    def sampler(self, batch_size: int, seed: int, device: torch.device | str) -> Sampler:
+        _check_counts(batch_size=batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        key = (batch_size, seed, str(device))
+        if key not in self._samplers:
+            self._samplers[key] = Sampler(
+                self.base_classifier, self.num_classes, self.noise, seed, batch_size,
+                self.precision, self.compile, device,
+            )
+        return self._samplers[key]
+
+    def run(self, procedure: Procedure, images, batch_size: int, seed: int = 0) -> list[Record]:
+        """Records of ``procedure`` on ``images``: (idx, [C,H,W] image, label) triples sharing forward batches."""
+        images = list(images)
+        records: dict[int, Record] = {}
+        sampler = None
+        for idx, x, label in images:
+            sampler = sampler or self.sampler(batch_size, seed, x.device)
+            done = sampler.add(idx, x, procedure.run(idx, label))
+            records.update([done] if done else sampler.run_full_batches())
+        if sampler is not None:
+            records.update(sampler.drain())
+        return [records[idx] for idx, *_ in images]
+
+    def certify_record(self, x, n0, n, alpha, batch_size, seed=0, idx=0, label=None, skip_wrong_guess=False):
+        """CERTIFY of one image with its counts (a :class:`CertifyRecord`; label -1 when not given)."""
+        if skip_wrong_guess and label is None:
+            raise ValueError("skip_wrong_guess needs the image's label")
+        procedure = Certify(self.noise, n0, n, alpha, skip_wrong_guess)
+        return self.run(procedure, [(idx, check_image(x), -1 if label is None else label)], batch_size, seed)[0]
+
+    def certify(self, x, n0, n, alpha, batch_size, seed=0, idx=0) -> tuple[int, float]:
+        """CERTIFY: (cA, radius), or (ABSTAIN, 0.0) when cA's probability cannot be bounded above 1/2."""
+        record = self.certify_record(x, n0, n, alpha, batch_size, seed, idx)
+        return record.predict, record.radius
+
+    def predict(self, x, n, alpha, batch_size, seed=0, idx=0) -> int:
+        """PREDICT: the top class, or ABSTAIN."""
+        procedure = Predict(self.noise, n, alpha)
+        return self.run(procedure, [(idx, check_image(x), -1)], batch_size, seed)[0].predict

@@ -1,0 +1,260 @@
+"""Per-image result records and the crash-safe files that hold them (shards, merged TSV, JSON).
+
+Every procedure writes one TSV line per image (``certify.tsv``, ``predict.tsv``, ...); a record type is a
+frozen dataclass whose fields are the columns, in order. ``certify.tsv`` keeps the leading columns of
+Cohen et al.'s format (idx, label, predict, radius, correct) and adds n_a and n (the Monte Carlo counts)
+before the time in seconds. Floats are written with ``repr`` so they read back bit for bit: a radius
+rounded for display (0.49996 -> 0.5) would wrongly count as certified at r = 0.5. ``None`` is written
+``none``.
+
+Shards are written line by line with fsync, so a crashed job loses at most the line in flight; that
+partial line is cut off on reopen and ignored on read, never parsed as a record.
+This module imports no torch, so the analysis CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+ABSTAIN = -1  # the ``predict`` value of an abstention
+
+
+def _format(value) -> str:
+    if value is None:
+        return "none"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text == "none" else float(text)
+
+
+# Column parsers by the field annotation (the annotations are strings: ``from __future__ import annotations``).
+_PARSERS = {"int": int, "float": float, "float | None": _optional_float}
+
+
+@dataclass(frozen=True)
+class Record:
+    """Base of the record types: ``idx`` (index in the data split) first, ``time`` (seconds) last."""
+
+    def to_line(self) -> str:
+        """One TSV line (no newline)."""
+        return "\t".join(_format(getattr(self, name)) for name in self.columns())
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def header(cls) -> str:
+        return "\t".join(cls.columns())
+
+    @classmethod
+    def from_line(cls, line: str, where: str = "<line>") -> Record:
+        """Inverse of :meth:`to_line`; ``where`` names the line in error messages."""
+        fields = dataclasses.fields(cls)
+        values = line.split("\t")
+        if len(values) != len(fields):
+            raise ValueError(f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}")
+        try:
+            return cls(*(_PARSERS[f.type](v) for f, v in zip(fields, values)))
+        except ValueError as err:
+            raise ValueError(f"{where}: malformed record {line!r} ({err})") from None
+
+    @property
+    def certified_correct_radius(self) -> float | None:
+        """The radius at which this image is certified correctly classified, None if it is not."""
+        return None
+
+
+@dataclass(frozen=True)
+class CertifyRecord(Record):
+    """CERTIFY of one image: a line of ``certify.tsv``."""
+
+    idx: int
+    label: int
+    predict: int  # certified class cA, or ABSTAIN (the guess is kept after a skipped wrong guess)
+    radius: float  # certified L2 radius in [0,1] pixel space; 0.0 when abstaining or skipped
+    correct: int  # 1 when predict == label
+    n_a: int  # estimation draws that returned the guessed class
+    n: int  # estimation draws made (0 when skipped after a wrong guess)
+    time: float  # seconds from the image's first to its last forward batch
+
+    @property
+    def certified_correct_radius(self) -> float | None:
+        return self.radius if self.correct == 1 else None
+
+
+@dataclass(frozen=True)
+class PredictRecord(Record):
+    """PREDICT of one image: a line of ``predict.tsv``."""
+
+    idx: int
+    label: int
+    predict: int  # top class, or ABSTAIN
+    correct: int
+    time: float
+
+
+@dataclass(frozen=True)
+class RadiiRecord(Record):
+    """Sequential certification of one image at a fixed grid of radii: a line of ``certify_radii.tsv``."""
+
+    idx: int
+    label: int
+    radius: float | None  # the largest grid radius certified for the label, none when no radius is
+    n: int  # noisy samples used (at most the cap)
+    lower: float  # final (running) confidence bounds on P(f(x + eps) = label)
+    upper: float
+    time: float
+
+    @property
+    def certified_correct_radius(self) -> float | None:
+        return self.radius
+
+    @property
+    def predict(self) -> int:  # the label when certified at some radius, else no claim (ABSTAIN)
+        return self.label if self.radius is not None else ABSTAIN
+
+
+def read_records(path: str | os.PathLike, record_type: type[Record]) -> list[Record]:
+    """All complete records of a TSV file, in file order; a partial last line is ignored."""
+    return _parse_complete_lines(Path(path).read_text(encoding="utf-8"), str(path), record_type)
+
+
+def _parse_complete_lines(text: str, source: str, record_type: type[Record]) -> list[Record]:
+    lines = text.split("\n")[:-1]  # the last piece is "" or a partial line
+    if not lines:
+        return []
+    if lines[0] != record_type.header():
+        raise ValueError(
+            f"{source}: not a {record_type.__name__} TSV (first line {lines[0]!r}, expected {record_type.header()!r})"
+        )
+    return [record_type.from_line(line, f"{source}:{i}") for i, line in enumerate(lines[1:], start=2)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a file creation or rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the complete new one, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """JSON written atomically; paths and other non-JSON values are stored as strings."""
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class ShardWriter:
+    """Append-only, crash-safe writer of one shard's TSV.
+
+    Opening an existing shard keeps its complete records (``existing``) and truncates a trailing
+    partial line; a new file gets the header. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, record_type: type[Record]):
+        self.path = Path(path)
+        self.record_type = record_type
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+b")  # kept open across writes; closed in close()
+        try:
+            self.existing = self._recover()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _recover(self) -> list[Record]:
+        self._file.seek(0)
+        data = self._file.read()
+        keep = data.rfind(b"\n") + 1  # length up to the end of the last complete line (0 if none)
+        if keep < len(data):
+            self._file.truncate(keep)
+        if keep == 0:
+            self._write_line(self.record_type.header())
+            _fsync_dir(self.path.parent)
+            return []
+        return _parse_complete_lines(data[:keep].decode("utf-8"), str(self.path), self.record_type)
+
+    def _write_line(self, line: str) -> None:
+        self._file.write(line.encode("utf-8") + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def write(self, record: Record) -> None:
+        """Append one record; it is on disk when this returns."""
+        self._write_line(record.to_line())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def one_per_idx(records: Iterable[tuple[Record, object]]) -> list[Record]:
+    """One record per idx, sorted by idx, from (record, where it came from) pairs.
+
+    The same image may appear twice; that is fine when the results agree, the time column aside (a
+    measurement, not a result). Disagreeing results mean two different runs were mixed: they raise.
+    """
+    merged: dict[int, tuple[Record, object]] = {}
+    for record, source in records:
+        first, first_source = merged.setdefault(record.idx, (record, source))
+        if dataclasses.replace(first, time=0.0) != dataclasses.replace(record, time=0.0):
+            raise ValueError(
+                f"conflicting records for idx {record.idx}: {first} in {first_source} vs {record} in {source}"
+            )
+    return [merged[idx][0] for idx in sorted(merged)]
+
+
+def merge_files(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike, record_type: type[Record]):
+    """Union of the files' records and those already in ``out_path`` (see :func:`one_per_idx`), written
+    to ``out_path`` atomically; the merged records are returned."""
+    out_path = Path(out_path)
+    sources = [Path(p) for p in paths]
+    if out_path.exists() and out_path not in sources:
+        sources.append(out_path)
+    records = one_per_idx((r, source) for source in sources for r in read_records(source, record_type))
+    lines = [record_type.header(), *(r.to_line() for r in records)]
+    atomic_write_text(out_path, "".join(f"{line}\n" for line in lines))
+    return records
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex digest of a file (the checkpoint), read in chunks so multi-GB files stay out of memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,246 @@
+"""The Monte Carlo engine: block-seeded noise, many images per forward batch, counts kept on the device.
+
+A procedure (:mod:`.procedures`) asks for noisy samples of its image with :class:`Draw` requests and
+receives the class counts; the sampler serves the requests of many images at once.
+
+Noise scheme (``NOISE_SCHEME``, recorded with every run): the samples of image ``idx`` in stage ``stage``
+(e.g. CERTIFY's selection 0 and estimation 1) are the rows of consecutive blocks of ``NOISE_BLOCK``
+samples, block ``b`` drawn whole from ``seeded_generator(seed, CERTIFY_STREAM, idx, stage, b)``. A
+sample's noise is therefore a pure function of (seed, idx, stage, sample number): it depends neither on
+``batch_size``, nor on which other images share a forward batch, nor on the number of ranks, nor on the
+point where a run was resumed, on the CPU and on CUDA alike (CPU and CUDA generators draw different
+numbers, so the two devices give different, equally valid, results).
+
+Forward batches are filled from the pending requests in the order the images arrived, so batches stay
+full when each image needs fewer samples than ``batch_size`` (CERTIFY's n0 = 100 selection draws, the
+sequential test's looks). Counts and the non-finite-logit tallies stay on the device until a request is
+complete: one host synchronisation per request, not per batch. With ``compile`` every forward pass has
+the shape ``[batch_size, C, H, W]`` (a short last batch is padded, and the padding rows are not counted),
+so one compiled graph serves the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..noise import GaussianNoise
+from ..rng import CERTIFY_STREAM, seeded_generator
+
+NOISE_BLOCK = 100  # samples per seeded noise block
+NOISE_SCHEME = f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; plus "auto"
+PIXEL_TOLERANCE = 1e-4  # images may leave [0,1] by this much through rounding in the data pipeline
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (a CPU's bf16 is slow or emulated)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto|{'|'.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def check_image(x: torch.Tensor) -> torch.Tensor:
+    """One [C,H,W] image of [0,1] pixels as float32 (a float64 image is cast; the noise is float32)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be one [C,H,W] image tensor, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point image in [0,1], got dtype {x.dtype}")
+    low, high = (float(v) for v in x.aminmax())
+    if not (low >= -PIXEL_TOLERANCE and high <= 1 + PIXEL_TOLERANCE):  # also rejects NaN
+        raise ValueError(f"x must hold [0,1] pixels, got values in [{low}, {high}]")
+    return x.float()
+
+
+class NonFiniteLogits(ValueError):
+    """The base classifier returned NaN or Inf: a broken model must never be certified."""
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A procedure's request: ``num`` more noisy samples of its image from noise stage ``stage``.
+
+    Requests on the same stage continue its stream (the second request gets the samples after the first's).
+    """
+
+    stage: int
+    num: int
+
+
+Run = Generator[Draw, torch.Tensor, object]  # a procedure run: yields Draws, receives [K] counts, returns a record
+
+
+class _Image:
+    """An image in flight: its procedure run, its pending request and the device-side tallies."""
+
+    def __init__(self, idx: int, image: torch.Tensor, run: Run, num_classes: int):
+        self.idx, self.image, self.run = idx, image, run
+        self.drawn: dict[int, int] = {}  # stage -> samples of its stream used so far
+        self.cache: tuple[int, int, torch.Tensor] | None = None  # (stage, block, [NOISE_BLOCK,C,H,W]) in use
+        self.started = time.perf_counter()
+        self.request: Draw | None = None
+        self.assigned = 0  # rows of the request put into forward batches so far
+        self.counts = torch.zeros(num_classes, dtype=torch.long, device=image.device)  # [K]
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=image.device)
+
+    def ask(self, counts: torch.Tensor | None):
+        """Advance the procedure: the next request (kept), or the finished record (returned)."""
+        try:
+            request = next(self.run) if counts is None else self.run.send(counts)
+        except StopIteration as stop:
+            return stop.value
+        if not isinstance(request, Draw) or request.num < 1:
+            raise ValueError(f"a procedure must yield Draw(stage, num >= 1), got {request!r}")
+        self.request, self.assigned = request, 0
+        self.counts.zero_()
+        return None
+
+
+class Sampler:
+    """Serves the Draw requests of many images with the smoothed classifier's noisy forward passes.
+
+    ``add(idx, image, run)`` starts an image; ``step()`` runs one forward batch and returns the
+    ``(idx, record)`` of the images it finished; ``pending_rows`` says how many samples are asked for.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        num_classes: int,
+        noise: GaussianNoise,
+        seed: int,
+        batch_size: int,
+        precision: str = "auto",
+        compile: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.num_classes, self.noise, self.seed, self.batch_size = num_classes, noise, seed, batch_size
+        self.precision = resolve_precision(precision, self.device)
+        self.compile = compile
+        # torch.compile specialises on the input shape: a fixed batch shape keeps one graph for the run.
+        self.forward = torch.compile(classifier) if compile else classifier
+        self.images: list[_Image] = []  # in arrival order: forward batches are filled from the front
+        self.buffer: torch.Tensor | None = None  # [batch_size,C,H,W], reused by every batch
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(im.request.num - im.assigned for im in self.images)
+
+    def add(self, idx: int, image: torch.Tensor, run: Run) -> object | None:
+        """Start ``run`` on ``image`` [C,H,W]; returns its record at once if it needs no samples."""
+        image = check_image(image).to(self.device)
+        if self.buffer is None or self.buffer.shape[1:] != image.shape:
+            if self.images:
+                raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
+                                 f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size")
+            self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
+            self._ones = torch.ones(self.batch_size, dtype=torch.long, device=self.device)  # [B]
+        item = _Image(idx, image, run, self.num_classes)
+        record = item.ask(None)
+        if record is not None:
+            return self._finish(item, record)
+        self.images.append(item)
+        return None
+
+    def _generator(self, idx: int, stage: int, block: int) -> torch.Generator:
+        return seeded_generator(self.seed, CERTIFY_STREAM, idx, stage, block, device=self.device)
+
+    def _fill(self, item: _Image, take: int, out: torch.Tensor) -> None:
+        """Write the next ``take`` noisy samples of ``item``'s request stream into ``out`` [take,C,H,W]."""
+        stage, pos = item.request.stage, 0
+        while pos < take:
+            start = item.drawn.get(stage, 0)
+            block, offset = divmod(start, NOISE_BLOCK)
+            k = min(NOISE_BLOCK - offset, take - pos)
+            if k == NOISE_BLOCK:  # a whole block: drawn straight into the batch
+                self.noise.sample(None, self._generator(item.idx, stage, block), out=out[pos : pos + k])
+            else:  # part of a block: draw it whole once, keep it until its last row is used
+                if item.cache is None or item.cache[:2] != (stage, block):
+                    shape = (NOISE_BLOCK, *item.image.shape)  # [NOISE_BLOCK,C,H,W]
+                    generator = self._generator(item.idx, stage, block)
+                    item.cache = (stage, block, self.noise.sample(shape, generator, device=self.device))
+                out[pos : pos + k].copy_(item.cache[2][offset : offset + k])
+                if offset + k == NOISE_BLOCK:
+                    item.cache = None
+            item.drawn[stage] = start + k
+            pos += k
+        out.add_(item.image)  # x + noise, [take,C,H,W]
+
+    def step(self) -> list[tuple[int, object]]:
+        """One forward batch over the oldest pending requests; the (idx, record) of the images it finished."""
+        segments: list[tuple[_Image, int]] = []  # (image, rows) in batch order
+        rows = 0
+        for item in self.images:
+            take = min(item.request.num - item.assigned, self.batch_size - rows)
+            if take > 0:
+                self._fill(item, take, self.buffer[rows : rows + take])
+                segments.append((item, take))
+                rows += take
+            if rows == self.batch_size:
+                break
+        if not segments:
+            return []
+        batch = self.buffer if self.compile else self.buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
+        if self.compile and rows < self.batch_size:
+            self.buffer[rows:].zero_()
+        dtype = PRECISIONS[self.precision]
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            logits = self.forward(batch)  # [B,K]
+        if logits.ndim != 2 or logits.shape[0] != batch.shape[0] or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"base classifier returned logits of shape {tuple(logits.shape)}, "
+                f"expected {(batch.shape[0], self.num_classes)}"
+            )
+        logits = logits[:rows]  # [R,K]
+        votes = logits.argmax(dim=1)  # [R]
+        broken = ~torch.isfinite(logits).all(dim=1)  # [R]
+        finished, start = [], 0
+        for item, take in segments:
+            # index_add_ and sum on slices: no host sync (bincount and one_hot read the data back on CUDA)
+            item.counts.index_add_(0, votes[start : start + take], self._ones[:take])
+            item.nonfinite += broken[start : start + take].sum()
+            item.assigned += take
+            start += take
+            if item.assigned == item.request.num:  # the request is complete: the one host sync for it
+                tallies = torch.cat([item.counts, item.nonfinite.view(1)]).cpu()  # [K+1]
+                if int(tallies[-1]):
+                    raise NonFiniteLogits(
+                        f"image {item.idx}: the base classifier returned NaN/Inf logits for "
+                        f"{int(tallies[-1])} of {item.request.num} noisy samples: refusing to certify a "
+                        "broken model (check the checkpoint's weights)"
+                    )
+                record = item.ask(tallies[:-1])
+                if record is not None:
+                    self.images.remove(item)
+                    finished.append(self._finish(item, record))
+        return finished
+
+    def _finish(self, item: _Image, record) -> tuple[int, object]:
+        if dataclasses.is_dataclass(record) and hasattr(record, "time"):
+            record = dataclasses.replace(record, time=time.perf_counter() - item.started)
+        return item.idx, record
+
+    def run_full_batches(self) -> list[tuple[int, object]]:
+        """Forward batches while the pending requests fill a whole batch (then more images are needed)."""
+        finished = []
+        while self.images and self.pending_rows >= self.batch_size:
+            finished += self.step()
+        return finished
+
+    def drain(self) -> list[tuple[int, object]]:
+        """Forward batches until every image in flight is finished."""
+        finished = []
+        while self.images:
+            finished += self.step()
+        return finished

@@ -1,0 +1,145 @@
+"""mode=certify_radii: sequential certification at fixed radii, end to end through the sampler and the job.
+
+The statistics alone are tested in test_sequential_test.py; here the whole path (block-seeded noise,
+packing, looks, records, resume, ranks) is checked against a closed form, against fixed-n CERTIFY, and
+for independence of batch size and rank count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+from scipy.stats import norm
+from test_certify import ckpt, finish, one_thread, overrides_with, run, script  # noqa: F401  (fixtures)
+from torch import nn
+
+from dmae_lightning.certification import CertifyRadii, Smooth
+from dmae_lightning.certification.records import RadiiRecord, read_json, read_records
+from dmae_lightning.certification.sequential_test import SequentialTest
+from dmae_lightning.noise import GaussianNoise
+
+SIGMA = 0.25
+
+
+class Halfspace(nn.Module):
+    """f(x) = 1 where w.x > b: with Gaussian noise P(f(x + eps) = 1) = Phi((w.x - b) / (sigma |w|)) exactly,
+    so the smoothed classifier's exact L2 radius at x is (w.x - b) / |w|."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w.flatten() - self.b  # [B]
+        return torch.stack([torch.zeros_like(score), score], dim=1)  # [B,2]
+
+
+class FixedNAtEveryLook(SequentialTest):
+    """The unsound variant: a fixed-n Clopper-Pearson bound at the full alpha at every look."""
+
+    def lower_levels(self):
+        return (self.alpha,) * len(self.looks())
+
+
+def wrongly_certified_rate(test_class, images: int, alpha: float) -> tuple[float, float]:
+    """Images at exact radius just below 0.2 (p a hair under t(0.2)): the fraction certified at 0.2."""
+    w = torch.tensor([[[0.6, -0.8]]])  # |w| = 1
+    x = torch.tensor([[[0.7, 0.4]]])
+    exact = 0.2 - 1e-6
+    b = float((w * x).sum()) - exact
+    assert norm.cdf(exact / SIGMA) < norm.cdf(0.2 / SIGMA)  # certifying r = 0.2 is wrong
+    procedure = CertifyRadii(GaussianNoise(SIGMA), (0.0, 0.1, 0.2), n=1000, alpha=alpha)
+    object.__setattr__(procedure, "test", test_class((0.0, 0.1, 0.2), SIGMA, 1000, alpha, block=100))
+    smooth = Smooth(Halfspace(w, b), 2, SIGMA)
+    records = smooth.run(procedure, [(idx, x, 1) for idx in range(images)], batch_size=50_000, seed=11)
+    wrong = sum(r.radius is not None and r.radius > exact for r in records) / images
+    certified_at_01 = sum(r.radius is not None and r.radius >= 0.1 for r in records) / images
+    return wrong, certified_at_01
+
+
+@pytest.mark.slow
+def test_never_certified_beyond_the_exact_radius_beyond_the_alpha_rate_and_the_unsound_variant_is():
+    alpha, images = 0.05, 2000
+    limit = alpha + 3 * math.sqrt(alpha * (1 - alpha) / images)  # 0.065
+    wrong, power = wrongly_certified_rate(SequentialTest, images, alpha)
+    assert wrong <= limit
+    assert power > 0.95  # p = Phi(0.8) clears t(0.1) = Phi(0.4) easily: the test does certify
+    unsound, _ = wrongly_certified_rate(FixedNAtEveryLook, images, alpha)
+    assert unsound > limit  # the same harness catches a procedure that peeks with a fixed-n bound
+
+
+def record_tuple(r: RadiiRecord) -> tuple:
+    return dataclasses.astuple(dataclasses.replace(r, time=0.0))
+
+
+RADII = ["mode=certify_radii", "radii=[0,0.25,0.5]", "n=1000", "max=24"]
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, ckpt):  # noqa: F811
+    out = tmp_path_factory.mktemp("radii")
+    return out, run(out, ckpt, *RADII)
+
+
+def test_records_and_summary(sequential):
+    out, summary = sequential
+    records = read_records(out / "certify_radii.tsv", RadiiRecord)
+    assert [r.idx for r in records] == list(range(24))
+    test = SequentialTest((0.0, 0.25, 0.5), SIGMA, 1000, 0.001, block=100)
+    for r in records:
+        assert r.n in test.looks() and 0 <= r.lower <= r.upper <= 1
+        if r.radius is not None:  # the final lower bound clears the threshold of the certified radius
+            assert r.lower >= norm.cdf(r.radius / SIGMA) and r.radius in (0.0, 0.25, 0.5)
+    assert summary["samples"] == sum(r.n for r in records)
+    assert summary["fixed_n_samples"] == 24 * (10 + 1000)
+    assert summary["saving_vs_fixed_n"] == pytest.approx(summary["fixed_n_samples"] / summary["samples"])
+    expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
+    assert summary["certified_accuracy"] == pytest.approx(expected)
+    assert read_json(out / "summary.json")["mode"] == "certify_radii"
+    assert (out / "certified_accuracy.png").exists()
+
+
+def test_agrees_with_fixed_n_certify_at_the_cap_and_uses_fewer_samples(sequential, ckpt, tmp_path):  # noqa: F811
+    _, seq = sequential
+    fixed = run(tmp_path / "fixed", ckpt, "n=1000", "max=24", "radii=[0,0.25,0.5]")
+    for key, accuracy in fixed["certified_accuracy"].items():
+        # sampling error of two procedures on 24 images: at most 2 images apart
+        assert abs(seq["certified_accuracy"][key] - accuracy) <= 2 / 24 + 1e-12, key
+    assert seq["samples"] < fixed["samples"]
+
+
+def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path):  # noqa: F811
+    out, _ = sequential
+    reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)]
+    for batch in (70, 1000):
+        run(tmp_path / f"b{batch}", ckpt, *RADII, f"batch={batch}")
+        got = [record_tuple(r) for r in read_records(tmp_path / f"b{batch}" / "certify_radii.tsv", RadiiRecord)]
+        assert got == reference
+    # A session killed after 10 images (its shard and recorded settings), then the same command.
+    resumed = tmp_path / "resume"
+    resumed.mkdir()
+    shutil.copytree(out / ".hydra", resumed / ".hydra")
+    shutil.copy(out / "certify_radii.params.json", resumed)
+    lines = (out / "certify_radii.tsv").read_text().splitlines()
+    (resumed / "certify_radii.rank0.tsv").write_text("\n".join(lines[:11]) + "\n")
+    run(resumed, ckpt, *RADII)
+    got = [record_tuple(r) for r in read_records(resumed / "certify_radii.tsv", RadiiRecord)]
+    assert got == reference
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):  # noqa: F811
+    out, _ = sequential
+    args = [f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'logs'}", *overrides_with(*RADII, "max=11"),
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    log = tmp_path / "out.log"
+    proc = script(log, *args)
+    output = finish(proc, log, 400)
+    assert proc.returncode == 0, output
+    (merged,) = (tmp_path / "logs").glob("*/*/certify_radii.tsv")
+    reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)][:11]
+    assert [record_tuple(r) for r in read_records(merged, RadiiRecord)] == reference

@@ -1,0 +1,183 @@
+"""Run directories (issue 14.1, 14.9; issue 12.10, 12.11): named by what the job computes, never shared by two
+configurations, refused when they hold another configuration's results, checked before anything is loaded,
+created only for a valid job, and a full disk ends in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from dmae_lightning.config import run_dir
+from dmae_lightning.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TINY = ("data.subset_first=64", "data.batch_size=32", "trainer.max_epochs=1")
+
+
+def hydra_run_dir(overrides: list[str], config_name: str = "train") -> Path:
+    """The run directory Hydra would create for ``python train.py <overrides>``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+
+
+def save_weights(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    torch.save(create_model("vit_micro_patch8", num_classes=10).state_dict(), path)
+    return path
+
+
+def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(path: Path) -> dict:
+    """Every entry below ``path`` with its content and modification time."""
+    return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+@contextmanager
+def unwritable(path: Path):
+    """A directory nobody can write to: chmod for a user; root passes permission checks, so for root the
+    immutable attribute, which stops root too."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root on a file system without chattr +i: cannot make a directory unwritable")
+        undo = ["chattr", "-i", str(path)]
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        undo = None
+    try:
+        yield path
+    finally:
+        subprocess.run(undo, check=True) if undo else path.chmod(mode)
+
+
+def test_run_directory_is_a_function_of_the_resolved_config(tmp_path, monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    a, b = save_weights(tmp_path / "a.pth", 0), save_weights(tmp_path / "b.pth", 1)
+    (tmp_path / "link.pth").symlink_to(a)
+    base = ["experiment=finetune_digits", f"paths.log_dir={tmp_path / 'logs'}"]
+    plain = hydra_run_dir(base)
+    assert plain.parent == tmp_path / "logs" / "finetune_digits_sigma0.25" and len(plain.name) == 8
+    # Typing a default, or where/how the job runs, does not change the directory.
+    assert hydra_run_dir([*base, "data=digits", "noise=sigma_0.25", "hardware=cpu", "logger=none",
+                          "data.num_workers=0", "ckpt_path=last"]) == plain
+    # Everything that changes the results does, the initial weights by content.
+    variants = {
+        "pretrained a": [*base, f"pretrained={a}"],
+        "pretrained b": [*base, f"pretrained={b}"],
+        "two devices": [*base, "trainer.devices=2", "trainer.strategy=ddp"],
+        "seed": [*base, "seed=1"],
+        "epochs": [*base, "trainer.max_epochs=5"],
+        "lambda": [*base, "consistency.lbd=4"],
+    }
+    dirs = {name: hydra_run_dir(overrides) for name, overrides in variants.items()}
+    assert len({plain, *dirs.values()}) == 1 + len(variants), dirs
+    assert hydra_run_dir([*base, f"pretrained={tmp_path / 'link.pth'}"]) == dirs["pretrained a"]
+    # Inside a SLURM job every rank and restart resolves the job's directory: the same key below slurm-<id>.
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert hydra_run_dir(base) == plain.parent / "slurm-1234" / plain.name
+    assert run_dir("logs/x", "k") == "logs/x/slurm-1234/k"
+
+
+def test_cfg_hydra_resolve_prints_without_error(tmp_path):
+    proc = run_train(["experiment=pretrain_digits", "--cfg", "hydra", "--resolve"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "decided when the job runs" in proc.stdout and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow  # ~25 s: two tiny fine-tuning jobs in one sweep
+def test_sweep_over_initial_weights_gives_two_directories_and_a_latest_link(tmp_path):
+    weights = save_weights(tmp_path / "w.pth", 0)
+    proc = run_train(["-m", "experiment=finetune_digits", *TINY, f"pretrained=null,{weights}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    home = tmp_path / "logs" / "finetune_digits_sigma0.25"
+    dirs = sorted(p.parent.parent for p in home.glob("multirun/*/.hydra/identity.json"))
+    assert len(dirs) == 2, dirs
+    initial = {json.loads((d / ".hydra" / "identity.json").read_text())["identity"]["pretrained"] for d in dirs}
+    assert initial == {None, "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()}
+    for d in dirs:
+        assert [p.name for p in (d / "checkpoints").iterdir()] == ["last.ckpt"]
+        assert len((d / "csv" / "metrics.csv").read_text().splitlines()) > 1
+        assert proc.stdout.count(f"run directory: {d}") == 2  # at the start and at the end
+    assert (home / "latest").resolve() in dirs and (home / "latest" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow  # ~45 s on a loaded 2-core machine: one tiny pre-training, then starts that stop at once
+def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
+    run = tmp_path / "run"
+    # A full disk while training: one line saying how to resume. The final picture goes to /dev/full, which
+    # fails every write with ENOSPC, as a full disk does.
+    (run / "pictures").mkdir(parents=True)
+    (run / "pictures" / "reconstruction_final.png").symlink_to("/dev/full")
+    full = run_train(["experiment=pretrain_digits", *TINY, f"hydra.run.dir={run}"], tmp_path)
+    assert full.returncode == 1
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on the device of {run}: what was written before is kept; free some space, "
+        "then run the same command again with ckpt_path=last"
+    )
+    assert (run / ".hydra" / "config.yaml").is_file()
+    before = snapshot(run)
+
+    # Another configuration into the same directory: one line, nothing rewritten (.hydra/ included).
+    other = run_train(["experiment=pretrain_digits", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}"], tmp_path)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines() == [
+        f"error: {run} holds the results of another configuration (trainer.max_epochs: 1 -> 2): "
+        "choose another run directory or remove it"
+    ]
+    assert snapshot(run) == before
+
+    # A run directory that cannot be written: one line, before any data or model is loaded.
+    with unwritable(run / "pictures"):
+        proc = run_train(["experiment=pretrain_digits", *TINY, f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot write to {run / 'pictures'} (permissions or a read-only file system): "
+        "fix its permissions or choose another paths.log_dir"
+    ]
+    assert snapshot(run) == before
+    # ... or whose parent cannot be: Hydra's mkdir would fail with a traceback.
+    (tmp_path / "ro").mkdir()
+    with unwritable(tmp_path / "ro"):
+        proc = run_train(["experiment=pretrain_digits", *TINY, f"paths.log_dir={tmp_path / 'ro' / 'logs'}"], tmp_path)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot create the run directory") and "ro is not writable" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["experiment=finetune_digits", "pretrained=missing.ckpt"], "error: checkpoint missing.ckpt does not exist"),
+        (["experiment=finetune_imagenet_vit_base"], "error: this experiment needs pretrained=... on the command line"),
+        (["experiment=quickstart", "pretrained=x.ckpt"], "error: quickstart: pretrained=x.ckpt is not accepted"),
+        pytest.param(["experiment=pretrain_digits", "hardware=gpu"], "error: No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+    ],
+)
+def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
+    proc = run_train(overrides, tmp_path, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+    assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
