@@ -15,10 +15,8 @@ the tests), digits on its bundled data. Prints a table and writes JSON (device, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,12 +26,12 @@ import PIL
 import torch
 import torchvision
 import torchvision.datasets.cifar
+from common import RESULTS, environment, synchronize, write_results
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from dmae_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # ImageNet's most common sizes (width, height), a landscape majority, and some larger photos.
 SIZES = [(500, 375)] * 5 + [(375, 500)] * 2 + [(500, 333), (500, 400), (800, 600)]
 
@@ -80,19 +78,13 @@ def time_loader(dm, batches: int, device: torch.device) -> float:
     loader = dm.train_dataloader()
     it = iter(loader)
     dm.transfer_batch_to_device(next(it), device, 0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(device.type)
     start, seen = time.perf_counter(), 0
     for _ in range(batches):
         images, _ = dm.transfer_batch_to_device(next(it), device, 0)
         seen += len(images)
-    sync()
+    synchronize(device.type)
     return seen / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
-    return f"{os.cpu_count()}-core CPU {model or platform.processor()}"
 
 
 def main() -> None:
@@ -137,14 +129,13 @@ def main() -> None:
             print(f"  {name} {pipeline} {augment} workers={workers}: {rate:.0f} images/s", flush=True)
 
     meta = {
-        "device": cpu_name() + (f" + {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
-        "decode_device": str(device),
+        **environment(device.type),
+        "cpu_cores": os.cpu_count(),
         "synthetic_imagenet": {"images": args.images, "mean_kb": mean_kb, "batch": args.batch},
         "load_average_1min_at_end": os.getloadavg()[0],  # other work on a shared machine slows every number
-        "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "pillow": PIL.__version__,
-        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
     }
     print(f"\n{meta}")
     print(f"{'data':9} {'pipeline':8} {'augment':8} {'workers':>7} {'images/s':>9} {'per worker':>10}")
@@ -153,10 +144,7 @@ def main() -> None:
             f"{r['data']:9} {r['pipeline']:8} {r['augment']:8} {r['workers']:7d} {r['images_per_s']:9.0f} "
             f"{r['images_per_s'] / r['workers']:10.0f}"
         )
-    out = args.out or RESULTS / f"data_throughput_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "command": " ".join(sys.argv), "results": rows}, indent=2) + "\n")
-    print(f"written to {out}")
+    write_results(args.out or RESULTS / f"data_throughput_{device.type}.json", meta, rows)
 
 
 if __name__ == "__main__":

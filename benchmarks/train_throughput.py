@@ -8,9 +8,9 @@ side, our LightningModule inside a ``Trainer`` and the same model, optimizer and
 loop (what Lightning costs), each eager and with ``torch.compile``. Every configuration runs in a fresh
 process (clean compile caches, its own peak memory). Data are random images made once and reused, so the
 input pipeline is not measured here (see data_throughput.py). Model FLOPs per image come from
-``torch.utils.flop_counter`` on one eager forward + backward; utilisation is against a plain matmul in the
-training precision (bf16 on a GPU, fp32 on the CPU) timed in the same run. Prints a table and writes the
-numbers, with device and library versions, to --out (JSON).
+``torch.utils.flop_counter`` on one eager forward + backward; utilisation (GPU only) is against a bf16
+matmul timed in the same run. Prints a table and writes the numbers, with device and library versions,
+to --out (JSON).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import timm
 import torch
 import torch.nn.functional as F
+from common import RESULTS, bf16_matmul_flops_per_s, environment, synchronize, write_results
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,7 +36,6 @@ from dmae_lightning.optim import parameter_groups, warmup_cosine_factor
 from dmae_lightning.pretrain import DMAEPretrainModule, compile_in_place
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OPT = dict(name="adamw", base_lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=0, min_lr=0.0)
 
 
@@ -172,7 +170,7 @@ def measure_one(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     device = cfg["device"]
     cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = lambda: synchronize(device)  # noqa: E731
     module = build_module(cfg["task"], cfg["model"], cfg["img_size"]).to(device)
     flops = count_flops(cfg["task"], module, cfg["img_size"], device)
     if cfg["compile"]:
@@ -200,21 +198,6 @@ def measure_one(cfg: dict) -> dict:
 
 
 # --- the whole benchmark ---------------------------------------------------------------------------
-def matmul_tflops(device: str, size: int, repeats: int) -> tuple[float, str]:
-    """A plain square matmul in the training precision: the reference for model FLOP utilisation."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12, str(dtype).removeprefix("torch.")
-
-
 def run_in_subprocess(cfg: dict) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=os.environ
@@ -226,15 +209,6 @@ def run_in_subprocess(cfg: dict) -> dict:
             f"{cfg['model']} {cfg['task']} {cfg['runner']} compile={cfg['compile']} failed: {tail}"
         )
     return json.loads(lines[-1])
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), ""
-    )
-    return f"{os.cpu_count()}-core CPU {model or platform.processor()}"
 
 
 def main() -> None:
@@ -270,7 +244,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak_tflops, matmul_dtype = matmul_tflops(args.device, 8192 if args.device == "cuda" else 1024, 20)
+    matmul = bf16_matmul_flops_per_s(args.device)  # None on the CPU: utilisation is a GPU figure
     rows = []
     for model in args.models:
         for task in args.tasks:
@@ -291,20 +265,17 @@ def main() -> None:
                     row = max(
                         (run_in_subprocess(cfg) for _ in range(args.repeats)), key=lambda r: r["images_per_s"]
                     )
-                    row["mfu"] = row["achieved_tflops"] / peak_tflops
+                    row["mfu"] = row["achieved_tflops"] * 1e12 / matmul if matmul else None
                     rows.append(row)
                     print(f"  {model} {task} {mode} {runner}: {row['images_per_s']:.1f} images/s", flush=True)
     meta = {
-        "device": device_name(args.device),
+        **environment(args.device),
+        "cpu_cores": os.cpu_count(),
         "threads": args.threads or torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work on a shared machine slows every number
         "repeats": args.repeats,
-        "matmul_tflops": peak_tflops,
-        "matmul_dtype": matmul_dtype,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "lightning": pl.__version__,
-        "python": platform.python_version(),
+        "bf16_matmul_tflops": matmul / 1e12 if matmul else None,
+        "command": " ".join(sys.argv),
     }
     print(f"\n{meta}")
     print(
@@ -315,17 +286,13 @@ def main() -> None:
     for r in rows:
         ref = plain.get((r["model"], r["task"], r["compile"]))
         ratio = f"{r['images_per_s'] / ref:8.3f}" if ref else f"{'':8}"
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
         print(
             f"{r['model']:18} {r['task']:9} {'compiled' if r['compile'] else 'eager':9} {r['runner']:10} "
             f"{r['images_per_s']:9.1f} {ratio} {r['warmup_s']:9.1f} {r['peak_memory_gib']:8.2f} "
-            f"{r['flops_per_image'] / 1e9:9.3f} {100 * r['mfu']:5.1f}%"
+            f"{r['flops_per_image'] / 1e9:9.3f} {mfu}"
         )
-    out = Path(args.out) if args.out else RESULTS / f"train_throughput_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"meta": meta, "command": " ".join(sys.argv), "results": rows}, indent=2) + "\n"
-    )
-    print(f"written to {out}")
+    write_results(Path(args.out) if args.out else RESULTS / f"train_throughput_{args.device}.json", meta, rows)
 
 
 if __name__ == "__main__":
