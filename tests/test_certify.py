@@ -338,7 +338,7 @@ def test_sigkill_and_restart_equal_an_uninterrupted_run(base, ckpt, tmp_path):
     args = [
         f"ckpt_path={ckpt}",
         f"paths.log_dir={tmp_path / 'logs'}",
-        *overrides_with("max=6", "n=5000", "batch=1000"),
+        *overrides_with("max=6", "n=10000", "batch=1000"),
     ]
     log = tmp_path / "out.log"
     proc = script(log, *args)
@@ -362,7 +362,7 @@ def test_sigkill_and_restart_equal_an_uninterrupted_run(base, ckpt, tmp_path):
     output = finish(again, log, 300)
     assert again.returncode == 0, output
     uninterrupted = tmp_path / "uninterrupted"
-    run(uninterrupted, ckpt, "max=6", "n=5000", "batch=1000")
+    run(uninterrupted, ckpt, "max=6", "n=10000", "batch=1000")
     text = (run_dir / "certify.tsv").read_text()
     assert text.endswith("\n") and len(text.splitlines()) == 7
     assert results(run_dir / "certify.tsv") == results(uninterrupted / "certify.tsv")

@@ -109,6 +109,8 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     assert "max_epochs" not in cfgs["certify"].trainer  # a training-only key goes to the training stages only
     none = quickstart_stages(["logger=none"])
     assert all(not cfg.get("logger") for cfg in none.values())
+    sequential = quickstart_stages(["procedure=certify_radii"])  # the sequential procedure, as an option
+    assert (sequential["certify"].mode, sequential["certify"].n) == ("certify_radii", 1000)
 
 
 @pytest.mark.parametrize(

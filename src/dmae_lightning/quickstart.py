@@ -33,7 +33,7 @@ from .train import train
 log = logging.getLogger(__name__)
 DONE = "stage_done.json"
 # Keys of the quickstart job itself (not passed on), and keys each stage sets itself (refused).
-OWN = ("experiment", "pretrain", "quickstart", "run_name", "hydra", "hydra/launcher")
+OWN = ("experiment", "pretrain", "procedure", "quickstart", "run_name", "hydra", "hydra/launcher")
 SET_BY_QUICKSTART = {
     "task": "each stage has its own task",
     "pretrained": "fine-tuning starts from the pre-training stage (pretrain=false: from scratch)",
@@ -123,14 +123,17 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
     outputs = {
         "reconstruction picture": out / "pretrain" / "pictures" / "reconstruction_final.png",
         "certified-accuracy plot": out / "certify" / "certified_accuracy.png",
-        "per-image results": out / "certify" / "certify.tsv",
+        "per-image results": out / "certify" / f"{summary['mode']}.tsv",
         "summary": out / "certify" / "summary.json",
     }
+    draws = f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
     lines = [
-        f"Certified accuracy on the held-out digits test split ({summary['num_images']} images, "
-        f"n0={summary['n0']}, n={summary['n']}, alpha={summary['alpha']}):",
+        f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
+        f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
         format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})"),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
+    if summary["mode"] == "certify":  # the cheaper way to the same table
+        lines.append("Certified accuracy at fixed radii only: add procedure=certify_radii (sequential, far fewer samples)")
     print("\n".join(lines), flush=True)
     return summary

@@ -110,10 +110,10 @@ class SmoothingPredictor(pl.LightningModule):
         self._write(self.sampler.drain())
 
     def _write(self, finished) -> None:
+        """Append each record the moment its image is finished (``finished`` may be a lazy iterator)."""
         for _, record in finished:
             self.writer.write(record)
             self._done += 1
-        if finished:
             self._log_progress()
 
     def _log_progress(self) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -231,16 +231,13 @@ class Sampler:
             record = dataclasses.replace(record, time=time.perf_counter() - item.started)
         return item.idx, record
 
-    def run_full_batches(self) -> list[tuple[int, object]]:
-        """Forward batches while the pending requests fill a whole batch (then more images are needed)."""
-        finished = []
+    def run_full_batches(self) -> Iterator[tuple[int, object]]:
+        """Forward batches while the pending requests fill a whole batch (then more images are needed);
+        yields each image's (idx, record) as soon as it is finished, so the caller can save it at once."""
         while self.images and self.pending_rows >= self.batch_size:
-            finished += self.step()
-        return finished
+            yield from self.step()
 
-    def drain(self) -> list[tuple[int, object]]:
-        """Forward batches until every image in flight is finished."""
-        finished = []
+    def drain(self) -> Iterator[tuple[int, object]]:
+        """Forward batches until every image in flight is finished, yielding each as it finishes."""
         while self.images:
-            finished += self.step()
-        return finished
+            yield from self.step()
