@@ -92,7 +92,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/dmae_data_throughput"))
     parser.add_argument("--images", type=int, default=384, help="JPEGs in the synthetic ImageNet train folder")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=list(range(1, (os.cpu_count() or 1) + 1)))
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=list(range(0, (os.cpu_count() or 1) + 1)),
+        help="loader worker counts; 0 decodes in the main process (the cost of one image, no overlap)",
+    )
     parser.add_argument("--pipelines", nargs="+", default=["pil", "tensor", "device"])
     # randaug is not in the default: timm's rand-m9-mstd0.5-inc1 can draw posterize with 0 bits, which
     # Pillow 13 rejects (ValueError), so a long run stops; measure it with --augments flip randaug.
@@ -142,7 +145,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['data']:9} {r['pipeline']:8} {r['augment']:8} {r['workers']:7d} {r['images_per_s']:9.0f} "
-            f"{r['images_per_s'] / r['workers']:10.0f}"
+            f"{r['images_per_s'] / max(1, r['workers']):10.0f}"
         )
     write_results(args.out or RESULTS / f"data_throughput_{device.type}.json", meta, rows)
 
