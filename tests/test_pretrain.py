@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torchvision.datasets.cifar
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -301,17 +302,43 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
     assert full["lr_schedulers"][0]["_last_lr"] == split["lr_schedulers"][0]["_last_lr"]
 
 
-def test_resume_mid_epoch(make_digits, make_trainer, tmp_path):
-    """Preempted mid-epoch (k=6 of 12, checkpoint every step): step, schedule and optimizer step counts are
-    restored; the weights are only exact if the data order is, which a plain DataLoader cannot give."""
-    full, resumed, full_batches, resumed_batches = _resume_experiment(
-        make_digits, make_trainer, tmp_path, 6, "preempt"
+@pytest.fixture
+def make_streaming(tmp_path, monkeypatch):
+    """Like ``make_digits``: a CIFAR-10 data module whose training split streams litdata shards prepared
+    from 65 written images (4 batches of 16; random flips stand in for the digits' random shifts)."""
+    from test_data import write_cifar
+
+    from dmae_lightning.data import CIFAR10DataModule
+    from dmae_lightning.streaming import prepare_cifar10
+
+    write_cifar(tmp_path / "cifar", per_batch=13)
+    monkeypatch.setattr(  # the written files cannot match torchvision's md5 of the real ones
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: Path(fpath).is_file()
     )
+    assert prepare_cifar10(tmp_path / "cifar", tmp_path / "shards") == 65
+
+    def make(batch_size: int = 16, subset_first: int | None = 64, augment: str = "shift"):
+        return CIFAR10DataModule(str(tmp_path / "cifar"), batch_size=batch_size, streaming=str(tmp_path / "shards"))
+
+    return make
+
+
+@pytest.mark.parametrize("source", ["folder", "streaming"])
+def test_resume_mid_epoch(source, make_digits, make_streaming, make_trainer, tmp_path):
+    """Preempted mid-epoch (k=6 of 12, checkpoint every step): step, schedule and optimizer step counts are
+    restored; the weights are only exact if the data order is, which a plain DataLoader cannot give and the
+    streaming loader (its position saved in the checkpoint, augmentation seeded per sample) does."""
+    make_data = make_streaming if source == "streaming" else make_digits
+    full, resumed, full_batches, resumed_batches = _resume_experiment(make_data, make_trainer, tmp_path, 6, "preempt")
     assert full.step == resumed.step == 12
     assert full.lr == resumed.lr and full.scheduler["last_epoch"] == resumed.scheduler["last_epoch"]
     for i in full.opt_state:
         assert torch.equal(full.opt_state[i]["step"], resumed.opt_state[i]["step"])
     assert [b[:2] for b in resumed_batches] == [b[:2] for b in full_batches[6:]]  # steps and batch indices
+    if source == "streaming":
+        assert resumed_batches == full_batches[6:]  # the same images, flips included, in the same order
+        assert _equal_states(full, resumed) == []
+        return
     assert [b[2] for b in resumed_batches[2:]] != [b[2] for b in full_batches[8:]]
     diffs = _equal_states(full, resumed)
     if diffs:

@@ -27,6 +27,15 @@ from torchvision.transforms import InterpolationMode
 
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.models.layers import IMAGENET_MEAN
+from dmae_lightning.pipelines import (
+    PIPELINES,
+    bytes_tensor,
+    collate_bytes,
+    decode_crop_flip,
+    open_rgb,
+    read_file,
+    tensor_train_transform,
+)
 
 SPLITS = ("train", "val", "test")
 # The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
@@ -60,12 +69,17 @@ class _ImageDataModule(pl.LightningDataModule):
     split to the source it reads, so splits that read the same files share one dataset object.
     ``subset_every`` keeps every k-th item, then ``subset_first`` the first N of those (quick runs).
     ``num_classes`` may be given (so configs can interpolate ``${data.num_classes}``); it must match.
+    ``streaming``: a folder or object-store URL of training shards written by ``prepare.py``; the training
+    loader then streams them (streaming.py, shuffled and augmented with ``seed``) while val/test and
+    ``dataset(split)`` keep reading the source files. Subclasses that support it set ``STREAMS`` and
+    implement ``_stream_decode()``, the training transform of one stored image.
     """
 
     name: str
     image_size: int
     num_classes: int
     AUGMENTS: tuple[str, ...]
+    STREAMS = False
 
     def __init__(
         self,
@@ -77,6 +91,8 @@ class _ImageDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         subset_every: int = 1,
         subset_first: int | None = None,
+        streaming: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -91,7 +107,13 @@ class _ImageDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"unknown augment {augment!r} for {self.name}: choose one of {list(self.AUGMENTS)}"
             )
+        if streaming is not None:
+            self._check_streaming(streaming, subset_every, subset_first)
         self.save_hyperparameters()
+        self.streaming = streaming
+        self.seed = seed
+        self._stream_loader = None  # the training loader over the shards, once built
+        self._stream_state: dict | None = None  # its position from a checkpoint, applied when it is built
         self.batch_size = batch_size
         self.augment = augment
         self.num_workers = num_workers
@@ -102,6 +124,19 @@ class _ImageDataModule(pl.LightningDataModule):
         self.subset_first = subset_first
         self._expected_classes = num_classes
         self._datasets: dict[str, Dataset] = {}
+
+    def _check_streaming(self, streaming: str, subset_every: int, subset_first: int | None) -> None:
+        if not self.STREAMS:
+            raise ValueError(f"{self.name} has no streaming shards: set data.streaming=null")
+        if subset_every != 1 or subset_first is not None:
+            raise ValueError("subset_every / subset_first do not apply to streaming shards: prepare a smaller set")
+        if "://" not in streaming and not (Path(streaming) / "index.json").is_file():
+            raise FileNotFoundError(
+                f"streaming shards {streaming} are missing (no index.json): write them with python prepare.py"
+            )
+
+    def _stream_decode(self) -> Callable:
+        raise NotImplementedError
 
     def _source(self, split: str) -> str:
         return split
@@ -128,7 +163,12 @@ class _ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Builds (and so checks) the splits the stage needs before any training work starts."""
         for split in _STAGE_SPLITS.get(stage, SPLITS):
-            self.dataset(split)
+            if not (split == "train" and self.streaming):  # streamed: the source files may be elsewhere
+                self.dataset(split)
+
+    def _collate(self, split: str) -> Callable | None:
+        """The loader's collate_fn for ``split`` (None: PyTorch's default)."""
+        return None
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
@@ -139,9 +179,21 @@ class _ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=self._collate(split),
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            from dmae_lightning.streaming import streaming_loader  # litdata: imported only when streaming
+
+            self._stream_loader = streaming_loader(
+                self.streaming, self._stream_decode(), self.batch_size, self.num_workers, self.seed,
+                collate_fn=self._collate("train"), pin_memory=self.pin_memory,
+            )
+            if self._stream_state is not None:
+                self._stream_loader.load_state_dict(self._stream_state)
+                self._stream_state = None
+            return self._stream_loader
         n = len(self.dataset("train"))
         if n < self.batch_size:
             # With drop_last the epoch would be empty and training would silently do nothing.
@@ -152,6 +204,15 @@ class _ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
+
+    # The streaming loader's position travels in the data module's part of the checkpoint. Lightning also
+    # saves it with the fit loop, but restores it only into a loader built after the loop state is loaded,
+    # and the lr schedule (estimated_stepping_batches) builds the loader before that.
+    def state_dict(self) -> dict:
+        return {"stream_loader": self._stream_loader.state_dict()} if self._stream_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stream_state = state.get("stream_loader")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
@@ -164,7 +225,9 @@ class _CheckedImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
             return super().__getitem__(index)
-        except (OSError, SyntaxError) as err:  # PIL: truncated or unidentified files; SyntaxError: bad headers
+        # PIL: truncated or unidentified files; SyntaxError: bad headers; RuntimeError: torchvision's
+        # JPEG decoder (the tensor pipeline)
+        except (OSError, SyntaxError, RuntimeError) as err:
             raise BrokenImageError(self.samples[index][0], index, str(err).splitlines()[0]) from None
 
 
@@ -175,6 +238,9 @@ class ImageNetDataModule(_ImageDataModule):
     augment: "flip" = RandomResizedCrop(224, scale 0.2-1, bicubic) + flip (pre-training); "randaug" =
     RandomResizedCrop(224, scale 0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 (fine-tuning);
     "none" = the deterministic eval transform, resize 256 (bicubic) + centre crop 224.
+    pipeline (training split only): "pil" (torchvision v1 on full-size PIL images), "tensor" (reduced-size
+    JPEG decoding where the crop allows + transforms.v2 on uint8) or "device" (decode, crop and flip on
+    the training device, augment "flip" only); see pipelines.py. val/test always use the PIL eval transform.
     Folders are checked when a split is first built (``setup`` or ``dataset``), so a certification
     job that reads only ``val`` does not need ``train``.
     """
@@ -182,9 +248,22 @@ class ImageNetDataModule(_ImageDataModule):
     name = "imagenet"
     image_size = 224
     AUGMENTS = ("none", "flip", "randaug")
+    STREAMS = True
 
-    def __init__(self, root: str | os.PathLike, batch_size: int = 64, augment: str = "flip", **kwargs):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        batch_size: int = 64,
+        augment: str = "flip",
+        pipeline: str = "pil",
+        **kwargs,
+    ):
         super().__init__(batch_size=batch_size, augment=augment, **kwargs)
+        if pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r} for imagenet: choose one of {list(PIPELINES)}")
+        if pipeline == "device" and augment != "flip":
+            raise ValueError(f"pipeline='device' does augment='flip' only, got augment={augment!r}")
+        self.pipeline = pipeline
         self.root = Path(root)
         self._classes: list[str] | None = None
 
@@ -223,14 +302,18 @@ class ImageNetDataModule(_ImageDataModule):
             ]
         )
 
-    def _train_transform(self) -> Callable:
+    @property
+    def _crop_scale(self) -> tuple[float, float]:
+        return (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
+
+    def _train_decode(self) -> Callable:
+        """Encoded file bytes -> training sample, for the chosen pipeline (the device pipeline decodes
+        in transfer_batch_to_device and ships the bytes)."""
         if self.augment == "none":
-            return self._eval_transform()
-        scale = (0.2, 1.0) if self.augment == "flip" else (0.08, 1.0)
-        steps = [
-            transforms.RandomResizedCrop(224, scale=scale, interpolation=InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(),
-        ]
+            return transforms.Compose([open_rgb, self._eval_transform()])
+        if self.pipeline == "device":
+            return bytes_tensor
+        randaug = None
         if self.augment == "randaug":
             # The hparams timm's create_transform passes; we call RandAugment directly because
             # create_transform either normalises or, with normalize=False, returns unscaled uint8.
@@ -239,14 +322,40 @@ class ImageNetDataModule(_ImageDataModule):
                 "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
                 "interpolation": Image.Resampling.BICUBIC,
             }
-            steps.append(rand_augment_transform("rand-m9-mstd0.5-inc1", hparams))
-        return transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 224, 224] in [0,1]
+            randaug = rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
+        if self.pipeline == "tensor":
+            return tensor_train_transform(224, self._crop_scale, randaug)
+        steps = [
+            open_rgb,
+            transforms.RandomResizedCrop(224, scale=self._crop_scale, interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            *([randaug] if randaug else []),
+            transforms.ToTensor(),
+        ]
+        return transforms.Compose(steps)  # float [3, 224, 224] in [0,1]
+
+    def _stream_decode(self) -> Callable:
+        return self._train_decode()  # the shards hold the JPEG files' bytes
+
+    def _collate(self, split: str) -> Callable | None:
+        return collate_bytes if split == "train" and self.pipeline == "device" else None
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """The device pipeline's training batches (a list of encoded files) are decoded on ``device``."""
+        if self.pipeline == "device" and isinstance(batch[0], list):
+            encoded, labels = batch
+            return decode_crop_flip(encoded, device, 224, self._crop_scale), labels.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _build(self, source: str) -> Dataset:
         folder = self._folder(source)
-        transform = self._train_transform() if source == "train" else self._eval_transform()
+        loader, transform = (
+            (read_file, self._train_decode())
+            if source == "train"
+            else (datasets.folder.default_loader, self._eval_transform())
+        )
         try:
-            data = _CheckedImageFolder(folder, transform=transform)
+            data = _CheckedImageFolder(folder, transform=transform, loader=loader)
         except FileNotFoundError:  # ImageFolder's complaint about a class folder without images
             raise self._missing(folder) from None
         self._check_num_classes(len(data.classes), str(folder))
@@ -271,6 +380,7 @@ class CIFAR10DataModule(_ImageDataModule):
     image_size = 32
     num_classes = 10
     AUGMENTS = ("none", "flip")
+    STREAMS = True
 
     def __init__(
         self,
@@ -298,9 +408,15 @@ class CIFAR10DataModule(_ImageDataModule):
     def _source(self, split: str) -> str:
         return "train" if split == "train" else "test"
 
-    def _build(self, source: str) -> Dataset:
+    def _transform(self, source: str) -> Callable:
         steps = [transforms.RandomHorizontalFlip()] if source == "train" and self.augment == "flip" else []
-        transform = transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 32, 32], bytes / 255
+        return transforms.Compose([*steps, transforms.ToTensor()])  # float [3, 32, 32], bytes / 255
+
+    def _stream_decode(self) -> Callable:
+        return transforms.Compose([Image.fromarray, self._transform("train")])  # shards: uint8 [32, 32, 3]
+
+    def _build(self, source: str) -> Dataset:
+        transform = self._transform(source)
         try:
             # With download=True this only fetches what prepare_data has not already verified.
             return datasets.CIFAR10(

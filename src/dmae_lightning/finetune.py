@@ -21,7 +21,7 @@ from .checkpoints import LoadReport, load_weights
 from .models import VisionTransformerClassifier, create_model
 from .noise import GaussianNoise
 from .optim import configure_optimizer
-from .pretrain import check_finite
+from .pretrain import check_finite, compile_in_place
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 
@@ -76,6 +76,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         freeze_encoder: bool = False,
         optimizer: dict | None = None,
         seed: int = 0,
+        compile: bool | dict = False,
     ):
         super().__init__()
         if sigma <= 0:
@@ -94,6 +95,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         if freeze_encoder:  # linear probing: only the head (and its BatchNorm statistics) learn
             for name, param in self.model.named_parameters():
                 param.requires_grad = name.startswith("head.")
+        compile_in_place(self.model, compile)
         self.consistency = consistency
         self.copies = consistency["m"] if consistency["enabled"] else 1
         mixup = dict(mixup or {})

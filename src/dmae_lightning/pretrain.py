@@ -11,6 +11,20 @@ from .optim import configure_optimizer
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 
+def compile_in_place(model: torch.nn.Module, compile: bool | dict) -> None:
+    """``torch.compile`` the model's forward in place (``compile``: False, True, or torch.compile's kwargs).
+
+    ``nn.Module.compile`` keeps the module itself, so state dicts (and our checkpoints) carry the plain
+    parameter names, with no ``_orig_mod.`` prefix, and load into uncompiled models and back. Compiling
+    the inner model rather than the LightningModule leaves Lightning's hooks and DDP wrapping untouched.
+    """
+    if compile is False:
+        return
+    if not isinstance(compile, (bool, dict)):
+        raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {compile!r}")
+    model.compile(**(compile if isinstance(compile, dict) else {}))
+
+
 def check_finite(module: pl.LightningModule, loss: torch.Tensor, batch_idx: int) -> None:
     """Stop with a message naming the step; every rank stops together so DDP cannot hang.
 
@@ -40,6 +54,7 @@ class DMAEPretrainModule(pl.LightningModule):
         norm_pix_loss: bool = True,
         optimizer: dict | None = None,
         seed: int = 0,
+        compile: bool | dict = False,
     ):
         super().__init__()
         if sigma <= 0:
@@ -52,6 +67,7 @@ class DMAEPretrainModule(pl.LightningModule):
         self.model: DMAEViT = create_model(
             model_name, sigma=sigma, norm_pix_loss=norm_pix_loss, **(model_kwargs or {})
         )
+        compile_in_place(self.model, compile)
         self.mask_ratio = mask_ratio
         self.optimizer_cfg = dict(optimizer or {})
 
