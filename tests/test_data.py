@@ -396,3 +396,19 @@ def test_configs_instantiate(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     assert dm.name == name and dm.num_classes == cfg.head
     dm.setup("test")
     assert dm.dataset("test")[0][0].shape == (3, dm.image_size, dm.image_size)
+
+
+def test_randaugment_of_the_paper_runs_on_the_installed_pillow():
+    """timm's rand-m9-mstd0.5-inc1 (the ImageNet fine-tuning recipe) can draw posterize with 0 bits, which
+    Pillow 13 refuses with a ValueError mid-epoch: pyproject keeps Pillow below 13."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    transform = rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 100, "img_mean": (124, 116, 104)})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    random.seed(0)
+    for _ in range(3000):  # posterize at magnitude ~0 is drawn well within this many calls
+        assert transform(image).size == (64, 64)
