@@ -29,10 +29,10 @@ from dmae_lightning.certification.records import (
     ShardWriter,
     merge_files,
     read_json,
-    sha256_file,
     write_json,
 )
 from dmae_lightning.certification.records import read_records as read_any
+from dmae_lightning.config import file_digest
 
 HEADER = CertifyRecord.header()
 
@@ -188,7 +188,7 @@ def test_json_and_sha256(tmp_path):
     checkpoint = tmp_path / "ckpt.pth"
     data = bytes(range(256)) * 1000
     checkpoint.write_bytes(data)
-    assert sha256_file(checkpoint, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+    assert file_digest(str(checkpoint)) == "sha256:" + hashlib.sha256(data).hexdigest()
     path = tmp_path / "summary.json"
     write_json(path, {"checkpoint": checkpoint, "certified_accuracy": certified_accuracy(RECORDS, IMAGENET_RADII)})
     summary = read_json(path)

@@ -35,7 +35,7 @@ from .metrics import default_radii, format_table, plot_certified_accuracy, radiu
 from .params import JobParams, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
 from .procedures import PROCEDURES, Procedure
-from .records import sha256_file, write_json
+from .records import write_json
 from .rundir import check_params, done_records, merge_results, record_params, results_path
 from .sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
 
@@ -184,7 +184,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         "dataset": datamodule.name,
         "split": params.split,
         "data_subset": {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")},
-        "checkpoint_sha256": sha256_file(params.ckpt_path),
+        # the run directory's identity hashed it already (cached): the same digest, computed once
+        "checkpoint_sha256": config.file_digest(str(params.ckpt_path)).removeprefix("sha256:"),
     }
     check_params(run_dir, key, procedure.name)
     try:

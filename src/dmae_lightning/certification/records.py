@@ -15,7 +15,6 @@ This module imports no torch, so the analysis CLI starts fast.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -249,12 +248,3 @@ def merge_files(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike,
     lines = [record_type.header(), *(r.to_line() for r in records)]
     atomic_write_text(out_path, "".join(f"{line}\n" for line in lines))
     return records
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex digest of a file (the checkpoint), read in chunks so multi-GB files stay out of memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
