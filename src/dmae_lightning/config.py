@@ -34,6 +34,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from .errors import ConfigError, one_line
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -343,24 +344,18 @@ def _check_run_dir(path: Path, identity: dict) -> None:
         )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
     """``.hydra/{identity.json,config.yaml,overrides.yaml,hydra.yaml}``: what Hydra would write, but resolved and
     only for a job that was found valid (``hydra.output_subdir: null``); identity.json guards the directory."""
     hydra_dir = path / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     record = {"key": identity_key(identity), "identity": identity}
-    _atomic_write(hydra_dir / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-    _atomic_write(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(hydra_dir / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        _atomic_write(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
-        _atomic_write(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra_cfg)}))
+        atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+        atomic_write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra_cfg)}))
 
 
 def _point_latest(path: Path, cfg: DictConfig) -> Path | None:

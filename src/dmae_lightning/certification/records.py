@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write_text, fsync_dir
+
 ABSTAIN = -1  # the ``predict`` value of an abstention
 
 
@@ -138,31 +140,6 @@ def _parse_complete_lines(text: str, source: str, record_type: type[Record]) -> 
     return [record_type.from_line(line, f"{source}:{i}") for i, line in enumerate(lines[1:], start=2)]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a file creation or rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the complete new one, never a half-written one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """JSON written atomically; paths and other non-JSON values are stored as strings."""
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
@@ -198,7 +175,7 @@ class ShardWriter:
             self._file.truncate(keep)
         if keep == 0:
             self._write_line(self.record_type.header())
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return []
         return _parse_complete_lines(data[:keep].decode("utf-8"), str(self.path), self.record_type)
 
