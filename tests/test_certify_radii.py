@@ -143,3 +143,14 @@ def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):  # noqa: F811
     (merged,) = (tmp_path / "logs").glob("*/latest/certify_radii.tsv")
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)][:11]
     assert [record_tuple(r) for r in read_records(merged, RadiiRecord)] == reference
+
+
+def test_an_image_without_a_label_is_refused():
+    smooth = Smooth(Halfspace(torch.tensor([[[0.6, -0.8]]]), 0.0), 2, SIGMA)
+    procedure = CertifyRadii(GaussianNoise(SIGMA), (0.0, 0.1), n=1000, alpha=0.001)
+    x = torch.tensor([[[0.7, 0.4]]])
+    with pytest.raises(ValueError, match="image 3: certify_radii counts the draws that return the label"):
+        smooth.run(procedure, [(3, x, -1)], batch_size=100)
+    with pytest.raises(ValueError, match="image 4: label 2 is not a class of this 2-class model"):
+        smooth.run(procedure, [(4, x, 2)], batch_size=100)
+    assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test.looks()  # still usable

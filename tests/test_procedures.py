@@ -376,6 +376,12 @@ def test_nan_logits_are_refused_naming_the_image():
     smooth = Smooth(Recording(lambda z: torch.full((z.shape[0], 3), float("nan"))), 3, 0.25)
     with pytest.raises(NonFiniteLogits, match="image 12: the base classifier returned NaN/Inf logits for 10 of 10"):
         smooth.certify(torch.rand(3, 2, 2), 10, 100, 0.001, 64, idx=12)
+    x = torch.rand(3, 2, 2)  # the same Smooth works again after the error: nothing left in flight
+    assert Smooth(Recording(lambda z: torch.zeros(z.shape[0], 3)), 3, 0.25).certify(x, 10, 100, 0.001, 64)[0] == 0
+    with pytest.raises(NonFiniteLogits):
+        smooth.certify(x, 10, 100, 0.001, 64, idx=12)
+    smooth.base_classifier.fn = lambda z: torch.zeros(z.shape[0], 3)
+    assert smooth.certify(x, 10, 100, 0.001, 64, idx=12)[0] == 0
     inf_once = Recording(lambda z: torch.cat([torch.full((1, 3), float("inf")), torch.zeros(z.shape[0] - 1, 3)]))
     with pytest.raises(NonFiniteLogits, match="for 1 of 10 noisy samples"):
         Smooth(inf_once, 3, 0.25).predict(torch.rand(3, 2, 2), 10, 0.001, 64)
@@ -435,6 +441,6 @@ def test_no_host_synchronisation_until_a_request_is_complete():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):  # 1,500 of the 2,000 selection draws: no request completes, nothing read back
-            assert sampler.step() == []
+            assert list(sampler.step()) == []
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -197,11 +197,15 @@ class CertifyRadii(Procedure):
         object.__setattr__(self, "test", test)
 
     def run(self, idx: int, label: int) -> Run:
+        if label < 0:
+            raise ValueError(f"image {idx}: certify_radii counts the draws that return the label, and it has none")
         decision, successes, drawn = self.test.decide(0, 0), 0, 0
         for look in self.test.looks():
             if decision.stop:
                 break
             counts = yield Draw(stage=0, num=look - drawn)  # [K]
+            if label >= len(counts):
+                raise ValueError(f"image {idx}: label {label} is not a class of this {len(counts)}-class model")
             successes, drawn = successes + int(counts[label]), look
             decision = self.test.decide(successes, look, decision)
         return RadiiRecord(idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0)
@@ -282,11 +286,15 @@ class Smooth:
         images = list(images)
         records: dict[int, Record] = {}
         sampler = None
-        for idx, x, label in images:
-            sampler = sampler or self.sampler(batch_size, seed, getattr(x, "device", "cpu"))
-            records.update(sampler.submit(idx, x, procedure.run(idx, label)))
-        if sampler is not None:
-            records.update(sampler.drain())
+        try:
+            for idx, x, label in images:
+                sampler = sampler or self.sampler(batch_size, seed, getattr(x, "device", "cpu"))
+                records.update(sampler.submit(idx, x, procedure.run(idx, label)))
+            if sampler is not None:
+                records.update(sampler.drain())
+        finally:  # an error leaves images in flight: the next call must start clean
+            if sampler is not None:
+                sampler.reset()
         return [records[idx] for idx, *_ in images]
 
     def certify_record(self, x, n0, n, alpha, batch_size, seed=0, idx=0, label=None, skip_wrong_guess=False):

@@ -14,7 +14,10 @@ numbers, so the two devices give different, equally valid, results).
 Forward batches are filled from the pending requests in the order the images arrived, so batches stay
 full when each image needs fewer samples than ``batch_size`` (CERTIFY's n0 = 100 selection draws, the
 sequential test's looks). Counts and the non-finite-logit tallies stay on the device until a request is
-complete: one host synchronisation per request, not per batch. With ``compile`` every forward pass has
+complete: one host read-back per batch that completes requests (all of them at once), none otherwise.
+The noise is independent of the batch; the logits of a row are computed in whatever batch it lands in,
+so on a GPU with bf16 or compiled kernels a near-tie in argmax can in rare cases depend on the batch
+shape (every result stays a valid certificate of the classifier as evaluated). With ``compile`` every forward pass has
 the shape ``[batch_size, C, H, W]`` (a short last batch is padded, and the padding rows are not counted),
 so one compiled graph serves the whole run.
 """
@@ -55,7 +58,7 @@ def check_image(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be one [C,H,W] image tensor, got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point image in [0,1], got dtype {x.dtype}")
-    low, high = (float(v) for v in x.aminmax())
+    low, high = torch.stack(x.aminmax()).tolist()  # one read-back
     if not (low >= -PIXEL_TOLERANCE and high <= 1 + PIXEL_TOLERANCE):  # also rejects NaN
         raise ValueError(f"x must hold [0,1] pixels, got values in [{low}, {high}]")
     return x.float()
@@ -176,8 +179,9 @@ class Sampler:
             pos += k
         out.add_(item.image)  # x + noise, [take,C,H,W]
 
-    def step(self) -> list[tuple[int, object]]:
-        """One forward batch over the oldest pending requests; the (idx, record) of the images it finished."""
+    def step(self) -> Iterator[tuple[int, object]]:
+        """One forward batch over the oldest pending requests; yields the (idx, record) of each image it
+        finished."""
         segments: list[tuple[_Image, int]] = []  # (image, rows) in batch order
         rows = 0
         for item in self.images:
@@ -188,8 +192,8 @@ class Sampler:
                 rows += take
             if rows == self.batch_size:
                 break
-        if not segments:
-            return []
+        if not segments:  # images in flight but nothing to draw: a request was left by an aborted call
+            raise RuntimeError("sampler: images in flight have no pending samples (call reset() after an error)")
         batch = self.buffer if self.compile else self.buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
         if self.compile and rows < self.batch_size:
             self.buffer[rows:].zero_()
@@ -205,26 +209,30 @@ class Sampler:
         logits = logits[:rows]  # [R,K]
         votes = logits.argmax(dim=1)  # [R]
         broken = ~torch.isfinite(logits).all(dim=1)  # [R]
-        finished, start = [], 0
+        start, complete = 0, []
         for item, take in segments:
             # index_add_ and sum on slices: no host sync (bincount and one_hot read the data back on CUDA)
             item.counts.index_add_(0, votes[start : start + take], self._ones[:take])
             item.nonfinite += broken[start : start + take].sum()
             item.assigned += take
             start += take
-            if item.assigned == item.request.num:  # the request is complete: the one host sync for it
-                tallies = torch.cat([item.counts, item.nonfinite.view(1)]).cpu()  # [K+1]
-                if int(tallies[-1]):
-                    raise NonFiniteLogits(
-                        f"image {item.idx}: the base classifier returned NaN/Inf logits for "
-                        f"{int(tallies[-1])} of {item.request.num} noisy samples: refusing to certify a "
-                        "broken model (check the checkpoint's weights)"
-                    )
-                record = item.ask(tallies[:-1])
-                if record is not None:
-                    self.images.remove(item)
-                    finished.append(self._finish(item, record))
-        return finished
+            if item.assigned == item.request.num:
+                complete.append(item)
+        if not complete:
+            return
+        # The requests this batch completed: one read-back for all of them, [N, K+1] (counts, non-finite)
+        tallies = torch.stack([torch.cat([item.counts, item.nonfinite.view(1)]) for item in complete]).cpu()
+        for item, row in zip(complete, tallies):
+            if int(row[-1]):
+                raise NonFiniteLogits(
+                    f"image {item.idx}: the base classifier returned NaN/Inf logits for "
+                    f"{int(row[-1])} of {item.request.num} noisy samples: refusing to certify a "
+                    "broken model (check the checkpoint's weights)"
+                )
+            record = item.ask(row[:-1])
+            if record is not None:
+                self.images.remove(item)
+                yield self._finish(item, record)  # at once: a later image's error must not lose it
 
     def _finish(self, item: _Image, record) -> tuple[int, object]:
         if dataclasses.is_dataclass(record) and hasattr(record, "time"):
@@ -244,6 +252,10 @@ class Sampler:
         yields each image's (idx, record) as soon as it is finished, so the caller can save it at once."""
         while self.images and self.pending_rows >= self.batch_size:
             yield from self.step()
+
+    def reset(self) -> None:
+        """Forget the images in flight (after an error aborted a run)."""
+        self.images.clear()
 
     def drain(self) -> Iterator[tuple[int, object]]:
         """Forward batches until every image in flight is finished, yielding each as it finishes."""
