@@ -55,7 +55,11 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
         "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 |\n"
         "| 0.5 | 60.0 | 40.0 | 40.0 | 20.0 |\n"
         "| best | 80.0 | 60.0 | 40.0 | 20.0 |\n"
-    )
+        "| 0.25 lower bound | 60.0 | 40.0 | 0.0 | 0.0 |\n"
+        "| 0.5 lower bound | 40.0 | 20.0 | 20.0 | 0.0 |\n\n"
+        "lower bound: the true certified accuracy is at least this with probability 1 - rho = 0.999 "
+        "(at most 1 of the 5 certificates false)\n"
+    )  # lower bounds: k* = 1 (P(Bin(5, 0.001) > 1) = 1e-5 <= rho = 0.001 < P(Bin(5, 0.001) > 0)), no envelope
     assert (out / "certified_accuracy.md").read_text() == expected_md
     tex = (out / "certified_accuracy.tex").read_text()
     assert "best & 80.0 & 60.0 & 40.0 & 20.0 \\\\" in tex and "$r=0.25$" in tex
@@ -67,7 +71,9 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
 def test_explicit_radii_and_single_run_written_next_to_it(two_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "s050")  # not the current directory: next to the input
     assert main([str(two_runs[0]), "--radii", "0.3", "0.6"]) == 0
-    assert (two_runs[0] / "certified_accuracy.md").read_text().splitlines()[4:] == ["| 0.25 | 60.0 | 20.0 |"]
+    assert (two_runs[0] / "certified_accuracy.md").read_text().splitlines()[4:6] == [
+        "| 0.25 | 60.0 | 20.0 |", "| 0.25 lower bound | 40.0 | 0.0 |"
+    ]
     assert not (tmp_path / "s050" / "certified_accuracy.md").exists()
 
 

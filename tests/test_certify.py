@@ -17,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, binom, binomtest, norm
 from test_procedures import reference_noise
 
 from dmae_lightning.certification import PROCEDURES, CertifyRecord, PredictRecord, Smooth
@@ -188,6 +188,12 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
         sum(x.radius * x.correct for x in records) / 12
     )
     assert on_disk["abstain_rate"] == pytest.approx(sum(x.predict == -1 for x in records) / 12)
+    # rho = 0.001: P(Bin(12, 0.001) > 0) = 0.012 > rho >= P(Bin(12, 0.001) > 1) = 6.6e-5, so one false
+    # certificate among the 12 is allowed for
+    assert binom.sf(0, 12, 0.001) > 0.001 >= binom.sf(1, 12, 0.001)
+    assert (on_disk["rho"], on_disk["false_certificates_allowed"]) == (0.001, 1)
+    expected_bound = {key: max(12 * acc - 1, 0) / 12 for key, acc in expected_acc.items()}
+    assert on_disk["certified_accuracy_lower_bound"] == pytest.approx(expected_bound, abs=1e-12)
     assert on_disk["num_images"] == 12
     assert (on_disk["sigma"], on_disk["n0"], on_disk["n"], on_disk["alpha"]) == (SIGMA, 10, 100, 0.001)
     assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "fp32", False)
@@ -460,6 +466,7 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["n=0"], "n must be an integer >= 1, got 0"),
         (["alpha=0"], "alpha must lie strictly between 0 and 1, got 0"),
         (["alpha=1"], "alpha must lie strictly between 0 and 1, got 1"),
+        (["rho=0"], "rho must lie strictly between 0 and 1, got 0"),
         (["noise.sigma=-1"], "noise.sigma must be a finite number > 0, got -1"),
         (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
         (["batch=0"], "batch must be an integer >= 1, got 0"),

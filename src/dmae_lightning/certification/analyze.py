@@ -17,7 +17,17 @@ import os
 import sys
 from pathlib import Path
 
-from .metrics import best_over_sigma, certified_accuracy, default_radii, format_table, plot_certified_accuracy
+from .metrics import (
+    DEFAULT_RHO,
+    best_over_sigma,
+    bound_note,
+    certified_accuracy,
+    certified_accuracy_lower_bound,
+    default_radii,
+    false_certificates_allowed,
+    format_table,
+    plot_certified_accuracy,
+)
 from .procedures import PROCEDURES
 from .records import Record, read_json, read_records
 
@@ -90,21 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     for number, (key, members) in enumerate(sorted(groups.items()), start=1):
         first = members[0][1]
         radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
-        rows, curves, limits, costs = {}, {}, {}, []
+        rows, bounds, curves, limits, costs = {}, {}, {}, {}, []
+        rho = first.get("rho", DEFAULT_RHO)
         for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
             label = f"{float(summary['sigma']):g}"
             if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
                 label = f"{label} ({run_dir.name})"
             rows[label] = certified_accuracy(records, radii)
+            bounds[f"{label} lower bound"] = certified_accuracy_lower_bound(records, radii, summary["alpha"], rho)
+            limits[f"{label} lower bound"] = summary.get("max_certifiable_radius", math.inf)
             curves[f"sigma={label}"] = records
             limits[label] = summary.get("max_certifiable_radius", math.inf)
             costs.append(sample_cost(label, summary))
         if len(rows) > 1:
             rows["best"] = best_over_sigma(rows)
             limits["best"] = max(limits.values())
+        # no envelope of the lower bounds: the best of several level-(1 - rho) bounds holds only at 1 - S rho
+        rows.update(bounds)
+        note = bound_note(rho, false_certificates_allowed(len(members[0][2]), first["alpha"], rho), len(members[0][2]))
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
                 f"{len(members[0][2])} images, n={first['n']}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}" + "".join(c for c in costs if c))
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}\n\n{note}" + "".join(c for c in costs if c))
         latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', limits=limits)}")
         png = out / ("certified_accuracy.png" if len(groups) == 1 else f"certified_accuracy_{number}.png")
         plot_certified_accuracy(curves, png, title=title)

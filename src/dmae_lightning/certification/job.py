@@ -31,7 +31,15 @@ from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
 from ..errors import ConfigError, one_line
 from ..models import create_model
 from ..noise import GaussianNoise
-from .metrics import default_radii, format_table, plot_certified_accuracy, radius_key
+from .metrics import (
+    bound_note,
+    certified_accuracy_lower_bound,
+    default_radii,
+    false_certificates_allowed,
+    format_table,
+    plot_certified_accuracy,
+    radius_key,
+)
 from .params import JobParams, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
 from .procedures import PROCEDURES, Procedure
@@ -248,6 +256,14 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         **procedure.summarise(subset, job.radii),
         "wall_time_s": time.time() - job.started,
     }
+    if "certified_accuracy" in summary:
+        summary.update(
+            rho=params.rho,
+            false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
+            certified_accuracy_lower_bound=certified_accuracy_lower_bound(
+                subset, summary["radii"], params.alpha, params.rho
+            ),
+        )
     write_json(run_dir / "summary.json", summary)
     outputs = [results_path(run_dir, procedure.name), run_dir / "summary.json"]
     png = None
@@ -277,10 +293,12 @@ def report(summary: dict) -> str:
             f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
         )
     label = f"{summary['sigma']:g}"
+    bound = f"{label} lower bound"
+    limit = summary.get("max_certifiable_radius", math.inf)
     table = format_table(
-        {label: summary["certified_accuracy"]}, summary["radii"],
-        limits={label: summary.get("max_certifiable_radius", math.inf)},
-    )
+        {label: summary["certified_accuracy"], bound: summary["certified_accuracy_lower_bound"]}, summary["radii"],
+        limits={label: limit, bound: limit},
+    ) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
     if "average_certified_radius" in summary:
         extra.append(f"ACR {summary['average_certified_radius']:.4f}")

@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from ..data import SPLITS
 from ..errors import ConfigError
+from .metrics import DEFAULT_RHO
 from .procedures import PROCEDURES
 from .sampler import PRECISIONS
 
@@ -29,6 +30,7 @@ class JobParams:
     n0: int
     n: int
     alpha: float
+    rho: float  # failure probability of the data-set-level lower bound on certified accuracy
     sigma: float
     batch: int
     seed: int
@@ -72,6 +74,9 @@ def validate(cfg: DictConfig) -> JobParams:
         raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
     if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
         raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
+    rho = cfg.get("rho", DEFAULT_RHO)
+    if not _is_number(rho) or not 0 < rho < 1:
+        raise ConfigError(f"rho must lie strictly between 0 and 1, got {rho!r}")
     sigma = cfg.noise.sigma
     if not _is_number(sigma) or sigma <= 0:
         raise ConfigError(f"noise.sigma must be a finite number > 0, got {sigma!r}")
@@ -101,6 +106,7 @@ def validate(cfg: DictConfig) -> JobParams:
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
+        rho=float(rho),
         sigma=float(sigma),
         batch=cfg.batch,
         seed=cfg.seed,
