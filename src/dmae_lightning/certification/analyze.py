@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .metrics import (
     DEFAULT_RHO,
+    GRID_MODE,
     best_over_sigma,
     bound_note,
     certified_accuracy,
@@ -27,6 +28,8 @@ from .metrics import (
     false_certificates_allowed,
     format_table,
     plot_certified_accuracy,
+    sample_budget,
+    within_reach,
 )
 from .procedures import PROCEDURES
 from .records import Record, read_json, read_records
@@ -106,24 +109,27 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{float(summary['sigma']):g}"
             if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
                 label = f"{label} ({run_dir.name})"
-            rows[label] = certified_accuracy(records, radii)
-            bounds[f"{label} lower bound"] = certified_accuracy_lower_bound(records, radii, summary["alpha"], rho)
-            limits[f"{label} lower bound"] = summary.get("max_certifiable_radius", math.inf)
+            limit = summary.get("max_certifiable_radius", math.inf)
+            rows[label] = within_reach(certified_accuracy(records, radii), limit)
+            bounds[f"{label} lower bound"] = within_reach(
+                certified_accuracy_lower_bound(records, radii, summary["alpha"], rho), limit
+            )
             curves[f"sigma={label}"] = records
-            limits[label] = summary.get("max_certifiable_radius", math.inf)
+            limits[f"sigma={label}"] = limit
             costs.append(sample_cost(label, summary))
         if len(rows) > 1:
             rows["best"] = best_over_sigma(rows)
-            limits["best"] = max(limits.values())
         # no envelope of the lower bounds: the best of several level-(1 - rho) bounds holds only at 1 - S rho
         rows.update(bounds)
-        note = bound_note(rho, false_certificates_allowed(len(members[0][2]), first["alpha"], rho), len(members[0][2]))
+        num_images = len(members[0][2])
+        note = bound_note(rho, false_certificates_allowed(num_images, first["alpha"], rho), num_images)
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
-                f"{len(members[0][2])} images, n={first['n']}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}\n\n{note}" + "".join(c for c in costs if c))
-        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', limits=limits)}")
+                f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
+        markdown.append(f"### {title}\n\n{format_table(rows, radii)}\n\n{note}" + "".join(c for c in costs if c))
+        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex')}")
         png = out / ("certified_accuracy.png" if len(groups) == 1 else f"certified_accuracy_{number}.png")
-        plot_certified_accuracy(curves, png, title=title)
+        grid = first["radii"] if first["mode"] == GRID_MODE else None
+        plot_certified_accuracy(curves, png, title=title, limits=limits, grid=grid)
     print("Certified accuracy (%)\n\n" + "\n\n".join(markdown) + "\n\n" + "\n\n".join(latex))
     (out / "certified_accuracy.md").write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
     (out / "certified_accuracy.tex").write_text("\n\n".join(latex) + "\n", encoding="utf-8")

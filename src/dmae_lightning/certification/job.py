@@ -24,7 +24,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from .. import config
 from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
@@ -32,6 +32,8 @@ from ..errors import ConfigError, one_line
 from ..models import create_model
 from ..noise import GaussianNoise
 from .metrics import (
+    BEYOND,
+    GRID_MODE,
     bound_note,
     certified_accuracy_lower_bound,
     default_radii,
@@ -39,6 +41,8 @@ from .metrics import (
     format_table,
     plot_certified_accuracy,
     radius_key,
+    sample_budget,
+    within_reach,
 )
 from .params import JobParams, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
@@ -257,11 +261,13 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         "wall_time_s": time.time() - job.started,
     }
     if "certified_accuracy" in summary:
+        limit = summary["max_certifiable_radius"]  # beyond it: null, not a 0 that only says n was too small
         summary.update(
+            certified_accuracy=within_reach(summary["certified_accuracy"], limit),
             rho=params.rho,
             false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
-            certified_accuracy_lower_bound=certified_accuracy_lower_bound(
-                subset, summary["radii"], params.alpha, params.rho
+            certified_accuracy_lower_bound=within_reach(
+                certified_accuracy_lower_bound(subset, summary["radii"], params.alpha, params.rho), limit
             ),
         )
     write_json(run_dir / "summary.json", summary)
@@ -269,7 +275,11 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
     png = None
     if "certified_accuracy" in summary:
         png = run_dir / "certified_accuracy.png"
-        plot_certified_accuracy({f"sigma={params.sigma:g}": subset}, png, title=plot_title(summary))
+        label = f"sigma={params.sigma:g}"
+        grid = summary["radii"] if procedure.name == GRID_MODE else None
+        plot_certified_accuracy(
+            {label: subset}, png, title=plot_title(summary), limits={label: summary["max_certifiable_radius"]}, grid=grid
+        )
         outputs.append(png)
     log.info("%s", report(summary))
     _log_to_loggers(trainer, summary, png)
@@ -281,7 +291,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
 def plot_title(summary: dict) -> str:
     return (
         f"{summary['model_name']} on {summary['dataset']} {summary['split']} ({summary['num_images']} images): "
-        f"sigma={summary['sigma']:g}, n={summary['n']}, alpha={summary['alpha']:g}"
+        f"sigma={summary['sigma']:g}, {sample_budget(summary['mode'], summary['n'])}, alpha={summary['alpha']:g}"
     )
 
 
@@ -293,12 +303,8 @@ def report(summary: dict) -> str:
             f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
         )
     label = f"{summary['sigma']:g}"
-    bound = f"{label} lower bound"
-    limit = summary.get("max_certifiable_radius", math.inf)
-    table = format_table(
-        {label: summary["certified_accuracy"], bound: summary["certified_accuracy_lower_bound"]}, summary["radii"],
-        limits={label: limit, bound: limit},
-    ) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
+    rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
+    table = format_table(rows, summary["radii"]) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
     if "average_certified_radius" in summary:
         extra.append(f"ACR {summary['average_certified_radius']:.4f}")
@@ -320,7 +326,9 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
     if summary.get("abstain_rate") is not None:
         metrics[f"{'cert' if png else summary['mode']}/abstain_rate"] = summary["abstain_rate"]
     for lg in trainer.loggers:
-        lg.log_metrics(metrics)
+        # a radius beyond the run's reach: BEYOND in the CSV file, left out where a metric must be a number
+        lg.log_metrics({key: BEYOND if value is None else value for key, value in metrics.items()}
+                       if isinstance(lg, CSVLogger) else {k: v for k, v in metrics.items() if v is not None})
         if isinstance(lg, WandbLogger) and png is not None:
             keys = [radius_key(r) for r in summary["radii"]]
             row = [summary["sigma"], *(summary["certified_accuracy"][k] for k in keys)]
