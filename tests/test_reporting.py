@@ -15,7 +15,7 @@ from test_analyze import make_run
 from dmae_lightning.certification.analyze import main
 from dmae_lightning.certification.job import _log_to_loggers, plot_title
 from dmae_lightning.certification.metrics import BEYOND, max_certifiable_radius, plot_certified_accuracy
-from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord
+from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord, ShardWriter, write_json
 
 SIGMA = 0.25
 CERTIFY = [CertifyRecord(i, 1, 1, r, 1, 99, 100, 0.0) for i, r in enumerate((0.1, 0.2, 0.3, 0.35))] + [
@@ -74,5 +74,39 @@ def test_csv_metrics_say_nc_beyond_the_reach(tmp_path):
 def test_analysis_tables_say_nc_beyond_the_reach(tmp_path):
     run = make_run(tmp_path / "run", 0.25, [(0.3, 1), (0.1, 1), (0.0, 0)], max_certifiable_radius=0.375)
     assert main([str(run), "--radii", "0", "0.25", "0.5", "--out", str(tmp_path / "report")]) == 0
-    table = (tmp_path / "report" / "certified_accuracy.md").read_text().splitlines()
+    table = (tmp_path / "report" / "analysis.md").read_text().splitlines()
     assert table[4:6] == [f"| 0.25 | 66.7 | 33.3 | {BEYOND} |", f"| 0.25 lower bound | 33.3 | 0.0 | {BEYOND} |"]
+
+
+def make_radii_run(run_dir, sigma, radii_certified, grid):
+    """A certify_radii run directory whose images are certified up to the given grid radii (None: none)."""
+    with ShardWriter(run_dir / "certify_radii.tsv", RadiiRecord) as writer:
+        for i, radius in enumerate(radii_certified):
+            writer.write(RadiiRecord(i, 1, radius, 1000, 0.9, 1.0, 0.0))
+    summary = dict(mode="certify_radii", sigma=sigma, n0=100, n=1000, alpha=0.001, precision="fp32", model_name="vit",
+                   dataset="digits", split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=grid,
+                   num_images=len(radii_certified), certified_accuracy={}, max_certifiable_radius=0.6)
+    write_json(run_dir / "summary.json", summary)
+    return run_dir
+
+
+def test_analysis_groups_by_grid_and_never_overwrites_a_runs_plot(tmp_path):
+    coarse = make_radii_run(tmp_path / "coarse", 0.25, [0.5, 0.0, None], [0.0, 0.5])
+    fine = make_radii_run(tmp_path / "fine", 0.5, [0.25, 0.25, 0.0], [0.0, 0.25, 0.5])
+    own_plot = b"the job's own plot"
+    (coarse / "certified_accuracy.png").write_bytes(own_plot)
+    assert main([str(coarse)]) == 0  # written next to the run, which is the default output directory
+    assert (coarse / "certified_accuracy.png").read_bytes() == own_plot
+    assert (coarse / "analysis.png").read_bytes()[:4] == b"\x89PNG" and (coarse / "analysis.md").is_file()
+    assert main([str(coarse), str(fine), "--out", str(tmp_path / "report")]) == 0
+    tables = (tmp_path / "report" / "analysis.md").read_text().split("### ")[1:]
+    assert len(tables) == 2  # two grids: never one table, one envelope or one curve
+    assert tables[0].startswith("grid=[0.0, 0.25, 0.5]") and "| 0.5 | 100.0 | 66.7 | 0.0 |" in tables[0]
+    assert tables[1].startswith("grid=[0.0, 0.5]") and "| 0.25 | 66.7 | 33.3 |" in tables[1]
+    assert "best" not in "".join(tables) and "cap n=1000" in tables[0]
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == {"analysis_1.png", "analysis_2.png"}
+    # CERTIFY's radii are only table columns: runs with other radii= still share a table and its envelope
+    low = make_run(tmp_path / "c1", 0.25, [(0.3, 1), (0.1, 1)], radii=[0.0, 0.25])
+    high = make_run(tmp_path / "c2", 0.5, [(0.6, 1), (0.0, 0)], radii=[0.0, 0.5])
+    assert main([str(low), str(high), "--radii", "0", "0.5", "--out", str(tmp_path / "c")]) == 0
+    assert "| best | 100.0 | 50.0 |" in (tmp_path / "c" / "analysis.md").read_text()
