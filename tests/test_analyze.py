@@ -50,29 +50,29 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
     # at r = 0, 0.25, 0.5, 1: sigma 0.25 -> 80, 60, 20, 0; sigma 0.5 -> 60, 40, 40, 20; best -> 80, 60, 40, 20
     expected_md = (
         "### all runs: vit_b on cifar10 test, 5 images, n=1000, alpha=0.001\n\n"
-        "| sigma | r=0 | r=0.25 | r=0.5 | r=1 |\n"
-        "| --- | ---: | ---: | ---: | ---: |\n"
-        "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 |\n"
-        "| 0.5 | 60.0 | 40.0 | 40.0 | 20.0 |\n"
-        "| best | 80.0 | 60.0 | 40.0 | 20.0 |\n"
-        "| 0.25 lower bound | 60.0 | 40.0 | 0.0 | 0.0 |\n"
-        "| 0.5 lower bound | 40.0 | 20.0 | 20.0 | 0.0 |\n\n"
+        "| sigma | r=0 | r=0.25 | r=0.5 | r=1 | ACR |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+        "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 | 0.260 |\n"  # ACR (0.1 + 0.3 + 0.3 + 0.6) / 5
+        "| 0.5 | 60.0 | 40.0 | 40.0 | 20.0 | 0.380 |\n"  # (0.2 + 0.6 + 1.1) / 5
+        "| best | 80.0 | 60.0 | 40.0 | 20.0 |  |\n"
+        "| 0.25 lower bound | 60.0 | 40.0 | 0.0 | 0.0 |  |\n"
+        "| 0.5 lower bound | 40.0 | 20.0 | 20.0 | 0.0 |  |\n\n"
         "lower bound: the true certified accuracy is at least this with probability 1 - rho = 0.999 "
         "(at most 1 of the 5 certificates false)\n"
     )  # lower bounds: k* = 1 (P(Bin(5, 0.001) > 1) = 1e-5 <= rho = 0.001 < P(Bin(5, 0.001) > 0)), no envelope
     assert (out / "analysis.md").read_text() == expected_md
     tex = (out / "analysis.tex").read_text()
-    assert "best & 80.0 & 60.0 & 40.0 & 20.0 \\\\" in tex and "$r=0.25$" in tex
+    assert "best & 80.0 & 60.0 & 40.0 & 20.0 &  \\\\" in tex and "0.25 & 80.0 & 60.0 & 20.0 & 0.0 & 0.260" in tex and "$r=0.25$" in tex
     assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert expected_md.strip() in printed and "\\begin{tabular}{lrrrr}" in printed
+    assert expected_md.strip() in printed and "\\begin{tabular}{lrrrrr}" in printed
 
 
 def test_explicit_radii_and_single_run_written_next_to_it(two_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "s050")  # not the current directory: next to the input
     assert main([str(two_runs[0]), "--radii", "0.3", "0.6"]) == 0
     assert (two_runs[0] / "analysis.md").read_text().splitlines()[4:6] == [
-        "| 0.25 | 60.0 | 20.0 |", "| 0.25 lower bound | 40.0 | 0.0 |"
+        "| 0.25 | 60.0 | 20.0 | 0.260 |", "| 0.25 lower bound | 40.0 | 0.0 |  |"
     ]
     assert not (tmp_path / "s050" / "analysis.md").exists()
 
@@ -81,7 +81,7 @@ def test_default_radii_follow_the_dataset(tmp_path):
     run = make_run(tmp_path / "imagenet", 1.0, [(3.5, 1), (1.2, 1)], dataset="imagenet", radii=None)
     assert main([str(run), "--out", str(tmp_path)]) == 0
     header = (tmp_path / "analysis.md").read_text().splitlines()[2]
-    assert header == "| sigma | r=0 | r=0.5 | r=1 | r=1.5 | r=2 | r=3 |"
+    assert header == "| sigma | r=0 | r=0.5 | r=1 | r=1.5 | r=2 | r=3 | ACR |"
 
 
 def test_non_result_paths_are_skipped_with_a_note(two_runs, tmp_path, capsys):
@@ -108,8 +108,8 @@ def test_unlike_runs_never_share_an_envelope(two_runs, tmp_path):
     assert len(tables) == 2
     like = next(t for t in tables if t.startswith("model_name=vit_b, n=1000"))
     unlike = next(t for t in tables if t.startswith("model_name=vit_l, n=100"))
-    assert "| best | 80.0 | 40.0 |" in like  # the envelope of the two vit_b runs only
-    assert "best" not in unlike and "| 0.25 | 100.0 | 100.0 |" in unlike
+    assert "| best | 80.0 | 40.0 |  |" in like  # the envelope of the two vit_b runs only
+    assert "best" not in unlike and "| 0.25 | 100.0 | 100.0 | 0.900 |" in unlike
     assert {p.name for p in out.glob("*.png")} == {"analysis_1.png", "analysis_2.png"}
 
 
@@ -118,7 +118,7 @@ def test_runs_as_a_module(two_runs, tmp_path):
         [sys.executable, "-m", "dmae_lightning.certification.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
-    assert "| best | 80.0 | 40.0 |" in result.stdout
+    assert "| best | 80.0 | 40.0 |  |" in result.stdout
 
 
 def test_sequential_runs_show_their_samples_and_saving(tmp_path):
@@ -126,5 +126,5 @@ def test_sequential_runs_show_their_samples_and_saving(tmp_path):
                    samples=4_000, saving_vs_fixed_n=10.1)
     assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "analysis.md").read_text()
-    assert "| 0.25 | 75.0 | 50.0 |" in text
+    assert "| 0.25 | 75.0 | 50.0 | 0.312 |" in text
     assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text

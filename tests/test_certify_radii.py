@@ -99,6 +99,8 @@ def test_records_and_summary(sequential):
     assert summary["saving_vs_fixed_n"] == pytest.approx(summary["fixed_n_samples"] / summary["samples"])
     expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
     assert summary["certified_accuracy"] == pytest.approx(expected)
+    # ACR of the grid answers: the largest certified grid radius, 0 where none
+    assert summary["average_certified_radius"] == pytest.approx(sum(r.radius or 0.0 for r in records) / 24)
     assert read_json(out / "summary.json")["mode"] == "certify_radii"
     assert (out / "certified_accuracy.png").exists()
 

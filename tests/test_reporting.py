@@ -13,7 +13,7 @@ from scipy.stats import norm
 from test_analyze import make_run
 
 from dmae_lightning.certification.analyze import main
-from dmae_lightning.certification.job import _log_to_loggers, plot_title
+from dmae_lightning.certification.job import _log_to_loggers, plot_title, report
 from dmae_lightning.certification.metrics import BEYOND, max_certifiable_radius, plot_certified_accuracy
 from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord, ShardWriter, write_json
 
@@ -75,7 +75,7 @@ def test_analysis_tables_say_nc_beyond_the_reach(tmp_path):
     run = make_run(tmp_path / "run", 0.25, [(0.3, 1), (0.1, 1), (0.0, 0)], max_certifiable_radius=0.375)
     assert main([str(run), "--radii", "0", "0.25", "0.5", "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "analysis.md").read_text().splitlines()
-    assert table[4:6] == [f"| 0.25 | 66.7 | 33.3 | {BEYOND} |", f"| 0.25 lower bound | 33.3 | 0.0 | {BEYOND} |"]
+    assert table[4:6] == [f"| 0.25 | 66.7 | 33.3 | {BEYOND} | 0.133 |", f"| 0.25 lower bound | 33.3 | 0.0 | {BEYOND} |  |"]
 
 
 def make_radii_run(run_dir, sigma, radii_certified, grid):
@@ -101,12 +101,21 @@ def test_analysis_groups_by_grid_and_never_overwrites_a_runs_plot(tmp_path):
     assert main([str(coarse), str(fine), "--out", str(tmp_path / "report")]) == 0
     tables = (tmp_path / "report" / "analysis.md").read_text().split("### ")[1:]
     assert len(tables) == 2  # two grids: never one table, one envelope or one curve
-    assert tables[0].startswith("grid=[0.0, 0.25, 0.5]") and "| 0.5 | 100.0 | 66.7 | 0.0 |" in tables[0]
-    assert tables[1].startswith("grid=[0.0, 0.5]") and "| 0.25 | 66.7 | 33.3 |" in tables[1]
+    assert tables[0].startswith("grid=[0.0, 0.25, 0.5]") and "| 0.5 | 100.0 | 66.7 | 0.0 | 0.167 |" in tables[0]
+    assert tables[1].startswith("grid=[0.0, 0.5]") and "| 0.25 | 66.7 | 33.3 | 0.167 |" in tables[1]
     assert "best" not in "".join(tables) and "cap n=1000" in tables[0]
     assert {p.name for p in (tmp_path / "report").glob("*.png")} == {"analysis_1.png", "analysis_2.png"}
     # CERTIFY's radii are only table columns: runs with other radii= still share a table and its envelope
     low = make_run(tmp_path / "c1", 0.25, [(0.3, 1), (0.1, 1)], radii=[0.0, 0.25])
     high = make_run(tmp_path / "c2", 0.5, [(0.6, 1), (0.0, 0)], radii=[0.0, 0.5])
     assert main([str(low), str(high), "--radii", "0", "0.5", "--out", str(tmp_path / "c")]) == 0
-    assert "| best | 100.0 | 50.0 |" in (tmp_path / "c" / "analysis.md").read_text()
+    assert "| best | 100.0 | 50.0 |  |" in (tmp_path / "c" / "analysis.md").read_text()
+
+
+def test_the_jobs_table_shows_acr_and_the_lower_bound():
+    summary = dict(mode="certify", sigma=0.25, num_images=4, samples=4400, radii=[0.0, 0.5],
+                   certified_accuracy={"0": 0.75, "0.5": None}, certified_accuracy_lower_bound={"0": 0.5, "0.5": None},
+                   average_certified_radius=0.1875, abstain_rate=0.25, rho=0.001, false_certificates_allowed=1)
+    lines = report(summary).splitlines()
+    assert lines[1:5] == ["| sigma | r=0 | r=0.5 | ACR |", "| --- | ---: | ---: | ---: |",
+                          f"| 0.25 | 75.0 | {BEYOND} | 0.188 |", f"| 0.25 lower bound | 50.0 | {BEYOND} |  |"]

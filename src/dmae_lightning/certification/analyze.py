@@ -22,6 +22,7 @@ from pathlib import Path
 from .metrics import (
     DEFAULT_RHO,
     GRID_MODE,
+    average_certified_radius,
     best_over_sigma,
     bound_note,
     certified_accuracy,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for number, (key, members) in enumerate(sorted(groups.items()), start=1):
         first = members[0][1]
         radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
-        rows, bounds, curves, limits, costs = {}, {}, {}, {}, []
+        rows, bounds, acr, curves, limits, costs = {}, {}, {}, {}, {}, []
         rho = first.get("rho", DEFAULT_RHO)
         for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
             label = f"{float(summary['sigma']):g}"
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{label} ({run_dir.name})"
             limit = summary.get("max_certifiable_radius", math.inf)
             rows[label] = within_reach(certified_accuracy(records, radii), limit)
+            acr[label] = average_certified_radius(records)
             bounds[f"{label} lower bound"] = within_reach(
                 certified_accuracy_lower_bound(records, radii, summary["alpha"], rho), limit
             )
@@ -136,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         note = bound_note(rho, false_certificates_allowed(num_images, first["alpha"], rho), num_images)
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
                 f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii)}\n\n{note}" + "".join(c for c in costs if c))
-        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex')}")
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, acr=acr)}\n\n{note}" + "".join(c for c in costs if c))
+        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', acr=acr)}")
         png = out / ("analysis.png" if len(groups) == 1 else f"analysis_{number}.png")
         grid = first["radii"] if first["mode"] == GRID_MODE else None
         plot_certified_accuracy(curves, png, title=title, limits=limits, grid=grid)

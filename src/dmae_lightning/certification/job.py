@@ -34,6 +34,7 @@ from ..noise import GaussianNoise
 from .metrics import (
     BEYOND,
     GRID_MODE,
+    average_certified_radius,
     bound_note,
     certified_accuracy_lower_bound,
     default_radii,
@@ -264,6 +265,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         limit = summary["max_certifiable_radius"]  # beyond it: null, not a 0 that only says n was too small
         summary.update(
             certified_accuracy=within_reach(summary["certified_accuracy"], limit),
+            average_certified_radius=average_certified_radius(subset),
             rho=params.rho,
             false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
             certified_accuracy_lower_bound=within_reach(
@@ -304,10 +306,8 @@ def report(summary: dict) -> str:
         )
     label = f"{summary['sigma']:g}"
     rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
-    table = format_table(rows, summary["radii"]) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
+    table = format_table(rows, summary["radii"], acr={label: summary["average_certified_radius"]}) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
-    if "average_certified_radius" in summary:
-        extra.append(f"ACR {summary['average_certified_radius']:.4f}")
     if "abstain_rate" in summary:
         rate = summary["abstain_rate"]
         extra.append("abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}")
@@ -319,8 +319,7 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
     plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
     if "certified_accuracy" in summary:
         metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
-        if "average_certified_radius" in summary:
-            metrics["cert/acr"] = summary["average_certified_radius"]
+        metrics["cert/acr"] = summary["average_certified_radius"]
     else:
         metrics = {f"{summary['mode']}/accuracy": summary["accuracy"]}
     if summary.get("abstain_rate") is not None:

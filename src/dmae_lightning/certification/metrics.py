@@ -88,7 +88,8 @@ def certified_accuracy_lower_bound(
 
 
 def average_certified_radius(records: Iterable[Record]) -> float:
-    """Mean certified radius, wrong and abstained images counting as radius 0."""
+    """ACR: mean certified radius, wrong and abstained images counting as radius 0 (for certify_radii the
+    largest certified grid radius, so a lower bound on the ACR a finer grid would give)."""
     records = _require(records)
     return sum(rec.certified_correct_radius or 0.0 for rec in records) / len(records)
 
@@ -129,27 +130,33 @@ def format_table(
     radii: Iterable[float],
     fmt: str = "markdown",
     label_header: str = "sigma",
+    acr: Mapping[str, float] | None = None,
 ) -> str:
     """Certified-accuracy table, a row per label, a column per radius, in % (1 decimal).
 
     A None value (a radius beyond the row's reach, see :func:`within_reach`) prints BEYOND, not 0.0.
+    ``acr`` (label -> :func:`average_certified_radius`) adds an ACR column (empty for other labels).
     """
     keys = [radius_key(r) for r in radii]
 
     def cell(value: float | None) -> str:
         return BEYOND if value is None else f"{100 * value:.1f}"
 
-    body = [[label, *(cell(row[k]) for k in keys)] for label, row in rows.items()]
+    extra = [] if acr is None else ["ACR"]
+    body = [
+        [label, *(cell(row[k]) for k in keys), *([f"{acr[label]:.3f}" if label in acr else ""] if extra else [])]
+        for label, row in rows.items()
+    ]
     beyond = any(BEYOND in cells for cells in body)
     if fmt == "markdown":
-        lines = [[label_header, *(f"r={key}" for key in keys)], ["---", *("---:" for _ in keys)], *body]
+        lines = [[label_header, *(f"r={key}" for key in keys), *extra], ["---", *("---:" for _ in keys + extra)], *body]
         text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
         note = f"\n\n{BEYOND}: beyond the largest radius the run can certify at its n and alpha"
         return text + (note if beyond else "")
     if fmt == "latex":
-        header = [_latex_escape(label_header), *(f"$r={key}$" for key in keys)]
+        header = [_latex_escape(label_header), *(f"$r={key}$" for key in keys), *extra]
         lines = [
-            "\\begin{tabular}{l" + "r" * len(keys) + "}",
+            "\\begin{tabular}{l" + "r" * len(keys + extra) + "}",
             "\\toprule",
             " & ".join(header) + " \\\\",
             "\\midrule",

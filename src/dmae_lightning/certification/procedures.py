@@ -29,7 +29,6 @@ from ..noise import GaussianNoise
 from .metrics import (
     abstain_rate,
     accuracy,
-    average_certified_radius,
     certified_accuracy,
     max_certifiable_radius,
 )
@@ -122,7 +121,6 @@ class Certify(Procedure):
             "radii": list(radii),
             "num_images": len(records),
             "certified_accuracy": certified_accuracy(records, radii),
-            "average_certified_radius": average_certified_radius(records),
             # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
             "abstain_rate": None if self.skip_wrong_guess else abstain_rate(records),
             "max_certifiable_radius": max_certifiable_radius(self.noise.sigma, self.n, self.alpha),
