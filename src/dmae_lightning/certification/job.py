@@ -45,7 +45,7 @@ from .metrics import (
     sample_budget,
     within_reach,
 )
-from .params import JobParams, validate
+from .params import JobParams, subset_indices, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
 from .procedures import PROCEDURES, Procedure
 from .records import write_json
@@ -136,6 +136,7 @@ class Prepared:
     dataset_name: str
     dataset_size: int
     radii: tuple[float, ...]  # of the tables: the data set's paper radii unless radii= names others
+    skip: int  # of the subset's indices (params.skip, or size // images)
     indices: list[int]
     todo: list[int]
     trainer: pl.Trainer
@@ -177,7 +178,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         log.warning(
             "the classifier was trained at sigma=%s, certification uses sigma=%s", info.trained_sigma, params.sigma
         )
-    indices = list(range(0, len(dataset), params.skip))[: params.max]
+    skip, indices = subset_indices(len(dataset), params)
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
@@ -210,8 +211,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         classifier, num_classes, procedure, params, dataset, todo, run_dir,
         num_workers=getattr(datamodule, "num_workers", 0),
     )
-    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), indices, todo, trainer, module,
-                    info, key, started)
+    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), skip, indices, todo, trainer,
+                    module, info, key, started)
 
 
 def run(cfg: DictConfig, job: Prepared) -> dict:
@@ -224,8 +225,8 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
             "%s with classifier %s from %s (%s layout, architecture from %s), precision %s%s; %s %s split: "
             "%d images (skip=%d, max=%s), %d already done",
             procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, params.precision,
-            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), params.skip,
-            params.max, len(job.indices) - len(job.todo),
+            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), job.skip,
+            params.images or params.max, len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -254,7 +255,8 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         "subset": {
             "skip": params.skip,
             "max": params.max,
-            "indices": f"range(0, {job.dataset_size}, {params.skip})[:{params.max}]",
+            "images": params.images,
+            "indices": f"range(0, {job.dataset_size}, {job.skip})[:{params.images or params.max}]",
         },
         "world_size": trainer.world_size,
         "device": trainer.strategy.root_device.type,

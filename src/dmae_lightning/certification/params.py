@@ -27,6 +27,7 @@ class JobParams:
     split: str
     skip: int
     max: int | None
+    images: int | None  # N evenly spaced images (protocol=images500 / images1000) instead of skip and max
     n0: int
     n: int
     alpha: float
@@ -58,6 +59,18 @@ def _radii(value) -> tuple[float, ...] | None:
     return tuple(float(r) for r in radii)
 
 
+def subset_indices(size: int, params: JobParams) -> tuple[int, list[int]]:
+    """(skip, indices) of the images to certify among the split's ``size``: ``range(0, size, skip)[:max]``,
+    or with ``images`` = N the N evenly spaced images ``range(0, size, size // N)[:N]``; ConfigError (one
+    line) when the split has fewer than N images."""
+    if params.images is None:
+        return params.skip, list(range(0, size, params.skip))[: params.max]
+    if params.images > size:
+        raise ConfigError(f"images={params.images}, but the {params.split} split has only {size} images")
+    skip = size // params.images
+    return skip, list(range(0, size, skip))[: params.images]
+
+
 def validate(cfg: DictConfig) -> JobParams:
     """Check every top-level key before anything is loaded; ConfigError (one line) on the first bad one."""
     try:
@@ -72,6 +85,15 @@ def validate(cfg: DictConfig) -> JobParams:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     if cfg.max is not None and (not _is_int(cfg.max) or cfg.max < 1):
         raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
+    images = cfg.get("images")
+    if images is not None:
+        if not _is_int(images) or images < 1:
+            raise ConfigError(f"images must be an integer >= 1 or null, got {images!r}")
+        if cfg.skip != 1 or cfg.max is not None:
+            raise ConfigError(
+                f"images={images} (protocol=images{images}) picks evenly spaced images itself: leave skip and max "
+                f"at their defaults (got skip={cfg.skip}, max={cfg.max})"
+            )
     if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
         raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
     rho = cfg.get("rho", DEFAULT_RHO)
@@ -103,6 +125,7 @@ def validate(cfg: DictConfig) -> JobParams:
         split=cfg.split,
         skip=cfg.skip,
         max=cfg.max,
+        images=images,
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
