@@ -156,3 +156,18 @@ def test_an_image_without_a_label_is_refused():
     with pytest.raises(ValueError, match="image 4: label 2 is not a class of this 2-class model"):
         smooth.run(procedure, [(4, x, 2)], batch_size=100)
     assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test.looks()  # still usable
+
+
+def test_draws_come_from_its_own_noise_stage():
+    """Stage 0 is CERTIFY's selection stream: certify_radii must not reuse it (nor the estimation stage 1)."""
+    procedure = CertifyRadii(GaussianNoise(SIGMA), (0.0, 0.1), n=1000, alpha=0.001)
+    run, stages = procedure.run(0, 1), []
+    try:
+        draw = next(run)
+        while True:
+            stages.append(draw.stage)
+            draw = run.send(torch.tensor([0, draw.num]))  # every draw returns the label
+    except StopIteration as stop:
+        record = stop.value
+    assert stages and set(stages) == {2} and record.radius == 0.1
+    assert procedure.settings()["noise_stage"] == 2 and procedure.settings()["curtailment"] == 0.001

@@ -176,12 +176,15 @@ class CertifyRadii(Procedure):
 
     Draws are counted against the label (sound for labelled evaluation, no selection stage). The image
     is sampled look by look of the :class:`SequentialTest` (block multiples, up to the cap ``n``) and
-    stops as soon as every radius is decided; a radius still undecided at the cap counts as not certified.
-    The record holds the largest certified grid radius, the samples used and the final bounds.
+    stops as soon as every radius is decided (a radius the cap cannot plausibly certify is answered NO
+    early by stochastic curtailment, :meth:`SequentialTest.curtailed`); a radius still undecided at the cap
+    counts as not certified. The record holds the largest certified grid radius, the samples used and the
+    final bounds. Its noise is stage 2 of the image's streams: stages 0 and 1 are CERTIFY's.
     """
 
     name: ClassVar[str] = "certify_radii"
     record_type: ClassVar[type[Record]] = RadiiRecord
+    stage: ClassVar[int] = 2  # its own noise stream, not CERTIFY's selection (0) or estimation (1) draws
     noise: GaussianNoise
     radii: tuple[float, ...]
     n: int
@@ -201,7 +204,7 @@ class CertifyRadii(Procedure):
         for look in self.test.looks():
             if decision.stop:
                 break
-            counts = yield Draw(stage=0, num=look - drawn)  # [K]
+            counts = yield Draw(stage=self.stage, num=look - drawn)  # [K]
             if label >= len(counts):
                 raise ValueError(f"image {idx}: label {label} is not a class of this {len(counts)}-class model")
             successes, drawn = successes + int(counts[label]), look
@@ -210,7 +213,8 @@ class CertifyRadii(Procedure):
 
     def settings(self) -> dict:
         return {"radii": list(self.test.radii), "n": self.n, "alpha": self.alpha,
-                "looks": list(self.test.looks()), "lower_levels": list(self.test.lower_levels())}
+                "looks": list(self.test.looks()), "lower_levels": list(self.test.lower_levels()),
+                "curtailment": self.test.curtailment, "noise_stage": self.stage}
 
     def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
         samples = sum(r.n for r in records)
