@@ -308,7 +308,8 @@ def report(summary: dict) -> str:
         )
     label = f"{summary['sigma']:g}"
     rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
-    table = format_table(rows, summary["radii"], acr={label: summary["average_certified_radius"]}) + "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
+    table = format_table(rows, summary["radii"], acr={label: summary["average_certified_radius"]})
+    table += "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
     if "abstain_rate" in summary:
         rate = summary["abstain_rate"]
