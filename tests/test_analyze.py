@@ -25,7 +25,7 @@ def make_run(run_dir, sigma, radii_correct, dataset="cifar10", **settings):
         for record in records:
             writer.write(record)
     summary = dict(
-        mode="certify", sigma=sigma, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32", model_name="vit_b",
+        mode="certify", sigma=sigma, noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": sigma}, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32", model_name="vit_b",
         dataset=dataset, split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=list(RADII),
         num_images=len(records), certified_accuracy=certified_accuracy(records, RADII), max_certifiable_radius=9.0,
     )  # fmt: skip
@@ -50,32 +50,38 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
     # at r = 0, 0.25, 0.5, 1: sigma 0.25 -> 80, 60, 20, 0; sigma 0.5 -> 60, 40, 40, 20; best -> 80, 60, 40, 20
     expected_md = (
         "### all runs: vit_b on cifar10 test, 5 images, n=1000, alpha=0.001\n\n"
-        "| sigma | r=0 | r=0.25 | r=0.5 | r=1 |\n"
-        "| --- | ---: | ---: | ---: | ---: |\n"
-        "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 |\n"
-        "| 0.5 | 60.0 | 40.0 | 40.0 | 20.0 |\n"
-        "| best | 80.0 | 60.0 | 40.0 | 20.0 |\n"
-    )
-    assert (out / "certified_accuracy.md").read_text() == expected_md
-    tex = (out / "certified_accuracy.tex").read_text()
-    assert "best & 80.0 & 60.0 & 40.0 & 20.0 \\\\" in tex and "$r=0.25$" in tex
-    assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        "| sigma | r=0 | r=0.25 | r=0.5 | r=1 | ACR |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+        "| 0.25 | 80.0 | 60.0 | 20.0 | 0.0 | 0.260 |\n"  # ACR (0.1 + 0.3 + 0.3 + 0.6) / 5
+        "| 0.5 | 60.0 | 40.0 | 40.0 | 20.0 | 0.380 |\n"  # (0.2 + 0.6 + 1.1) / 5
+        "| best | 80.0 | 60.0 | 40.0 | 20.0 |  |\n"
+        "| 0.25 lower bound | 60.0 | 40.0 | 0.0 | 0.0 |  |\n"
+        "| 0.5 lower bound | 40.0 | 20.0 | 20.0 | 0.0 |  |\n\n"
+        "lower bound: the true certified accuracy is at least this with probability 1 - rho = 0.999 "
+        "(at most 1 of the 5 certificates false)\n"
+    )  # lower bounds: k* = 1 (P(Bin(5, 0.001) > 1) = 1e-5 <= rho = 0.001 < P(Bin(5, 0.001) > 0)), no envelope
+    assert (out / "analysis.md").read_text() == expected_md
+    tex = (out / "analysis.tex").read_text()
+    assert "best & 80.0 & 60.0 & 40.0 & 20.0 &  \\\\" in tex and "0.25 & 80.0 & 60.0 & 20.0 & 0.0 & 0.260" in tex and "$r=0.25$" in tex
+    assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert expected_md.strip() in printed and "\\begin{tabular}{lrrrr}" in printed
+    assert expected_md.strip() in printed and "\\begin{tabular}{lrrrrr}" in printed
 
 
 def test_explicit_radii_and_single_run_written_next_to_it(two_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "s050")  # not the current directory: next to the input
     assert main([str(two_runs[0]), "--radii", "0.3", "0.6"]) == 0
-    assert (two_runs[0] / "certified_accuracy.md").read_text().splitlines()[4:] == ["| 0.25 | 60.0 | 20.0 |"]
-    assert not (tmp_path / "s050" / "certified_accuracy.md").exists()
+    assert (two_runs[0] / "analysis.md").read_text().splitlines()[4:6] == [
+        "| 0.25 | 60.0 | 20.0 | 0.260 |", "| 0.25 lower bound | 40.0 | 0.0 |  |"
+    ]
+    assert not (tmp_path / "s050" / "analysis.md").exists()
 
 
 def test_default_radii_follow_the_dataset(tmp_path):
     run = make_run(tmp_path / "imagenet", 1.0, [(3.5, 1), (1.2, 1)], dataset="imagenet", radii=None)
     assert main([str(run), "--out", str(tmp_path)]) == 0
-    header = (tmp_path / "certified_accuracy.md").read_text().splitlines()[2]
-    assert header == "| sigma | r=0 | r=0.5 | r=1 | r=1.5 | r=2 | r=3 |"
+    header = (tmp_path / "analysis.md").read_text().splitlines()[2]
+    assert header == "| sigma | r=0 | r=0.5 | r=1 | r=1.5 | r=2 | r=3 | ACR |"
 
 
 def test_non_result_paths_are_skipped_with_a_note(two_runs, tmp_path, capsys):
@@ -97,14 +103,26 @@ def test_unlike_runs_never_share_an_envelope(two_runs, tmp_path):
     other = make_run(tmp_path / "other", 0.25, [(0.9, 1), (0.9, 1)], model_name="vit_l", n=100)
     out = tmp_path / "report"
     assert main([*map(str, two_runs), str(other), "--radii", "0", "0.5", "--out", str(out)]) == 0
-    text = (out / "certified_accuracy.md").read_text()
+    text = (out / "analysis.md").read_text()
     tables = text.split("### ")[1:]
     assert len(tables) == 2
     like = next(t for t in tables if t.startswith("model_name=vit_b, n=1000"))
     unlike = next(t for t in tables if t.startswith("model_name=vit_l, n=100"))
-    assert "| best | 80.0 | 40.0 |" in like  # the envelope of the two vit_b runs only
-    assert "best" not in unlike and "| 0.25 | 100.0 | 100.0 |" in unlike
-    assert {p.name for p in out.glob("*.png")} == {"certified_accuracy_1.png", "certified_accuracy_2.png"}
+    assert "| best | 80.0 | 40.0 |  |" in like  # the envelope of the two vit_b runs only
+    assert "best" not in unlike and "| 0.25 | 100.0 | 100.0 | 0.900 |" in unlike
+    assert {p.name for p in out.glob("*.png")} == {"analysis_1.png", "analysis_2.png"}
+
+
+def test_another_noise_distribution_is_another_table(two_runs, tmp_path):
+    """A discrete-Gaussian run at sigma 0.25 is not a row of the Gaussian runs' table, nor in their envelope."""
+    discrete = {"_target_": "dmae_lightning.noise.DiscreteGaussianNoise", "sigma": 0.25}
+    other = make_run(tmp_path / "discrete", 0.25, [(0.9, 1), (0.9, 1)], noise=discrete)
+    out = tmp_path / "report"
+    assert main([*map(str, two_runs), str(other), "--radii", "0", "0.5", "--out", str(out)]) == 0
+    tables = (out / "analysis.md").read_text().split("### ")[1:]
+    assert len(tables) == 2 and {t.split(",")[0].split(":")[0] for t in tables} == {
+        "noise=dmae_lightning.noise.GaussianNoise", "noise=dmae_lightning.noise.DiscreteGaussianNoise"
+    }
 
 
 def test_runs_as_a_module(two_runs, tmp_path):
@@ -112,13 +130,13 @@ def test_runs_as_a_module(two_runs, tmp_path):
         [sys.executable, "-m", "dmae_lightning.certification.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
-    assert "| best | 80.0 | 40.0 |" in result.stdout
+    assert "| best | 80.0 | 40.0 |  |" in result.stdout
 
 
 def test_sequential_runs_show_their_samples_and_saving(tmp_path):
     run = make_run(tmp_path / "seq", 0.25, [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)], mode="certify",
                    samples=4_000, saving_vs_fixed_n=10.1)
     assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "certified_accuracy.md").read_text()
-    assert "| 0.25 | 75.0 | 50.0 |" in text
+    text = (tmp_path / "analysis.md").read_text()
+    assert "| 0.25 | 75.0 | 50.0 | 0.312 |" in text
     assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text

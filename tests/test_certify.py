@@ -17,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, binom, binomtest, norm
 from test_procedures import reference_noise
 
 from dmae_lightning.certification import PROCEDURES, CertifyRecord, PredictRecord, Smooth
@@ -183,11 +183,22 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]  # CIFAR-10's radii for a data set other than ImageNet
     assert on_disk["radii"] == radii
     expected_acc = {f"{r:g}": sum(x.correct == 1 and x.radius >= r for x in records) / 12 for r in radii}
-    assert on_disk["certified_accuracy"] == pytest.approx(expected_acc, abs=1e-12)
+    # n = 100 certifies at most sigma * Phi^-1(0.001^(1/100)) = 0.375: beyond it null, not 0
+    assert on_disk["max_certifiable_radius"] == pytest.approx(SIGMA * norm.ppf(0.001 ** (1 / 100)))
+    assert [on_disk["certified_accuracy"][k] for k in ("0.5", "0.75", "1")] == [None, None, None]
+    assert [on_disk["certified_accuracy_lower_bound"][k] for k in ("0.5", "0.75", "1")] == [None, None, None]
+    reachable = {key: value for key, value in expected_acc.items() if float(key) < 0.375}
+    assert {k: on_disk["certified_accuracy"][k] for k in reachable} == pytest.approx(reachable, abs=1e-12)
     assert on_disk["average_certified_radius"] == pytest.approx(
         sum(x.radius * x.correct for x in records) / 12
     )
     assert on_disk["abstain_rate"] == pytest.approx(sum(x.predict == -1 for x in records) / 12)
+    # rho = 0.001: P(Bin(12, 0.001) > 0) = 0.012 > rho >= P(Bin(12, 0.001) > 1) = 6.6e-5, so one false
+    # certificate among the 12 is allowed for
+    assert binom.sf(0, 12, 0.001) > 0.001 >= binom.sf(1, 12, 0.001)
+    assert (on_disk["rho"], on_disk["false_certificates_allowed"]) == (0.001, 1)
+    expected_bound = {key: max(12 * acc - 1, 0) / 12 for key, acc in reachable.items()}
+    assert {k: on_disk["certified_accuracy_lower_bound"][k] for k in reachable} == pytest.approx(expected_bound)
     assert on_disk["num_images"] == 12
     assert (on_disk["sigma"], on_disk["n0"], on_disk["n"], on_disk["alpha"]) == (SIGMA, 10, 100, 0.001)
     assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "fp32", False)
@@ -460,6 +471,7 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["n=0"], "n must be an integer >= 1, got 0"),
         (["alpha=0"], "alpha must lie strictly between 0 and 1, got 0"),
         (["alpha=1"], "alpha must lie strictly between 0 and 1, got 1"),
+        (["rho=0"], "rho must lie strictly between 0 and 1, got 0"),
         (["noise.sigma=-1"], "noise.sigma must be a finite number > 0, got -1"),
         (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
         (["batch=0"], "batch must be an integer >= 1, got 0"),

@@ -99,6 +99,8 @@ def test_records_and_summary(sequential):
     assert summary["saving_vs_fixed_n"] == pytest.approx(summary["fixed_n_samples"] / summary["samples"])
     expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
     assert summary["certified_accuracy"] == pytest.approx(expected)
+    # ACR of the grid answers: the largest certified grid radius, 0 where none
+    assert summary["average_certified_radius"] == pytest.approx(sum(r.radius or 0.0 for r in records) / 24)
     assert read_json(out / "summary.json")["mode"] == "certify_radii"
     assert (out / "certified_accuracy.png").exists()
 
@@ -154,3 +156,18 @@ def test_an_image_without_a_label_is_refused():
     with pytest.raises(ValueError, match="image 4: label 2 is not a class of this 2-class model"):
         smooth.run(procedure, [(4, x, 2)], batch_size=100)
     assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test(GaussianNoise(SIGMA)).looks()  # still usable
+
+
+def test_draws_come_from_its_own_noise_stage():
+    """Stage 0 is CERTIFY's selection stream: certify_radii must not reuse it (nor the estimation stage 1)."""
+    procedure = CertifyRadii((0.0, 0.1), n=1000, alpha=0.001)
+    run, stages = procedure.run(0, 1, GaussianNoise(SIGMA)), []
+    try:
+        draw = next(run)
+        while True:
+            stages.append(draw.stage)
+            draw = run.send(torch.tensor([0, draw.num]))  # every draw returns the label
+    except StopIteration as stop:
+        record = stop.value
+    assert stages and set(stages) == {2} and record.radius == 0.1
+    assert procedure.settings()["noise_stage"] == 2 and procedure.settings()["curtailment"] == 0.001

@@ -21,6 +21,7 @@ from dmae_lightning.certification.metrics import (
     max_certifiable_radius,
     plot_certified_accuracy,
     radius_key,
+    within_reach,
 )
 from dmae_lightning.certification.records import (
     ABSTAIN,
@@ -216,11 +217,15 @@ def test_max_certifiable_radius_is_n_out_of_n(sigma, n, alpha):
 
 
 def test_table_marks_radii_beyond_the_runs_reach():
-    row = {"0": 0.9, "0.5": 0.6, "0.75": 0.0}
-    table = format_table({"0.25": row}, [0.0, 0.5, 0.75], limits={"0.25": 0.6158})
+    row = within_reach({"0": 0.9, "0.5": 0.6, "0.75": 0.0}, 0.6158)
+    assert row == {"0": 0.9, "0.5": 0.6, "0.75": None}
+    table = format_table({"0.25": row}, [0.0, 0.5, 0.75])
     assert table.splitlines()[2] == f"| 0.25 | 90.0 | 60.0 | {BEYOND} |"
     assert "beyond the largest radius the run can certify" in table
-    assert BEYOND not in format_table({"0.25": row}, [0.0, 0.5, 0.75])
+    assert BEYOND not in format_table({"0.25": {"0": 0.9, "0.5": 0.6, "0.75": 0.0}}, [0.0, 0.5, 0.75])
+    # the envelope takes the best reachable value; n/c only where no row reaches the radius
+    best = best_over_sigma({"0.25": row, "0.5": {"0": 0.8, "0.5": 0.7, "0.75": None}})
+    assert best == {"0": 0.9, "0.5": 0.7, "0.75": None}
 
 
 def test_plot_writes_a_png(tmp_path):

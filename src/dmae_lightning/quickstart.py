@@ -130,7 +130,8 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
     lines = [
         f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
         f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
-        format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})"),
+        format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})",
+                     acr={label: summary["average_certified_radius"]}),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
     if summary["mode"] == "certify":  # the cheaper way to the same table

@@ -3,10 +3,12 @@
     python -m dmae_lightning.certification.analyze RUN_DIR... [--radii 0 0.25 0.5] [--out DIR]
 
 Runs are grouped by everything but sigma that their numbers depend on (procedure, model, data set,
-split, image subset, n, alpha, precision); each group gets its own table (a row per sigma plus, with
-several, the best-over-sigma envelope that papers report) and plot. Paths that hold no finished
-certification run (Hydra's multirun.yaml, a run stopped by a config error) are skipped with a note.
-Tables, LaTeX and plots go to --out (default: the deepest directory holding every run).
+split, image subset, n, alpha, precision, and for certify_radii its radius grid); each group gets its own
+table (a row per sigma plus, with several, the best-over-sigma envelope that papers report) and plot.
+Paths that hold no finished certification run (Hydra's multirun.yaml, a run stopped by a config error) are
+skipped with a note. analysis.md, analysis.tex and analysis.png (analysis_<k>.png per group with several
+groups) go to --out (default: the deepest directory holding every run); a run's own files, such as its
+certified_accuracy.png, are never overwritten.
 """
 
 from __future__ import annotations
@@ -17,12 +19,38 @@ import os
 import sys
 from pathlib import Path
 
-from .metrics import best_over_sigma, certified_accuracy, default_radii, format_table, plot_certified_accuracy
+from .metrics import (
+    DEFAULT_RHO,
+    GRID_MODE,
+    average_certified_radius,
+    best_over_sigma,
+    bound_note,
+    certified_accuracy,
+    certified_accuracy_lower_bound,
+    default_radii,
+    false_certificates_allowed,
+    format_table,
+    plot_certified_accuracy,
+    sample_budget,
+    within_reach,
+)
 from .procedures import PROCEDURES
 from .records import Record, read_json, read_records
 
-# What a run's numbers depend on besides sigma: runs differing in any of these never share a table.
-GROUP_KEYS = ("mode", "model_name", "dataset", "split", "subset", "data_subset", "n0", "n", "alpha", "precision")
+# What a run's numbers depend on besides sigma: runs differing in any of these never share a table
+# ("noise" is the distribution's class: Gaussian and discrete-Gaussian runs are not rows of one table).
+GROUP_KEYS = (
+    "mode", "noise", "model_name", "dataset", "split", "subset", "data_subset", "n0", "n", "alpha", "precision",
+    "grid",
+)
+
+
+def group_key(summary: dict) -> tuple[str, ...]:
+    """The run's values of GROUP_KEYS; "grid" is the radius grid of certify_radii (its records answer only
+    there), None for procedures whose radii are only the table's columns; "noise" the noise's class."""
+    values = {**summary, "grid": summary.get("radii") if summary.get("mode") == GRID_MODE else None,
+              "noise": (summary.get("noise") or {}).get("_target_")}
+    return tuple(str(values.get(k)) for k in GROUP_KEYS)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[Record]]:
@@ -78,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     groups: dict[tuple, list] = {}
     for run in runs:
-        key = tuple(str(run[1].get(k)) for k in GROUP_KEYS)
+        key = group_key(run[1])
         groups.setdefault(key, []).append(run)
     varying = [i for i in range(len(GROUP_KEYS)) if len({key[i] for key in groups}) > 1]
     out = args.out or Path(os.path.commonpath([run_dir.resolve() for run_dir, *_ in runs]))
@@ -90,28 +118,38 @@ def main(argv: list[str] | None = None) -> int:
     for number, (key, members) in enumerate(sorted(groups.items()), start=1):
         first = members[0][1]
         radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
-        rows, curves, limits, costs = {}, {}, {}, []
+        rows, bounds, acr, curves, limits, costs = {}, {}, {}, {}, {}, []
+        rho = first.get("rho", DEFAULT_RHO)
         for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
             label = f"{float(summary['sigma']):g}"
             if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
                 label = f"{label} ({run_dir.name})"
-            rows[label] = certified_accuracy(records, radii)
+            limit = summary.get("max_certifiable_radius", math.inf)
+            rows[label] = within_reach(certified_accuracy(records, radii), limit)
+            acr[label] = average_certified_radius(records)
+            bounds[f"{label} lower bound"] = within_reach(
+                certified_accuracy_lower_bound(records, radii, summary["alpha"], rho), limit
+            )
             curves[f"sigma={label}"] = records
-            limits[label] = summary.get("max_certifiable_radius", math.inf)
+            limits[f"sigma={label}"] = limit
             costs.append(sample_cost(label, summary))
         if len(rows) > 1:
             rows["best"] = best_over_sigma(rows)
-            limits["best"] = max(limits.values())
+        # no envelope of the lower bounds: the best of several level-(1 - rho) bounds holds only at 1 - S rho
+        rows.update(bounds)
+        num_images = len(members[0][2])
+        note = bound_note(rho, false_certificates_allowed(num_images, first["alpha"], rho), num_images)
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
-                f"{len(members[0][2])} images, n={first['n']}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, limits=limits)}" + "".join(c for c in costs if c))
-        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', limits=limits)}")
-        png = out / ("certified_accuracy.png" if len(groups) == 1 else f"certified_accuracy_{number}.png")
-        plot_certified_accuracy(curves, png, title=title)
+                f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, acr=acr)}\n\n{note}" + "".join(c for c in costs if c))
+        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', acr=acr)}")
+        png = out / ("analysis.png" if len(groups) == 1 else f"analysis_{number}.png")
+        grid = first["radii"] if first["mode"] == GRID_MODE else None
+        plot_certified_accuracy(curves, png, title=title, limits=limits, grid=grid)
     print("Certified accuracy (%)\n\n" + "\n\n".join(markdown) + "\n\n" + "\n\n".join(latex))
-    (out / "certified_accuracy.md").write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
-    (out / "certified_accuracy.tex").write_text("\n\n".join(latex) + "\n", encoding="utf-8")
-    print(f"\nwrote certified_accuracy.md, .tex and the plot(s) to {out}", file=sys.stderr)
+    (out / "analysis.md").write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
+    (out / "analysis.tex").write_text("\n\n".join(latex) + "\n", encoding="utf-8")
+    print(f"\nwrote analysis.md, .tex and the plot(s) to {out}", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,15 +23,28 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from .. import config
 from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
 from ..errors import ConfigError, one_line
 from ..models import create_model
 from ..noise import GaussianNoise, Noise, noise_from_config
-from .metrics import default_radii, format_table, plot_certified_accuracy, radius_key
-from .params import JobParams, validate
+from .metrics import (
+    BEYOND,
+    GRID_MODE,
+    average_certified_radius,
+    bound_note,
+    certified_accuracy_lower_bound,
+    default_radii,
+    false_certificates_allowed,
+    format_table,
+    plot_certified_accuracy,
+    radius_key,
+    sample_budget,
+    within_reach,
+)
+from .params import JobParams, subset_indices, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
 from .procedures import PROCEDURES, Procedure
 from .records import write_json
@@ -130,6 +142,7 @@ class Prepared:
     dataset_name: str
     dataset_size: int
     radii: tuple[float, ...]  # of the tables: the data set's paper radii unless radii= names others
+    skip: int  # of the subset's indices (params.skip, or size // images)
     indices: list[int]
     todo: list[int]
     trainer: pl.Trainer
@@ -169,7 +182,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     classifier, info = load_classifier(cfg, params.ckpt_path, num_classes, datamodule.name)
     if info.trained_noise is not None and info.trained_noise != params.noise:
         log.warning("the classifier was trained with %s, certification uses %s", info.trained_noise, params.noise)
-    indices = list(range(0, len(dataset), params.skip))[: params.max]
+    skip, indices = subset_indices(len(dataset), params)
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
@@ -203,8 +216,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         classifier, num_classes, procedure, params, dataset, todo, run_dir,
         num_workers=getattr(datamodule, "num_workers", 0),
     )
-    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), indices, todo, trainer, module,
-                    info, key, started)
+    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), skip, indices, todo, trainer,
+                    module, info, key, started)
 
 
 def run(cfg: DictConfig, job: Prepared) -> dict:
@@ -217,8 +230,8 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
             "%s with classifier %s from %s (%s layout, architecture from %s), precision %s%s; %s %s split: "
             "%d images (skip=%d, max=%s), %d already done",
             procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, params.precision,
-            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), params.skip,
-            params.max, len(job.indices) - len(job.todo),
+            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), job.skip,
+            params.images or params.max, len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -247,19 +260,35 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         "subset": {
             "skip": params.skip,
             "max": params.max,
-            "indices": f"range(0, {job.dataset_size}, {params.skip})[:{params.max}]",
+            "images": params.images,
+            "indices": f"range(0, {job.dataset_size}, {job.skip})[:{params.images or params.max}]",
         },
         "world_size": trainer.world_size,
         "device": trainer.strategy.root_device.type,
         **procedure.summarise(subset, job.radii, params.noise),
         "wall_time_s": time.time() - job.started,
     }
+    if "certified_accuracy" in summary:
+        limit = summary["max_certifiable_radius"]  # beyond it: null, not a 0 that only says n was too small
+        summary.update(
+            certified_accuracy=within_reach(summary["certified_accuracy"], limit),
+            average_certified_radius=average_certified_radius(subset),
+            rho=params.rho,
+            false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
+            certified_accuracy_lower_bound=within_reach(
+                certified_accuracy_lower_bound(subset, summary["radii"], params.alpha, params.rho), limit
+            ),
+        )
     write_json(run_dir / "summary.json", summary)
     outputs = [results_path(run_dir, procedure.name), run_dir / "summary.json"]
     png = None
     if "certified_accuracy" in summary:
         png = run_dir / "certified_accuracy.png"
-        plot_certified_accuracy({f"sigma={params.noise.sigma:g}": subset}, png, title=plot_title(summary))
+        label = f"sigma={params.noise.sigma:g}"
+        grid = summary["radii"] if procedure.name == GRID_MODE else None
+        plot_certified_accuracy(
+            {label: subset}, png, title=plot_title(summary), limits={label: summary["max_certifiable_radius"]}, grid=grid
+        )
         outputs.append(png)
     log.info("%s", report(summary))
     _log_to_loggers(trainer, summary, png)
@@ -271,7 +300,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
 def plot_title(summary: dict) -> str:
     return (
         f"{summary['model_name']} on {summary['dataset']} {summary['split']} ({summary['num_images']} images): "
-        f"{noise_from_config(summary['noise']).tag}, n={summary['n']}, alpha={summary['alpha']:g}"
+        f"{noise_from_config(summary['noise']).tag}, {sample_budget(summary['mode'], summary['n'])}, alpha={summary['alpha']:g}"
     )
 
 
@@ -283,13 +312,10 @@ def report(summary: dict) -> str:
             f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
         )
     label = f"{summary['sigma']:g}"
-    table = format_table(
-        {label: summary["certified_accuracy"]}, summary["radii"],
-        limits={label: summary.get("max_certifiable_radius", math.inf)},
-    )
+    rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
+    table = format_table(rows, summary["radii"], acr={label: summary["average_certified_radius"]})
+    table += "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
-    if "average_certified_radius" in summary:
-        extra.append(f"ACR {summary['average_certified_radius']:.4f}")
     if "abstain_rate" in summary:
         rate = summary["abstain_rate"]
         extra.append("abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}")
@@ -301,14 +327,15 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
     plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
     if "certified_accuracy" in summary:
         metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
-        if "average_certified_radius" in summary:
-            metrics["cert/acr"] = summary["average_certified_radius"]
+        metrics["cert/acr"] = summary["average_certified_radius"]
     else:
         metrics = {f"{summary['mode']}/accuracy": summary["accuracy"]}
     if summary.get("abstain_rate") is not None:
         metrics[f"{'cert' if png else summary['mode']}/abstain_rate"] = summary["abstain_rate"]
     for lg in trainer.loggers:
-        lg.log_metrics(metrics)
+        # a radius beyond the run's reach: BEYOND in the CSV file, left out where a metric must be a number
+        lg.log_metrics({key: BEYOND if value is None else value for key, value in metrics.items()}
+                       if isinstance(lg, CSVLogger) else {k: v for k, v in metrics.items() if v is not None})
         if isinstance(lg, WandbLogger) and png is not None:
             keys = [radius_key(r) for r in summary["radii"]]
             row = [summary["sigma"], *(summary["certified_accuracy"][k] for k in keys)]

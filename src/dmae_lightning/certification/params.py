@@ -14,6 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 from ..data import SPLITS
 from ..errors import ConfigError
 from ..noise import Noise, noise_from_config
+from .metrics import DEFAULT_RHO
 from .procedures import PROCEDURES
 from .sampler import PRECISIONS
 
@@ -27,9 +28,11 @@ class JobParams:
     split: str
     skip: int
     max: int | None
+    images: int | None  # N evenly spaced images (protocol=images500 / images1000) instead of skip and max
     n0: int
     n: int
     alpha: float
+    rho: float  # failure probability of the data-set-level lower bound on certified accuracy
     noise: Noise  # the job's one noise: sampling and radii
     batch: int
     seed: int
@@ -57,6 +60,18 @@ def _radii(value) -> tuple[float, ...] | None:
     return tuple(float(r) for r in radii)
 
 
+def subset_indices(size: int, params: JobParams) -> tuple[int, list[int]]:
+    """(skip, indices) of the images to certify among the split's ``size``: ``range(0, size, skip)[:max]``,
+    or with ``images`` = N the N evenly spaced images ``range(0, size, size // N)[:N]``; ConfigError (one
+    line) when the split has fewer than N images."""
+    if params.images is None:
+        return params.skip, list(range(0, size, params.skip))[: params.max]
+    if params.images > size:
+        raise ConfigError(f"images={params.images}, but the {params.split} split has only {size} images")
+    skip = size // params.images
+    return skip, list(range(0, size, skip))[: params.images]
+
+
 def validate(cfg: DictConfig) -> JobParams:
     """Check every top-level key before anything is loaded; ConfigError (one line) on the first bad one."""
     try:
@@ -71,8 +86,20 @@ def validate(cfg: DictConfig) -> JobParams:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     if cfg.max is not None and (not _is_int(cfg.max) or cfg.max < 1):
         raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
+    images = cfg.get("images")
+    if images is not None:
+        if not _is_int(images) or images < 1:
+            raise ConfigError(f"images must be an integer >= 1 or null, got {images!r}")
+        if cfg.skip != 1 or cfg.max is not None:
+            raise ConfigError(
+                f"images={images} (protocol=images{images}) picks evenly spaced images itself: leave skip and max "
+                f"at their defaults (got skip={cfg.skip}, max={cfg.max})"
+            )
     if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
         raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
+    rho = cfg.get("rho", DEFAULT_RHO)
+    if not _is_number(rho) or not 0 < rho < 1:
+        raise ConfigError(f"rho must lie strictly between 0 and 1, got {rho!r}")
     try:
         noise = noise_from_config(OmegaConf.to_container(cfg.noise, resolve=True))
     except (ValueError, TypeError) as err:
@@ -100,9 +127,11 @@ def validate(cfg: DictConfig) -> JobParams:
         split=cfg.split,
         skip=cfg.skip,
         max=cfg.max,
+        images=images,
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
+        rho=float(rho),
         noise=noise,
         batch=cfg.batch,
         seed=cfg.seed,

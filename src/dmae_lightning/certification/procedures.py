@@ -32,7 +32,6 @@ from ..noise import Noise
 from .metrics import (
     abstain_rate,
     accuracy,
-    average_certified_radius,
     certified_accuracy,
     max_certifiable_radius,
 )
@@ -124,7 +123,6 @@ class Certify(Procedure):
             "radii": list(radii),
             "num_images": len(records),
             "certified_accuracy": certified_accuracy(records, radii),
-            "average_certified_radius": average_certified_radius(records),
             # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
             "abstain_rate": None if self.skip_wrong_guess else abstain_rate(records),
             "max_certifiable_radius": max_certifiable_radius(noise, self.n, self.alpha),
@@ -179,12 +177,15 @@ class CertifyRadii(Procedure):
 
     Draws are counted against the label (sound for labelled evaluation, no selection stage). The image
     is sampled look by look of the :class:`SequentialTest` (block multiples, up to the cap ``n``) and
-    stops as soon as every radius is decided; a radius still undecided at the cap counts as not certified.
-    The record holds the largest certified grid radius, the samples used and the final bounds.
+    stops as soon as every radius is decided (a radius the cap cannot plausibly certify is answered NO
+    early by stochastic curtailment, :meth:`SequentialTest.curtailed`); a radius still undecided at the cap
+    counts as not certified. The record holds the largest certified grid radius, the samples used and the
+    final bounds. Its noise is stage 2 of the image's streams: stages 0 and 1 are CERTIFY's.
     """
 
     name: ClassVar[str] = "certify_radii"
     record_type: ClassVar[type[Record]] = RadiiRecord
+    stage: ClassVar[int] = 2  # its own noise stream, not CERTIFY's selection (0) or estimation (1) draws
     radii: tuple[float, ...]
     n: int
     alpha: float
@@ -208,7 +209,7 @@ class CertifyRadii(Procedure):
         for look in test.looks():
             if decision.stop:
                 break
-            counts = yield Draw(stage=0, num=look - drawn)  # [K]
+            counts = yield Draw(stage=self.stage, num=look - drawn)  # [K]
             if label >= len(counts):
                 raise ValueError(f"image {idx}: label {label} is not a class of this {len(counts)}-class model")
             successes, drawn = successes + int(counts[label]), look
@@ -218,7 +219,8 @@ class CertifyRadii(Procedure):
     def settings(self) -> dict:
         looks = look_schedule(self.n, NOISE_BLOCK, SequentialTest.growth)
         return {"radii": list(self.radii), "n": self.n, "alpha": self.alpha, "looks": list(looks),
-                "lower_levels": list(spend_alpha(self.alpha, len(looks), SequentialTest.final_share))}
+                "lower_levels": list(spend_alpha(self.alpha, len(looks), SequentialTest.final_share)),
+                "curtailment": SequentialTest.curtailment, "noise_stage": self.stage}
 
     def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         samples = sum(r.n for r in records)

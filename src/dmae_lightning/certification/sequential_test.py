@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, binom
 
 from ..noise import Noise
 
@@ -125,7 +125,8 @@ class SequentialTest:
     of any false certificate per image; ``block`` samples per noise block (looks happen at block
     multiples, and at ``n_max``). ``final_share`` of alpha goes to the final look, the rest equally to the
     earlier ones; ``growth`` is the ratio between consecutive looks (in blocks); ``futility`` is the total
-    level of the upper side (power it may lose, never soundness).
+    level of the upper side (power it may lose, never soundness); ``curtailment`` the level of the
+    stochastic-curtailment stop (:meth:`curtailed`; 0 turns it off).
     """
 
     radii: tuple[float, ...]
@@ -136,6 +137,7 @@ class SequentialTest:
     final_share: float = 0.8
     growth: float = 1.5
     futility: float = 0.01
+    curtailment: float = 0.001
 
     def __post_init__(self):
         object.__setattr__(self, "radii", check_radii(self.radii))
@@ -148,6 +150,8 @@ class SequentialTest:
         for name in ("alpha", "futility"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)!r}")
+        if not 0 <= self.curtailment < 1:
+            raise ValueError(f"curtailment must lie in [0, 1), got {self.curtailment!r}")
         if not 0 < self.final_share <= 1:
             raise ValueError(f"final_share must lie in (0, 1], got {self.final_share!r}")
         if not self.growth > 1:
@@ -199,6 +203,43 @@ class SequentialTest:
     def _reachable(self) -> tuple[bool, ...]:
         return tuple(bool(v) for v in self._clears(np.array(self.max_lower_bound())))
 
+    def needed_at_cap(self) -> tuple[int, ...]:
+        """Per radius, the fewest successes out of n_max that certify it at the final look (n_max + 1 if none)."""
+        return self._needed_at_cap
+
+    @cached_property
+    def _needed_at_cap(self) -> tuple[int, ...]:
+        lower = clopper_pearson_lower(np.arange(self.n_max + 1), self.n_max, self.lower_levels()[-1])  # [n_max+1]
+        clears = self._clears(np.atleast_1d(lower))  # [n_max+1, R], monotone in the count
+        return tuple(int(c.argmax()) if c.any() else self.n_max + 1 for c in clears.T)
+
+    def curtailed(self, successes, trials: int) -> np.ndarray:
+        """[..., R]: the radii stochastic curtailment answers NO after ``successes`` of ``trials`` draws.
+
+        With k successes in n draws, radius r needs k_needed(r) successes out of n_max at the final look
+        (:meth:`needed_at_cap`). Let p_up be the (1 - c) Clopper-Pearson upper bound on p from (k, n), c =
+        ``curtailment``. If even at p_up the remaining n_max - n draws bring the k_needed - k missing
+        successes with probability P(Bin(n_max - n, p_up) >= k_needed - k) < c, the radius is futile: NO now.
+
+        A futility stop is sound by construction: it only ever turns a possible YES into NO, never a NO into
+        YES, so it cannot create a false certificate; the lower side, and with it the alpha guarantee, is
+        untouched. What it may cost is power: a radius the cap would have certified answered NO. That needs
+        p above p_up (probability <= c) or the unlikely completion (< c) at p_up, which is why the certified
+        fraction it loses is negligible while it saves the draws of hopeless radii (see the tests).
+        """
+        shape = (*np.shape(successes), len(self.radii))
+        if self.curtailment == 0 or trials == 0 or trials >= self.n_max:
+            return np.zeros(shape, dtype=bool)
+        k = np.asarray(successes)[..., None]  # [..., 1]
+        p_up = np.asarray(clopper_pearson_upper(successes, trials, self.curtailment))[..., None]  # [..., 1]
+        missing = np.asarray(self.needed_at_cap()) - k  # [..., R]
+        return binom.sf(missing - 1, self.n_max - trials, p_up) < self.curtailment  # P(Bin >= missing) < c
+
+    def _curtail(self, codes: np.ndarray, successes, trials: int) -> np.ndarray:
+        """``codes`` with the UNDECIDED radii that :meth:`curtailed` refutes turned NO."""
+        futile = (codes == Verdict.UNDECIDED) & self.curtailed(successes, trials)
+        return np.where(futile, np.int8(Verdict.NO), codes).astype(np.int8)
+
     # ------------------------------------------------------------------------------ decisions
     def bounds(self, successes, trials: int):
         """(lower, upper) bounds on p at the look ``trials`` (or (0, 1) before sampling); arrays allowed."""
@@ -244,7 +285,7 @@ class SequentialTest:
         lower, upper = self.bounds(successes, trials)
         if previous is not None:
             lower, upper = max(lower, previous.lower), min(upper, previous.upper)
-        codes = self.classify(lower, upper, trials)  # [R]
+        codes = self._curtail(self.classify(lower, upper, trials), successes, trials)  # [R]
         return Decision(
             trials=int(trials),
             successes=int(successes),
@@ -287,7 +328,9 @@ def simulate(test: SequentialTest, p_values, rng: np.random.Generator) -> Simula
     """Run the sequential test on Bernoulli(p) label streams, one per entry of ``p_values``.
 
     All images share the look schedule, so the undecided ones advance together, look by look; the bounds
-    and verdicts are exactly those :meth:`SequentialTest.decide` gives one image at a time.
+    and verdicts are exactly those :meth:`SequentialTest.decide` gives one image at a time. Every image's
+    stream is drawn whether or not it is still sampling, so two tests run with equally seeded generators
+    see the same streams (a paired comparison).
     """
     p = np.asarray(p_values, dtype=float)  # [N]
     successes = np.zeros(p.shape, dtype=np.int64)  # [N]
@@ -299,12 +342,12 @@ def simulate(test: SequentialTest, p_values, rng: np.random.Generator) -> Simula
     for look in test.looks():
         if not active.any():
             break
-        successes[active] += rng.binomial(look - done, p[active])
+        successes[active] += rng.binomial(look - done, p)[active]  # all drawn: equal seeds, equal streams
         samples[active] = look
         lo, up = test.bounds(successes[active], look)
         lower[active] = np.maximum(lower[active], lo)
         upper[active] = np.minimum(upper[active], up)
-        codes[active] = test.classify(lower[active], upper[active], look)
+        codes[active] = test._curtail(test.classify(lower[active], upper[active], look), successes[active], look)
         active &= (codes == Verdict.UNDECIDED).any(axis=1)
         done = look
     return SimulationResult(test.radii, samples, codes == Verdict.YES)

@@ -1,0 +1,42 @@
+"""The protocol presets (conf/protocol): which images a certification run takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmae_lightning.certification.params import subset_indices, validate
+from dmae_lightning.config import compose
+from dmae_lightning.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def params(tmp_path, *overrides):
+    return validate(compose(CONF, "certify", ["ckpt_path=x.ckpt", *overrides], output_dir=tmp_path))
+
+
+def test_protocols_compose_to_the_paper_subsets(tmp_path):
+    # ImageNet: 1,000 of the 50,000 validation images, every 50th (Cohen et al.)
+    skip, indices = subset_indices(50_000, params(tmp_path, "data=imagenet", "protocol=images1000"))
+    assert skip == 50 and indices == list(range(0, 50_000, 50))
+    # CIFAR-10: 500 of the 10,000 test images, every 20th; or the whole test set
+    skip, indices = subset_indices(10_000, params(tmp_path, "data=cifar10", "protocol=images500"))
+    assert skip == 20 and indices == list(range(0, 10_000, 20)) and len(indices) == 500
+    assert subset_indices(10_000, params(tmp_path, "data=cifar10", "protocol=all")) == (1, list(range(10_000)))
+    # an uneven size: the first N of every (size // N)-th image
+    skip, indices = subset_indices(1797, params(tmp_path, "protocol=images500"))
+    assert skip == 3 and indices == list(range(0, 1500, 3))
+    # without a protocol: skip and max, as before
+    plain = params(tmp_path, "skip=7", "max=4")
+    assert plain.images is None and subset_indices(100, plain) == (7, [0, 7, 14, 21])
+    assert subset_indices(100, params(tmp_path, "protocol=all", "skip=7", "max=4")) == (7, [0, 7, 14, 21])
+
+
+def test_protocol_mistakes_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"images=500 \(protocol=images500\) picks evenly spaced images itself: "
+                                          r"leave skip and max at their defaults \(got skip=2, max=None\)"):
+        params(tmp_path, "protocol=images500", "skip=2")
+    with pytest.raises(ConfigError, match="images=1000, but the test split has only 360 images"):
+        subset_indices(360, params(tmp_path, "protocol=images1000"))
