@@ -1,5 +1,5 @@
 """Convert a training split into litdata shards once: python prepare.py imagenet --root data/imagenet --out
-data/imagenet_shards (then train with data.streaming=data/imagenet_shards). See README "Scaling up"."""
+data/imagenet_shards (then train with data.streaming=data/imagenet_shards). See docs/scaling.md."""
 
 from dmae_lightning.streaming import main
 
