@@ -63,6 +63,7 @@ class Noise(ABC):
 
     def check_input(self, image: torch.Tensor) -> None:
         """Raise ValueError (one line) for an image the certificate does not hold at; any [0,1] image here."""
+        return None
 
     @property
     def tag(self) -> str:
@@ -106,6 +107,9 @@ class GaussianNoise(Noise):
     def probability_for_radius(self, radius: float) -> float:
         """Phi(radius / sigma) (1/2 at radius 0)."""
         return float(norm.cdf(radius / self.sigma))
+
+
+DEFAULT_NOISE = GaussianNoise(0.25)  # the paper's main setting, for models built without a job
 
 
 def noise_from_config(config: Noise | Mapping) -> Noise:
