@@ -198,3 +198,22 @@ def test_grid_rounding_commutes_with_adding_on_grid_images():
     levels, eps = rng.integers(0, 256, 100_000), rng.normal(0, 0.25, 100_000)
     assert np.array_equal(levels + np.round(eps * 255), np.round((levels / 255 + eps) * 255))
     assert math.isclose(exact_pmf(0.25, np.arange(-2000, 2001)).sum(), 1.0, rel_tol=1e-12)
+
+
+class ThresholdClassifier(torch.nn.Module):
+    """Logits [B, 2] of f(x) = 1[x_0 > (127 + 1/2)/255] for x [B, 1, 1, 2]."""
+
+    def forward(self, x):
+        ones = (x[:, 0, 0, 0] > 127.5 / 255).float()  # [B]
+        return torch.stack([1 - ones, ones], dim=1)
+
+
+def test_the_projects_smooth_certifies_with_it_and_refuses_off_grid_images():
+    from dmae_lightning.certification import Smooth
+
+    smooth = Smooth(ThresholdClassifier(), 2, DiscreteGaussianNoise(0.25))
+    x = torch.tensor([127 + 40, 50.0]).reshape(1, 1, 2) / 255  # exact radius (40 - 1/2) / 255 = 0.1549
+    guess, radius = smooth.certify(x, n0=100, n=10_000, alpha=0.001, batch_size=1000)
+    assert guess == 1 and 0.13 < radius < 39.5 / 255
+    with pytest.raises(ValueError, match="off the 1/255 grid"):
+        smooth.certify(x + 0.4 / 255, n0=100, n=10_000, alpha=0.001, batch_size=1000)
