@@ -142,6 +142,12 @@ def _discrete_gaussian_table(sigma: float) -> tuple[tuple[int, ...], int, float]
     return thresholds, low, tv_upper
 
 
+def _check_size(image: torch.Tensor) -> None:
+    if image.numel() > D_MAX:
+        raise ValueError(f"an image of {image.numel()} coordinates, more than the {D_MAX} the discrete noise's "
+                         "certificate allows")
+
+
 @functools.lru_cache
 def _thresholds_on(sigma: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(_discrete_gaussian_table(sigma)[0], dtype=torch.int64, device=device)  # [levels - 1]
@@ -212,15 +218,12 @@ class DiscreteGaussianNoise(Noise):
         return self._noisy_levels(levels, x.shape, generator).to(x.dtype).div_(255)
 
     def noisy_copies(self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor) -> torch.Tensor:
-        if image.numel() > D_MAX:
-            raise ValueError(f"an image of {image.numel()} coordinates, more than the {D_MAX} the certificate allows")
+        _check_size(image)
         levels = torch.round(image * 255).to(torch.int32)  # [C,H,W]
         return out.copy_(self._noisy_levels(levels, out.shape, generator)).div_(255)
 
     def check_input(self, image: torch.Tensor) -> None:
-        if image.numel() > D_MAX:
-            raise ValueError(f"an image of {image.numel()} coordinates, more than the {D_MAX} the discrete "
-                             "noise's certificate allows")
+        _check_size(image)
         scaled = image.detach().double() * 255
         off = float((scaled - scaled.round()).abs().max()) if image.numel() else 0.0
         if not off <= 1e-4:
