@@ -185,6 +185,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     skip, indices = subset_indices(len(dataset), params)
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
+    try:  # e.g. the discrete noise on images off the 8-bit grid: said now, not at the first image's samples
+        params.noise.check_input(dataset[indices[0]][0])
+    except ValueError as err:
+        raise ConfigError(f"noise {params.noise.tag} on {datamodule.name}: {err}") from None
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     bar = [ImageProgressBar(procedure.name)] if cfg.trainer.get("enable_progress_bar") else []
     trainer = _instantiate(
