@@ -19,7 +19,14 @@ import pytorch_lightning as pl
 import torch
 
 from ..noise import Noise
-from .metrics import abstain_rate, average_certified_radius, certified_accuracy, default_radii
+from .metrics import (
+    abstain_rate,
+    average_certified_radius,
+    certified_accuracy,
+    default_radii,
+    max_certifiable_radius,
+    within_reach,
+)
 from .procedures import Certify, Smooth
 from .records import CertifyRecord
 from .sampler import PRECISIONS
@@ -103,7 +110,9 @@ class CertificationCallback(pl.Callback):
         finally:
             model.train(was_training)
         records = self._gather(trainer, records, pl_module.device)
-        metrics = {f"cert/acc@{key}": value for key, value in certified_accuracy(records, radii).items()}
+        reach = max_certifiable_radius(pl_module.noise, self.n, self.alpha)
+        accuracy = within_reach(certified_accuracy(records, radii), reach)  # beyond reach: not logged, never 0.0
+        metrics = {f"cert/acc@{key}": value for key, value in accuracy.items() if value is not None}
         metrics["cert/acr"] = average_certified_radius(records)
         metrics["cert/abstain_rate"] = abstain_rate(records)
         return metrics
