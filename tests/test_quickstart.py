@@ -102,7 +102,7 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     for name, cfg in cfgs.items():
         assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("gpu", 1), name
         assert cfg.logger.project == "qs" and cfg.noise.sigma == 0.5 and cfg.seed == 3, name
-        assert cfg.data.batch_size == 32, name
+        assert cfg.data.batch_size == 32 and cfg.data.seed == 3, name
     assert cfgs["pretrain"].task.name == "pretrain" and cfgs["finetune"].task.name == "finetune"
     assert cfgs["pretrain"].trainer.max_epochs == cfgs["finetune"].trainer.max_epochs == 2
     assert cfgs["finetune"].task.module.sigma == 0.5 and cfgs["certify"].n == 1000  # the stage's own list kept
