@@ -136,7 +136,7 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     assert full.returncode == 1
     assert full.stderr.strip().splitlines()[-1] == (
         f"error: no space left on the device of {run}: what was written before is kept; free some space, "
-        "then run the same command again with ckpt_path=last"
+        "then rerun the same command with ckpt_path=last to resume"
     )
     assert (run / ".hydra" / "config.yaml").is_file()
     before = snapshot(run)

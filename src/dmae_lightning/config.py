@@ -32,6 +32,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import ConfigError, one_line
 from .files import atomic_write_text
@@ -396,7 +397,7 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     2. ``build()`` (data, model, checkpoints: every check on the user's input); if it fails, a directory
        Hydra created for this job is removed again;
     3. rank 0 records the resolved config in ``.hydra/``; ``run(built)``; a full disk there ends in one
-       line saying how to resume (``resume_hint``);
+       line saying how to resume (``resume_hint``), and so does a SIGTERM (exit status 1, not Lightning's 0);
     4. at the end rank 0 points ``logs/<run_name>/latest`` at the directory; both ends print it.
     """
     quiet_lightning()
@@ -417,6 +418,8 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             _record_config(path, cfg, identity)
             log.info("run directory: %s", path)
         result = run(built)
+    except SIGTERMException:  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
+        raise SIGTERMException(f"interrupted; {resume_hint}") from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
