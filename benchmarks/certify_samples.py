@@ -19,19 +19,20 @@ import torch
 from common import RESULTS, environment, synchronize, write_results
 
 from dmae_lightning.certification import Certify, CertifyRadii, Smooth
+from dmae_lightning.certification.job import trained_noise_of
 from dmae_lightning.certification.metrics import certified_accuracy, radius_key
 from dmae_lightning.checkpoints import load_weights, read_checkpoint
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.models import create_model
-from dmae_lightning.noise import GaussianNoise
+from dmae_lightning.noise import Noise
 
 
-def load(ckpt: Path, device: str) -> tuple[torch.nn.Module, int, float]:
-    """A fine-tuned classifier of this project's Lightning checkpoint: (model, classes, training sigma)."""
+def load(ckpt: Path, device: str) -> tuple[torch.nn.Module, int, Noise]:
+    """A fine-tuned classifier of this project's Lightning checkpoint: (model, classes, training noise)."""
     hp = read_checkpoint(ckpt)["hyper_parameters"]
     model = create_model(hp["model_name"], num_classes=hp["num_classes"], **(hp.get("model_kwargs") or {}))
     load_weights(model, ckpt)
-    return model.to(device).eval(), int(hp["num_classes"]), float(hp["sigma"])
+    return model.to(device).eval(), int(hp["num_classes"]), trained_noise_of(hp)
 
 
 def main() -> None:
@@ -48,15 +49,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    model, num_classes, sigma = load(args.ckpt, args.device)
+    model, num_classes, noise = load(args.ckpt, args.device)
     dataset = DigitsDataModule().dataset("test")
     count = min(len(dataset), args.max or len(dataset))
     images = [(idx, dataset[idx][0].to(args.device), int(dataset[idx][1])) for idx in range(count)]
-    smooth = Smooth(model, num_classes, sigma)
-    noise = GaussianNoise(sigma)
+    smooth = Smooth(model, num_classes, noise)
     procedures = {
-        "certify": Certify(noise, args.n0, args.n, args.alpha),
-        "certify_radii": CertifyRadii(noise, tuple(args.grid), args.n, args.alpha, n0=args.n0),
+        "certify": Certify(args.n0, args.n, args.alpha),
+        "certify_radii": CertifyRadii(tuple(args.grid), args.n, args.alpha, n0=args.n0),
     }
     rows = {}
     for name, procedure in procedures.items():
@@ -65,7 +65,7 @@ def main() -> None:
         records = smooth.run(procedure, images, args.batch, args.seed)
         synchronize(args.device)
         seconds = time.perf_counter() - start
-        samples = procedure.summarise(records, tuple(args.grid))["samples"]
+        samples = procedure.summarise(records, tuple(args.grid), noise)["samples"]
         rows[name] = {"certified_accuracy": certified_accuracy(records, args.grid), "samples": samples,
                       "samples_per_image": samples / count, "seconds": seconds, "samples_per_s": samples / seconds}
     fixed, seq = rows["certify"], rows["certify_radii"]
@@ -73,7 +73,7 @@ def main() -> None:
               "throughput_ratio": seq["samples_per_s"] / fixed["samples_per_s"],
               "max_accuracy_gap_points": max(abs(100 * (fixed["certified_accuracy"][k] - seq["certified_accuracy"][k]))
                                              for k in fixed["certified_accuracy"])}
-    meta = {**environment(args.device), "checkpoint": str(args.ckpt), "images": count, "sigma": sigma,
+    meta = {**environment(args.device), "checkpoint": str(args.ckpt), "images": count, "noise": noise.config(),
             "grid": args.grid, "n": args.n, "n0": args.n0, "alpha": args.alpha, "batch": args.batch}
     print(f"{meta}\n")
     keys = [radius_key(r) for r in args.grid]

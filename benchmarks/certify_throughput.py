@@ -84,11 +84,11 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
         for _, x, _ in images
     )
     row("reference (official loop)", reference_s)
-    procedure = Certify(GaussianNoise(SIGMA), args.n0, args.n, ALPHA)
+    procedure = Certify(args.n0, args.n, ALPHA)
     for precision in args.precision:
         for compile in ([False, True] if args.compile else [False]):
-            smooth = Smooth(model, num_classes, SIGMA, precision=precision, compile=compile)
-            warm_procedure = Certify(GaussianNoise(SIGMA), args.n0, args.batch, ALPHA)
+            smooth = Smooth(model, num_classes, GaussianNoise(SIGMA), precision=precision, compile=compile)
+            warm_procedure = Certify(args.n0, args.batch, ALPHA)
             compile_s = timed(device, smooth.run, warm_procedure, warm, args.batch)
             sampler = smooth.sampler(args.batch, 0, device)
             seconds = timed(device, smooth.run, procedure, images, args.batch)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmae_lightning.finetune import SmoothedClassifierModule, mix_then_noise
+from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.optim import parameter_groups, warmup_cosine_factor
 from dmae_lightning.pretrain import DMAEPretrainModule, compile_in_place
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
@@ -67,7 +68,7 @@ class RandomData(pl.LightningDataModule):
 
 
 def build_module(task: str, model: str, img_size: int) -> pl.LightningModule:
-    kwargs = dict(model_kwargs=dict(img_size=img_size), optimizer=dict(OPT), sigma=0.25)
+    kwargs = dict(model_kwargs=dict(img_size=img_size), optimizer=dict(OPT), noise=GaussianNoise(0.25))
     if task == "pretrain":
         return DMAEPretrainModule(f"dmae_{model}", **kwargs)
     # The fine-tuning step: noise and plain cross-entropy (no mixup, no consistency copies).
@@ -79,7 +80,7 @@ def plain_loss(task: str, module: pl.LightningModule, imgs: torch.Tensor, labels
     generator = seeded_generator(0, TRAIN_STREAM, 0, step, step, device=imgs.device)
     if task == "pretrain":
         return module(imgs, generator)[0]
-    inputs, targets = mix_then_noise(imgs, labels, module.mix, module.hparams.sigma, 1, generator)
+    inputs, targets = mix_then_noise(imgs, labels, module.mix, module.noise, 1, generator)
     return F.cross_entropy(module(inputs).float(), targets)
 
 

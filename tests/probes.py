@@ -50,22 +50,22 @@ class NoiseProbe(pl.Callback):
 
             def probed_add_noise(imgs, generator=None):
                 noisy = add_noise(imgs, generator)
-                self.record((noisy - imgs) / model.sigma)
+                self.record((noisy - imgs) / model.noise.sigma)
                 return noisy
 
             model.add_noise = probed_add_noise
-        else:  # fine-tuning: finetune.mix_then_noise(imgs, labels, mix, sigma, m, generator)
+        else:  # fine-tuning: finetune.mix_then_noise(imgs, labels, mix, noise, m, generator)
             mix_then_noise = finetune_mod.mix_then_noise
 
-            def probed_mix_then_noise(imgs, labels, mix, sigma, m, generator):
+            def probed_mix_then_noise(imgs, labels, mix, noise, m, generator):
                 mixed = {}
 
                 def probed_mix(x, y):
                     mixed["imgs"], targets = mix(x, y)
                     return mixed["imgs"], targets
 
-                inputs, targets = mix_then_noise(imgs, labels, probed_mix, sigma, m, generator)
-                self.record((inputs - mixed["imgs"].repeat(m, 1, 1, 1)) / sigma)
+                inputs, targets = mix_then_noise(imgs, labels, probed_mix, noise, m, generator)
+                self.record((inputs - mixed["imgs"].repeat(m, 1, 1, 1)) / noise.sigma)
                 return inputs, targets
 
             finetune_mod.mix_then_noise = probed_mix_then_noise

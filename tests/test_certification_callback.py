@@ -15,6 +15,7 @@ from dmae_lightning.certification import Smooth
 from dmae_lightning.certification.callback import CertificationCallback
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.finetune import SmoothedClassifierModule
+from dmae_lightning.noise import GaussianNoise
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
 SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
@@ -22,7 +23,7 @@ SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", 
 
 def recompute(model: torch.nn.Module, dataset, sigma: float) -> dict[str, float]:
     """The metrics from Smooth.certify on 12 evenly spaced images, written out independently."""
-    smooth = Smooth(model.eval(), 10, sigma)
+    smooth = Smooth(model.eval(), 10, GaussianNoise(sigma))
     outcomes = []
     spacing = len(dataset) // SETTINGS["num_images"]
     for idx in [spacing * k for k in range(SETTINGS["num_images"])]:
@@ -50,7 +51,7 @@ def fitted(tmp_path_factory):
         model_name="vit_micro_patch8",
         model_kwargs={"img_size": 32},
         num_classes=10,
-        sigma=0.25,
+        noise=GaussianNoise(0.25),
         mixup=None,
         label_smoothing=0.0,
         optimizer=dict(name="adamw", base_lr=1e-3, weight_decay=0.0, warmup_epochs=0, min_lr=0.0),

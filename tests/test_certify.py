@@ -60,7 +60,7 @@ def make_classifier_checkpoint(path: Path, steps: int = 40) -> Path:
         model_name="vit_micro_patch8",
         model_kwargs={"img_size": 32},
         num_classes=10,
-        sigma=SIGMA,
+        noise=GaussianNoise(SIGMA),
         mixup=None,
         label_smoothing=0.0,
         optimizer=dict(name="adamw", base_lr=1e-9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0),
@@ -217,7 +217,7 @@ def test_radius_is_cohens_formula_from_the_counts(base):
 def test_counts_equal_smooth_with_the_per_image_generator(base, ckpt):
     """Line idx is Smooth.certify_record on image idx with the same seed and idx."""
     out, _ = base
-    smooth = Smooth(classifier(ckpt), 10, SIGMA)
+    smooth = Smooth(classifier(ckpt), 10, GaussianNoise(SIGMA))
     dataset = DigitsDataModule().dataset("test")
     for r in read_records(out / "certify.tsv", CertifyRecord)[::4]:
         image, _ = dataset[r.idx]
@@ -397,7 +397,7 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
     """Lightning refuses an empty loader on one rank while another has batches (1 image, 2 ranks)."""
     params = validate(compose_cfg(tmp_path, ckpt))
     dataset = DigitsDataModule().dataset("test")
-    procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), (0.0,))
+    procedure = PROCEDURES[params.mode].from_params(params, (0.0,))
     module = SmoothingPredictor(classifier(ckpt), 10, procedure, params, dataset, todo=[7], run_dir=tmp_path)
     assert [idx for idx, *_ in module.loader([7], 0, 2)] == [7]
     assert [idx for idx, *_ in module.loader([7], 1, 2)] == [-1] and module.share == []

@@ -52,9 +52,9 @@ def wrongly_certified_rate(test_class, images: int, alpha: float) -> tuple[float
     exact = 0.2 - 1e-6
     b = float((w * x).sum()) - exact
     assert norm.cdf(exact / SIGMA) < norm.cdf(0.2 / SIGMA)  # certifying r = 0.2 is wrong
-    procedure = CertifyRadii(GaussianNoise(SIGMA), (0.0, 0.1, 0.2), n=1000, alpha=alpha)
+    procedure = CertifyRadii((0.0, 0.1, 0.2), n=1000, alpha=alpha)
     object.__setattr__(procedure, "test", test_class((0.0, 0.1, 0.2), SIGMA, 1000, alpha, block=100))
-    smooth = Smooth(Halfspace(w, b), 2, SIGMA)
+    smooth = Smooth(Halfspace(w, b), 2, GaussianNoise(SIGMA))
     records = smooth.run(procedure, [(idx, x, 1) for idx in range(images)], batch_size=50_000, seed=11)
     wrong = sum(r.radius is not None and r.radius > exact for r in records) / images
     certified_at_01 = sum(r.radius is not None and r.radius >= 0.1 for r in records) / images
@@ -89,7 +89,7 @@ def test_records_and_summary(sequential):
     out, summary = sequential
     records = read_records(out / "certify_radii.tsv", RadiiRecord)
     assert [r.idx for r in records] == list(range(24))
-    test = SequentialTest((0.0, 0.25, 0.5), SIGMA, 1000, 0.001, block=100)
+    test = SequentialTest((0.0, 0.25, 0.5), GaussianNoise(SIGMA), 1000, 0.001, block=100)
     for r in records:
         assert r.n in test.looks() and 0 <= r.lower <= r.upper <= 1
         if r.radius is not None:  # the final lower bound clears the threshold of the certified radius
@@ -146,11 +146,11 @@ def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):  # noqa: F811
 
 
 def test_an_image_without_a_label_is_refused():
-    smooth = Smooth(Halfspace(torch.tensor([[[0.6, -0.8]]]), 0.0), 2, SIGMA)
-    procedure = CertifyRadii(GaussianNoise(SIGMA), (0.0, 0.1), n=1000, alpha=0.001)
+    smooth = Smooth(Halfspace(torch.tensor([[[0.6, -0.8]]]), 0.0), 2, GaussianNoise(SIGMA))
+    procedure = CertifyRadii((0.0, 0.1), n=1000, alpha=0.001)
     x = torch.tensor([[[0.7, 0.4]]])
     with pytest.raises(ValueError, match="image 3: certify_radii counts the draws that return the label"):
         smooth.run(procedure, [(3, x, -1)], batch_size=100)
     with pytest.raises(ValueError, match="image 4: label 2 is not a class of this 2-class model"):
         smooth.run(procedure, [(4, x, 2)], batch_size=100)
-    assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test.looks()  # still usable
+    assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test(GaussianNoise(SIGMA)).looks()  # still usable

@@ -79,8 +79,8 @@ def test_sweep_points_get_distinct_run_directories(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["noise.sigma=0"], "noise sigma must be > 0, got 0"),
-        (["noise.sigma=-0.5", "task=finetune"], "noise sigma must be > 0"),
+        (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
+        (["noise.sigma=-0.5", "task=finetune"], "noise.sigma must be a finite number > 0"),
         (["task.module.mask_ratio=1.0"], r"mask_ratio must be in \[0, 1\), got 1.0"),
         (["task.module.mask_ratio=-0.1"], r"mask_ratio must be in \[0, 1\)"),
         (["model.img_size=30"], "img_size 30 is not divisible by patch_size 4"),
@@ -120,7 +120,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == "error: noise sigma must be > 0, got -1"
+    assert proc.stderr.strip().splitlines()[-1] == "error: noise.sigma must be a finite number > 0, got -1"
 
 
 @pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))

@@ -22,6 +22,7 @@ from dmae_lightning.finetune import (
     mix_then_noise,
     smoothed_one_hot,
 )
+from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import seeded_generator
 from dmae_lightning.train import train
 
@@ -73,7 +74,7 @@ def test_training_step_loss_is_ce_plus_weighted_consistency(make_digits, make_tr
     module = SmoothedClassifierModule(
         "vit_micro_patch4",
         num_classes=10,
-        sigma=0.5,
+        noise=GaussianNoise(0.5),
         consistency=dict(enabled=True, m=m, lbd=lbd, eta=eta),
         mixup=None,
         label_smoothing=smoothing,
@@ -152,7 +153,7 @@ def _classify_mix(values, mixed, lam):
 def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
     b, m, sigma, classes, smoothing = 256, 2, 0.25, 10, 0.1
     module = SmoothedClassifierModule(
-        "vit_micro_patch4", num_classes=classes, sigma=sigma, mixup=MIXUP, label_smoothing=smoothing
+        "vit_micro_patch4", num_classes=classes, noise=GaussianNoise(sigma), mixup=MIXUP, label_smoothing=smoothing
     )
     values = torch.linspace(0.05, 0.95, b)[torch.randperm(b, generator=torch.Generator().manual_seed(0))]
     labels = torch.arange(b) % classes  # image i and its partner b-1-i never share a label
@@ -161,7 +162,7 @@ def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
         np.random.seed(np_seed)  # timm draws lambda and the mode from numpy's global RNG
         clean = values[:, None, None, None].expand(b, 3, 16, 16).clone()  # [B, 3, 16, 16], constant per image
         mix = RecordingMix(module.mix)
-        inputs, targets = mix_then_noise(clean, labels, mix, sigma, m, seeded_generator(5, np_seed))
+        inputs, targets = mix_then_noise(clean, labels, mix, GaussianNoise(sigma), m, seeded_generator(5, np_seed))
         assert inputs.shape == (m * b, 3, 16, 16) and targets.shape == (m * b, classes)
         # Lambda from the soft targets: target[y_i] = lam (1 - s) + s / C.
         lam_per_image = (targets[:b, labels].diagonal() - smoothing / classes) / (1 - smoothing)
@@ -209,7 +210,7 @@ def test_noise_before_mixing_would_shrink_the_noise():
     # Ours on the same clean images (zeros): exactly sigma.
     np.random.seed(0)
     ours, _ = mix_then_noise(
-        torch.zeros(b, 3, 4, 4), labels, mixer, sigma, 1, torch.Generator().manual_seed(1)
+        torch.zeros(b, 3, 4, 4), labels, mixer, GaussianNoise(sigma), 1, torch.Generator().manual_seed(1)
     )
     assert ours.double().std().item() == pytest.approx(sigma, rel=0.02)
 
@@ -376,7 +377,7 @@ def test_finetune_checkpoint_is_plain_data(finetune_run):
     assert plain(hparams), hparams
     assert hparams["consistency"] == {"enabled": True, "m": 2, "lbd": 2.0, "eta": 0.5}
     assert (
-        hparams["model_name"] == "vit_micro_patch8" and hparams["sigma"] == 0.25 and hparams["mixup"] is None
+        hparams["model_name"] == "vit_micro_patch8" and hparams["noise"] == GaussianNoise(0.25).config() and hparams["mixup"] is None
     )
     assert hparams["optimizer"]["layer_decay"] == 0.75 and hparams["optimizer"]["betas"] == [0.9, 0.999]
     module = SmoothedClassifierModule(**hparams)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dmae_lightning.models import DMAEViT, VisionTransformerClassifier, create_model, list_models
 from dmae_lightning.models.layers import sincos_pos_embed_2d
+from dmae_lightning.noise import GaussianNoise
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -120,8 +121,8 @@ def test_loss_equals_hand_computation_over_all_patches(micro):
 
     # Same noise, drawn independently; the image is already at the model's size (32).
     noise = torch.randn(imgs.shape, generator=twin)
-    noisy = imgs + micro.sigma * noise
-    assert micro.sigma == 0.25
+    noisy = imgs + micro.noise.sigma * noise
+    assert micro.noise == GaussianNoise(0.25)
 
     target = per_patch_norm(patchify_by_hand(normalise(imgs), 4))  # [B, 64, 48], from the CLEAN image
     expected = ((pred - target) ** 2).mean()
@@ -197,24 +198,22 @@ def test_noise_std_is_sigma_at_native_resolution(micro):
     assert float(noisy.max()) > 1.0 and float(noisy.min()) < 0.0  # no clamping to [0, 1]
 
 
-def test_sigma_and_norm_pix_loss_are_plain_attributes():
+def test_noise_and_norm_pix_loss_are_plain_attributes():
     torch.manual_seed(0)
-    model = create_model("dmae_vit_micro_patch4", sigma=0.5, norm_pix_loss=False).eval()
-    assert model.sigma == 0.5 and model.norm_pix_loss is False
+    model = create_model("dmae_vit_micro_patch4", noise=GaussianNoise(0.5), norm_pix_loss=False).eval()
+    assert model.noise == GaussianNoise(0.5) and model.norm_pix_loss is False
     imgs = images(2)
     d = model.add_noise(imgs, torch.Generator().manual_seed(0)) - imgs
     twin_noise = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(d, 0.5 * twin_noise)
 
-    model.sigma = 0.0
-    assert torch.equal(model.add_noise(imgs, torch.Generator().manual_seed(0)), imgs)
     gen = torch.Generator().manual_seed(3)
     twin = clone(gen)
     with torch.no_grad():
         loss, pred, _ = model(imgs, generator=gen)
-        torch.randn(imgs.shape, generator=twin)  # keep the streams aligned
-        loss_clean, _, _ = model.reconstruct(imgs, imgs, generator=twin)
-    assert torch.equal(loss, loss_clean)
+        noisy = imgs + 0.5 * torch.randn(imgs.shape, generator=twin)
+        loss_twin, _, _ = model.reconstruct(imgs, noisy, generator=twin)
+    assert torch.equal(loss, loss_twin)
 
     # norm_pix_loss False: the target is the normalised pixels themselves.
     target = patchify_by_hand(normalise(imgs), 4)
@@ -354,8 +353,8 @@ def test_bad_values_raise_clear_errors(micro):
         create_model("vit_huge_patch14")
     with pytest.raises(ValueError, match=r"unknown model 'dmae_nope'"):
         create_model("dmae_nope")
-    with pytest.raises(ValueError, match=r"'vit_micro_patch4' takes no argument\(s\) norm_pix_loss, sigma"):
-        create_model("vit_micro_patch4", sigma=0.5, norm_pix_loss=True)
+    with pytest.raises(ValueError, match=r"'vit_micro_patch4' takes no argument\(s\) noise, norm_pix_loss"):
+        create_model("vit_micro_patch4", noise=GaussianNoise(0.5), norm_pix_loss=True)
     with pytest.raises(ValueError, match="takes no argument"):
         create_model("dmae_vit_micro_patch4", num_classes=10)
     with pytest.raises(ValueError, match="img_size 30 is not divisible by patch_size 4"):
@@ -365,8 +364,8 @@ def test_bad_values_raise_clear_errors(micro):
     for ratio in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
             micro(images(1), mask_ratio=ratio)
-    with pytest.raises(ValueError, match="sigma must be >= 0, got -0.1"):
-        create_model("dmae_vit_micro_patch4", sigma=-0.1)
+    with pytest.raises(ValueError, match="noise.sigma must be a finite number > 0, got -0.1"):
+        create_model("dmae_vit_micro_patch4", noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": -0.1})
     with pytest.raises(ValueError, match="global_pool must be 'avg' or 'token'"):
         create_model("vit_micro_patch4", global_pool="max")
     with pytest.raises(ValueError, match="num_classes must be >= 1"):

@@ -100,7 +100,7 @@ def test_checkpoint_is_plain_data_and_loads_weights_only(pretrain_run):
     assert hparams["model_name"] == "dmae_vit_micro_patch8"
     assert hparams["model_kwargs"] == {"img_size": PICTURE_SIZE}
     assert hparams["optimizer"]["base_lr"] == 1e-2 and hparams["optimizer"]["betas"] == [0.9, 0.95]
-    assert (hparams["sigma"], hparams["mask_ratio"], hparams["norm_pix_loss"]) == (0.25, 0.75, True)
+    assert (hparams["noise"]["sigma"], hparams["mask_ratio"], hparams["norm_pix_loss"]) == (0.25, 0.75, True)
     assert ckpt["global_step"] == 32
     # The module rebuilds from the checkpoint alone (hyper-parameters + weights).
     module = DMAEPretrainModule(**hparams)

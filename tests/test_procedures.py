@@ -113,7 +113,7 @@ def test_certified_radius_never_exceeds_the_true_radius(seed):
     sigma, true_radius = 0.5, 0.3
     side = 1 if seed % 2 else -1  # both classes
     x, w, b = linear_case(seed, true_radius, side)
-    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=sigma)
+    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, noise=GaussianNoise(sigma))
     for draw in range(5):
         prediction, radius = smooth.certify(x, n0=100, n=2000, alpha=0.001, batch_size=500, seed=1000 * seed + draw)
         assert prediction == (1 if side == 1 else 0)
@@ -123,7 +123,7 @@ def test_certified_radius_never_exceeds_the_true_radius(seed):
 def test_certified_radius_is_tight_at_large_n():
     sigma, true_radius, n, alpha = 0.5, 0.3, 100_000, 0.001
     x, w, b = linear_case(7, true_radius, 1)
-    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=sigma)
+    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, noise=GaussianNoise(sigma))
     record = smooth.certify_record(
         x, n0=100, n=n, alpha=alpha, batch_size=25_000, seed=0
     )
@@ -148,7 +148,7 @@ def test_certify_record_counts_match_an_independent_recount(seed):
     fn, sigma, n0, n, alpha = three_class_fn(), 0.5, 60, 1500, 0.01
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(10 + seed))
     classifier = Recording(fn)
-    record = Smooth(classifier, num_classes=3, sigma=sigma).certify_record(
+    record = Smooth(classifier, num_classes=3, noise=GaussianNoise(sigma)).certify_record(
         x, n0, n, alpha, batch_size=1000, seed=seed
     )
     selection, estimation = reference_counts(fn, x, sigma, [n0, n], seed, 3)
@@ -167,7 +167,7 @@ def test_certify_record_counts_match_an_independent_recount(seed):
 def test_remainder_batches_and_noise_in_native_pixel_space():
     classifier = Recording(lambda x: torch.zeros(x.shape[0], 4))
     x = torch.zeros(3, 8, 8)
-    Smooth(classifier, num_classes=4, sigma=0.5).certify(x, n0=7, n=2025, alpha=0.001, batch_size=1000)
+    Smooth(classifier, num_classes=4, noise=GaussianNoise(0.5)).certify(x, n0=7, n=2025, alpha=0.001, batch_size=1000)
     assert classifier.batch_sizes == [7, 1000, 1000, 25]
     noisy = torch.cat(classifier.inputs)  # [2032,3,8,8]
     assert noisy.shape == (2032, 3, 8, 8) and noisy.dtype == torch.float32
@@ -180,18 +180,18 @@ def test_remainder_batches_and_noise_in_native_pixel_space():
 def test_skip_wrong_guess():
     fn, sigma = three_class_fn(), 0.25
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(4))
-    full = Smooth(Recording(fn), 3, sigma).certify_record(x, 50, 800, 0.001, 256, seed=5, label=0)
+    full = Smooth(Recording(fn), 3, GaussianNoise(sigma)).certify_record(x, 50, 800, 0.001, 256, seed=5, label=0)
     assert full.predict != Smooth.ABSTAIN
     wrong = (full.predict + 1) % 3
 
     classifier = Recording(fn)
-    skipped = Smooth(classifier, 3, sigma).certify_record(
+    skipped = Smooth(classifier, 3, GaussianNoise(sigma)).certify_record(
         x, 50, 800, 0.001, 256, seed=5, label=wrong, skip_wrong_guess=True
     )
     assert (skipped.predict, skipped.radius, skipped.correct, skipped.n_a, skipped.n) == (full.predict, 0.0, 0, 0, 0)
     assert sum(classifier.batch_sizes) == 50  # the n estimation draws were never made
 
-    kept = Smooth(Recording(fn), 3, sigma).certify_record(
+    kept = Smooth(Recording(fn), 3, GaussianNoise(sigma)).certify_record(
         x, 50, 800, 0.001, 256, seed=5, label=full.predict, skip_wrong_guess=True
     )
     assert dataclasses.replace(kept, time=0.0, label=0, correct=0) == dataclasses.replace(full, time=0.0, correct=0)
@@ -199,7 +199,7 @@ def test_skip_wrong_guess():
 
 def test_same_seed_same_result_different_seed_different_counts():
     x, w, b = linear_case(1, 0.2, 1)
-    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, sigma=0.5)
+    smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, noise=GaussianNoise(0.5))
 
     def run(seed):
         return dataclasses.replace(smooth.certify_record(x, 100, 5000, 0.001, 1024, seed=seed), time=0.0)
@@ -226,12 +226,12 @@ def threshold_fn(x0: float, sigma: float, probabilities):
 
 def test_predict_abstains_on_a_coin_flip_and_answers_a_confident_classifier():
     x, sigma = torch.full((1, 2, 2), 0.5), 0.25
-    coin = Smooth(Recording(threshold_fn(0.5, sigma, [0.5, 0.5])), 2, sigma)
+    coin = Smooth(Recording(threshold_fn(0.5, sigma, [0.5, 0.5])), 2, GaussianNoise(sigma))
     assert [coin.predict(x, 1000, 0.001, 500, seed=s) for s in range(5)] == [
         Smooth.ABSTAIN
     ] * 5
     confident = Smooth(
-        Recording(lambda z: nn.functional.one_hot(torch.full((z.shape[0],), 3), 5).float()), 5, sigma
+        Recording(lambda z: nn.functional.one_hot(torch.full((z.shape[0],), 3), 5).float()), 5, GaussianNoise(sigma)
     )
     assert confident.predict(x, 100, 0.001, 64, seed=0) == 3
 
@@ -239,7 +239,7 @@ def test_predict_abstains_on_a_coin_flip_and_answers_a_confident_classifier():
 def test_predict_decision_matches_scipy_binomtest():
     x, sigma, n, alpha = torch.full((1, 2, 2), 0.5), 0.25, 200, 0.05
     fn = threshold_fn(0.5, sigma, [0.2, 0.45, 0.35])
-    smooth = Smooth(Recording(fn), 3, sigma)
+    smooth = Smooth(Recording(fn), 3, GaussianNoise(sigma))
     outcomes = []
     for seed in range(20):
         prediction = smooth.predict(x, n, alpha, 64, seed=seed)
@@ -261,7 +261,7 @@ def test_precision_runs_the_forward_under_autocast(precision, dtype):
     torch.manual_seed(0)
     linear = nn.Linear(12, 3)
     classifier = Recording(lambda z: linear(z.flatten(1)))
-    Smooth(classifier, 3, 0.25, precision=precision).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
+    Smooth(classifier, 3, GaussianNoise(0.25), precision=precision).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
     assert set(classifier.logit_dtypes) == {dtype}
     assert all(batch.dtype == torch.float32 for batch in classifier.inputs)  # noise is added in fp32
 
@@ -289,7 +289,7 @@ GOOD = dict(x=torch.full((3, 4, 4), 0.5), n0=10, n=100, alpha=0.001, batch_size=
 )
 def test_bad_inputs_raise_before_sampling(changes, message):
     classifier = Recording(lambda z: torch.zeros(z.shape[0], 2))
-    smooth = Smooth(classifier, 2, 0.25)
+    smooth = Smooth(classifier, 2, GaussianNoise(0.25))
     args = {**GOOD, **changes}
     with pytest.raises(ValueError, match=message):
         smooth.certify(**args)
@@ -302,10 +302,8 @@ def test_bad_inputs_raise_before_sampling(changes, message):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(num_classes=2, sigma=0.0), "sigma must be a finite number > 0"),
-        (dict(num_classes=2, sigma=-0.5), "sigma must be a finite number > 0"),
-        (dict(num_classes=1, sigma=0.5), "num_classes must be an integer >= 2"),
-        (dict(num_classes=2, sigma=0.5, precision="fp8"), "precision must be one of"),
+        (dict(num_classes=1, noise=GaussianNoise(0.5)), "num_classes must be an integer >= 2"),
+        (dict(num_classes=2, noise=GaussianNoise(0.5), precision="fp8"), "precision must be one of"),
     ],
 )
 def test_bad_construction_raises(kwargs, message):
@@ -313,9 +311,36 @@ def test_bad_construction_raises(kwargs, message):
         Smooth(Recording(lambda z: z), **kwargs)
 
 
+@pytest.mark.parametrize("sigma", [0.0, -0.5, float("nan"), True])
+def test_a_noise_needs_a_positive_sigma(sigma):
+    with pytest.raises(ValueError, match="noise.sigma must be a finite number > 0"):
+        GaussianNoise(sigma)
+
+
+def test_one_noise_samples_and_certifies():
+    """Issue 17: Smooth(clf, sigma=0.25).run(Certify(GaussianNoise(1.0), ...)) sampled at 0.25 and certified at
+    1.0 (radius 2.46 instead of 0.62). A procedure now holds no noise: both old calls are refused, and the
+    radius is the sampling noise's, sigma * Phi^-1(p_lower), recomputed here from the record's counts."""
+    classifier = Recording(lambda z: nn.functional.one_hot(torch.zeros(z.shape[0], dtype=torch.long), 2).float())
+    with pytest.raises(TypeError):
+        Smooth(classifier, 2, sigma=0.25)
+    with pytest.raises(TypeError, match="noise must be a dmae_lightning.noise.Noise"):
+        Smooth(classifier, 2, 0.25)
+    with pytest.raises(ValueError, match="n0 must be an integer"):
+        Certify(GaussianNoise(1.0), 100, 1000, 0.001)
+    smooth = Smooth(classifier, 2, GaussianNoise(0.25))
+    (record,) = smooth.run(Certify(100, 1000, 0.001), [(0, torch.full((1, 2, 2), 0.5), 0)], batch_size=500)
+    p_lower = 0.001 ** (1 / 1000)  # 1000 successes of 1000
+    assert record.radius == pytest.approx(0.25 * norm.ppf(p_lower), rel=1e-12)
+    assert 0.61 < record.radius < 0.62  # not 2.46 (sigma 1.0)
+    assert Certify(100, 1000, 0.001).summarise([record], (0.0,), smooth.noise)["max_certifiable_radius"] == (
+        pytest.approx(record.radius, rel=1e-12)
+    )
+
+
 def test_skip_wrong_guess_needs_a_label_and_rounding_is_tolerated():
     classifier = Recording(lambda z: torch.zeros(z.shape[0], 2))
-    smooth = Smooth(classifier, 2, 0.25)
+    smooth = Smooth(classifier, 2, GaussianNoise(0.25))
     with pytest.raises(ValueError, match="skip_wrong_guess needs the image's label"):
         smooth.certify_record(**GOOD, skip_wrong_guess=True)
     assert classifier.batch_sizes == []
@@ -343,9 +368,9 @@ def test_results_identical_for_every_batch_size_and_packing(device):
     """Several images share forward batches; each image's record equals certifying it alone, for batch
     sizes that split blocks (37), align with them (100, 200) and hold several images (1000)."""
     weights = torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
-    smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, 0.5, precision="fp32")
+    smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, GaussianNoise(0.5), precision="fp32")
     images = [(idx, x.to(device), label) for idx, x, label in three_class_images(7)]
-    procedure = Certify(smooth.noise, n0=100, n=450, alpha=0.001)
+    procedure = Certify(n0=100, n=450, alpha=0.001)
     runs = [without_time(smooth.run(procedure, images, batch_size, seed=4)) for batch_size in (37, 100, 200, 1000)]
     assert all(run == runs[0] for run in runs[1:])
     alone = [without_time(smooth.run(procedure, [image], 64, seed=4))[0] for image in images]
@@ -355,8 +380,8 @@ def test_results_identical_for_every_batch_size_and_packing(device):
 
 def test_images_share_forward_batches():
     classifier = Recording(lambda z: torch.zeros(z.shape[0], 3))
-    smooth = Smooth(classifier, 3, 0.25)
-    smooth.run(Certify(smooth.noise, n0=100, n=300, alpha=0.001), three_class_images(5), batch_size=250, seed=0)
+    smooth = Smooth(classifier, 3, GaussianNoise(0.25))
+    smooth.run(Certify(n0=100, n=300, alpha=0.001), three_class_images(5), batch_size=250, seed=0)
     # 5 x (100 selection + 300 estimation) = 2000 samples; until the last image has arrived every batch is
     # full (one image alone would give 100, 250, 50 per image); then the last estimations finish the run.
     assert sum(classifier.batch_sizes) == 2000
@@ -366,38 +391,38 @@ def test_images_share_forward_batches():
 def test_counts_match_the_documented_noise_for_another_image_index():
     fn = three_class_fn()
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(8))
-    record = Smooth(Recording(fn), 3, 0.5).certify_record(x, 30, 250, 0.01, batch_size=70, seed=2, idx=17)
+    record = Smooth(Recording(fn), 3, GaussianNoise(0.5)).certify_record(x, 30, 250, 0.01, batch_size=70, seed=2, idx=17)
     selection, estimation = reference_counts(fn, x, 0.5, [30, 250], 2, 3, idx=17)
     guess = max(range(3), key=lambda c: (selection[c], -c))
     assert record.n_a == estimation[guess]
 
 
 def test_nan_logits_are_refused_naming_the_image():
-    smooth = Smooth(Recording(lambda z: torch.full((z.shape[0], 3), float("nan"))), 3, 0.25)
+    smooth = Smooth(Recording(lambda z: torch.full((z.shape[0], 3), float("nan"))), 3, GaussianNoise(0.25))
     with pytest.raises(NonFiniteLogits, match="image 12: the base classifier returned NaN/Inf logits for 10 of 10"):
         smooth.certify(torch.rand(3, 2, 2), 10, 100, 0.001, 64, idx=12)
     x = torch.rand(3, 2, 2)  # the same Smooth works again after the error: nothing left in flight
-    assert Smooth(Recording(lambda z: torch.zeros(z.shape[0], 3)), 3, 0.25).certify(x, 10, 100, 0.001, 64)[0] == 0
+    assert Smooth(Recording(lambda z: torch.zeros(z.shape[0], 3)), 3, GaussianNoise(0.25)).certify(x, 10, 100, 0.001, 64)[0] == 0
     with pytest.raises(NonFiniteLogits):
         smooth.certify(x, 10, 100, 0.001, 64, idx=12)
     smooth.base_classifier.fn = lambda z: torch.zeros(z.shape[0], 3)
     assert smooth.certify(x, 10, 100, 0.001, 64, idx=12)[0] == 0
     inf_once = Recording(lambda z: torch.cat([torch.full((1, 3), float("inf")), torch.zeros(z.shape[0] - 1, 3)]))
     with pytest.raises(NonFiniteLogits, match="for 1 of 10 noisy samples"):
-        Smooth(inf_once, 3, 0.25).predict(torch.rand(3, 2, 2), 10, 0.001, 64)
+        Smooth(inf_once, 3, GaussianNoise(0.25)).predict(torch.rand(3, 2, 2), 10, 0.001, 64)
 
 
 def test_float64_images_are_certified_as_float32():
     classifier = Recording(three_class_fn())
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(9))
-    smooth = Smooth(classifier, 3, 0.5)
+    smooth = Smooth(classifier, 3, GaussianNoise(0.5))
     assert smooth.certify(x.double(), 20, 200, 0.001, 64) == smooth.certify(x, 20, 200, 0.001, 64)
     assert {batch.dtype for batch in classifier.inputs} == {torch.float32}
 
 
 def test_auto_precision_is_fp32_on_the_cpu():
     classifier = Recording(lambda z: torch.zeros(z.shape[0], 2))
-    Smooth(classifier, 2, 0.25).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
+    Smooth(classifier, 2, GaussianNoise(0.25)).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
     assert set(classifier.logit_dtypes) == {torch.float32}
 
 
@@ -406,9 +431,9 @@ def test_compiled_classifier_gives_the_eager_results_with_one_batch_shape():
     torch.manual_seed(0)
     classifier = nn.Sequential(nn.Flatten(1), nn.Linear(12, 3))
     images = three_class_images(3)
-    procedure = Certify(GaussianNoise(0.5), n0=100, n=250, alpha=0.001)
-    eager = without_time(Smooth(classifier, 3, 0.5).run(procedure, images, 128, seed=1))
-    smooth = Smooth(classifier, 3, 0.5, compile=True)
+    procedure = Certify(n0=100, n=250, alpha=0.001)
+    eager = without_time(Smooth(classifier, 3, GaussianNoise(0.5)).run(procedure, images, 128, seed=1))
+    smooth = Smooth(classifier, 3, GaussianNoise(0.5), compile=True)
     sampler = smooth.sampler(128, seed=1, device="cpu")
     shapes, compiled_forward = [], sampler.forward
     sampler.forward = lambda batch: shapes.append(tuple(batch.shape)) or compiled_forward(batch)
@@ -420,7 +445,7 @@ def test_compiled_classifier_gives_the_eager_results_with_one_batch_shape():
 def test_cuda_reproducible_and_bf16_by_default():
     linear = nn.Linear(3 * 32 * 32, 10).cuda()
     classifier = Recording(lambda z: linear(z.flatten(1)))
-    smooth = Smooth(classifier, 10, 0.5)
+    smooth = Smooth(classifier, 10, GaussianNoise(0.5))
     x = torch.rand(3, 32, 32, device="cuda")
 
     def run(batch):
@@ -434,9 +459,9 @@ def test_cuda_reproducible_and_bf16_by_default():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_no_host_synchronisation_until_a_request_is_complete():
     linear = nn.Linear(3 * 8 * 8, 10).cuda()
-    smooth = Smooth(nn.Sequential(nn.Flatten(1), linear), 10, 0.5)
+    smooth = Smooth(nn.Sequential(nn.Flatten(1), linear), 10, GaussianNoise(0.5))
     sampler = smooth.sampler(500, seed=0, device="cuda")
-    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), Certify(smooth.noise, 2000, 10, 0.001).run(0, 0))
+    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), Certify(2000, 10, 0.001).run(0, 0, smooth.noise))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -105,7 +105,7 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
         assert cfg.data.batch_size == 32 and cfg.data.seed == 3, name
     assert cfgs["pretrain"].task.name == "pretrain" and cfgs["finetune"].task.name == "finetune"
     assert cfgs["pretrain"].trainer.max_epochs == cfgs["finetune"].trainer.max_epochs == 2
-    assert cfgs["finetune"].task.module.sigma == 0.5 and cfgs["certify"].n == 1000  # the stage's own list kept
+    assert cfgs["finetune"].noise.sigma == 0.5 and cfgs["certify"].n == 1000  # the stage's own list kept
     assert "max_epochs" not in cfgs["certify"].trainer  # a training-only key goes to the training stages only
     none = quickstart_stages(["logger=none"])
     assert all(not cfg.get("logger") for cfg in none.values())

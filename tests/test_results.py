@@ -33,6 +33,7 @@ from dmae_lightning.certification.records import (
 )
 from dmae_lightning.certification.records import read_records as read_any
 from dmae_lightning.config import file_digest
+from dmae_lightning.noise import GaussianNoise
 
 HEADER = CertifyRecord.header()
 
@@ -210,8 +211,8 @@ def test_predict_records_and_optional_fields_round_trip(tmp_path):
 def test_max_certifiable_radius_is_n_out_of_n(sigma, n, alpha):
     # n successes out of n: the Clopper-Pearson bound is the alpha quantile of Beta(n, 1) = alpha^(1/n)
     p_lower = beta.ppf(alpha, n, 1)
-    assert max_certifiable_radius(sigma, n, alpha) == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-9)
-    assert max_certifiable_radius(0.25, 10_000, 0.001) == pytest.approx(0.7996, abs=1e-4)  # method.md: about 0.80
+    assert max_certifiable_radius(GaussianNoise(sigma), n, alpha) == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-9)
+    assert max_certifiable_radius(GaussianNoise(0.25), 10_000, 0.001) == pytest.approx(0.7996, abs=1e-4)  # method.md: about 0.80
 
 
 def test_table_marks_radii_beyond_the_runs_reach():

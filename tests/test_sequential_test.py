@@ -16,6 +16,7 @@ from dmae_lightning.certification.sequential_test import (
     simulate,
     simulate_fixed_n,
 )
+from dmae_lightning.noise import GaussianNoise
 
 SIGMA = 0.25
 
@@ -37,7 +38,7 @@ def limit(level: float, streams: int) -> float:
 
 
 # ----------------------------------------------------------------------------------- soundness
-WORST = SequentialTest(radii=(0.0, 0.25), sigma=SIGMA, n_max=2000, alpha=0.05, block=100)
+WORST = SequentialTest(radii=(0.0, 0.25), noise=GaussianNoise(SIGMA), n_max=2000, alpha=0.05, block=100)
 STREAMS = 40_000
 
 
@@ -70,7 +71,7 @@ def test_fixed_n_bound_reused_at_every_look_fails_the_same_harness():
 
 def test_futility_refutes_streams_at_the_threshold_at_most_its_level():
     """The upper side may only cost power: p = t(r) is refuted early with probability <= futility."""
-    test = SequentialTest(radii=(0.25,), sigma=SIGMA, n_max=2000, alpha=0.05, block=100, futility=0.05)
+    test = SequentialTest(radii=(0.25,), noise=GaussianNoise(SIGMA), n_max=2000, alpha=0.05, block=100, futility=0.05)
     t = test.thresholds()[0]
     early = test.looks()[:-1]  # at the cap NO is the default answer, not a futility decision
 
@@ -82,12 +83,12 @@ def test_futility_refutes_streams_at_the_threshold_at_most_its_level():
 
 # ----------------------------------------------------------------------------------- closed forms
 def test_looks_are_block_multiples_ending_at_the_cap():
-    test = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=10_050, alpha=0.001, block=100, growth=1.5)
+    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_050, alpha=0.001, block=100, growth=1.5)
     assert test.looks() == (100, 200, 300, 500, 800, 1200, 1800, 2700, 4100, 6200, 9300, 10_050)
 
 
 def test_levels_sum_to_alpha_with_the_final_share_at_the_cap():
-    test = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100, final_share=0.8)
+    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8)
     levels = test.lower_levels()
     assert len(levels) == len(test.looks())
     assert math.fsum(levels) == pytest.approx(0.001, rel=1e-12)
@@ -99,7 +100,7 @@ def test_levels_sum_to_alpha_with_the_final_share_at_the_cap():
 @pytest.mark.parametrize("successes", [0, 1, 37, 500, 799, 800])
 def test_bounds_are_clopper_pearson_at_the_looks_level(successes):
     """The lower bound L solves P[Bin(n, L) >= k] = alpha_j, the upper U solves P[Bin(n, U) <= k] = beta_j."""
-    test = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100)
+    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100)
     j = 4
     trials = test.looks()[j]
     assert trials == 800
@@ -120,7 +121,7 @@ def test_bounds_are_clopper_pearson_at_the_looks_level(successes):
 
 def test_all_successes_bound_is_alpha_to_the_one_over_n():
     """n successes out of n give L = alpha^(1/n): the largest radius is sigma * Phi^-1(alpha_J^(1/n))."""
-    test = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100, final_share=0.8)
+    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8)
     expected = SIGMA * norm.ppf(0.0008 ** (1 / 10_000))
     assert test.max_radius() == pytest.approx(expected, rel=1e-9)
     assert 0.79 < expected < 0.80  # method.md: about 0.80 for sigma 0.25, n = 10,000 (at the full alpha)
@@ -130,21 +131,21 @@ def test_all_successes_bound_is_alpha_to_the_one_over_n():
 
 
 def test_unreachable_radii_are_no_before_sampling():
-    test0 = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100)
+    test0 = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100)
     top = test0.max_radius()
     test = SequentialTest(
-        radii=(0.5, top - 1e-6, top + 1e-6, 1.0), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100
+        radii=(0.5, top - 1e-6, top + 1e-6, 1.0), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100
     )
     assert test.reachable() == (True, True, False, False)
     before = test.decide(0, 0)
     assert before.verdicts == (Verdict.UNDECIDED, Verdict.UNDECIDED, Verdict.NO, Verdict.NO)
     assert not before.stop
-    nothing = SequentialTest(radii=(0.9, 1.0), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100).decide(0, 0)
+    nothing = SequentialTest(radii=(0.9, 1.0), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100).decide(0, 0)
     assert nothing.stop and nothing.verdicts == (Verdict.NO, Verdict.NO) and nothing.certified_radius is None
 
 
 def test_zero_radius_needs_a_bound_strictly_above_one_half():
-    test = SequentialTest(radii=(0.0, 0.25), sigma=SIGMA, n_max=1000, alpha=0.001, block=100)
+    test = SequentialTest(radii=(0.0, 0.25), noise=GaussianNoise(SIGMA), n_max=1000, alpha=0.001, block=100)
     codes = test.classify(np.array([0.5, np.nextafter(0.5, 1), norm.cdf(1.0)]), np.ones(3), 100)
     assert codes.tolist() == [[Verdict.UNDECIDED] * 2, [Verdict.YES, Verdict.UNDECIDED], [Verdict.YES] * 2]
 
@@ -152,7 +153,7 @@ def test_zero_radius_needs_a_bound_strictly_above_one_half():
 # ----------------------------------------------------------------------------------- decisions
 def test_all_successes_stop_at_the_first_look_that_clears_the_top_radius():
     """p = 1: the first look n_j with alpha_j^(1/n_j) >= Phi(0.5 / sigma) decides everything YES."""
-    test = SequentialTest(radii=(0.0, 0.25, 0.5), sigma=SIGMA, n_max=10_000, alpha=0.001, block=100)
+    test = SequentialTest(radii=(0.0, 0.25, 0.5), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100)
     t_top = norm.cdf(0.5 / SIGMA)
     first = next(n for n, a in zip(test.looks(), test.lower_levels()) if a ** (1 / n) >= t_top)
     decision = test.decide(0, 0)
@@ -168,7 +169,7 @@ def test_all_successes_stop_at_the_first_look_that_clears_the_top_radius():
 
 
 def test_running_bounds_keep_an_earlier_yes_and_undecided_is_no_at_the_cap():
-    test = SequentialTest(radii=(0.0, 0.5), sigma=SIGMA, n_max=1000, alpha=0.001, block=100)
+    test = SequentialTest(radii=(0.0, 0.5), noise=GaussianNoise(SIGMA), n_max=1000, alpha=0.001, block=100)
     first = test.decide(100, 100)  # r = 0 certified at once, r = 0.5 open
     assert first.verdicts == (Verdict.YES, Verdict.UNDECIDED)
     later = test.decide(110, 200, first)  # 55%: this look alone would not certify r = 0
@@ -188,19 +189,19 @@ def test_running_bounds_keep_an_earlier_yes_and_undecided_is_no_at_the_cap():
         ({"radii": (-0.1,)}, ">= 0"),
         ({"n_max": 0}, "n_max"),
         ({"alpha": 1.0}, "alpha"),
-        ({"sigma": 0.0}, "sigma"),
+        ({"noise": 0.25}, "noise must be a dmae_lightning.noise.Noise"),  # a number: the old sigma
         ({"final_share": 0.0}, "final_share"),
     ],
 )
 def test_bad_settings_raise_one_line(kwargs, message):
-    settings = {"radii": (0.0,), "sigma": SIGMA, "n_max": 1000, "alpha": 0.001, "block": 100} | kwargs
-    with pytest.raises(ValueError, match=message) as err:
+    settings = {"radii": (0.0,), "noise": GaussianNoise(SIGMA), "n_max": 1000, "alpha": 0.001, "block": 100} | kwargs
+    with pytest.raises((ValueError, TypeError), match=message) as err:
         SequentialTest(**settings)
     assert "\n" not in str(err.value)
 
 
 def test_decide_refuses_counts_off_the_schedule():
-    test = SequentialTest(radii=(0.0,), sigma=SIGMA, n_max=1000, alpha=0.001, block=100)
+    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=1000, alpha=0.001, block=100)
     with pytest.raises(ValueError, match="not a look"):
         test.decide(10, 150)
     with pytest.raises(ValueError, match="successes"):
@@ -218,8 +219,8 @@ def test_digits_like_targets(radii, cap, saving):
     """Issue 11's targets on the simulated digits distribution: the saving, and within 1 point per radius."""
     rng = np.random.default_rng(0)
     p = digits_like_p(10_000, rng)
-    test = SequentialTest(radii=radii, sigma=SIGMA, n_max=cap, alpha=0.001, block=100)
+    test = SequentialTest(radii=radii, noise=GaussianNoise(SIGMA), n_max=cap, alpha=0.001, block=100)
     sequential = simulate(test, p, rng)
-    fixed = simulate_fixed_n(p, radii, SIGMA, n0=100, n=cap, alpha=0.001, rng=rng)
+    fixed = simulate_fixed_n(p, radii, GaussianNoise(SIGMA), n0=100, n=cap, alpha=0.001, rng=rng)
     assert fixed.samples.sum() / sequential.samples.sum() >= saving
     assert np.abs(sequential.certified_accuracy() - fixed.certified_accuracy()).max() <= 0.01

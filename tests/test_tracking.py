@@ -122,7 +122,7 @@ def test_wandb_offline_sweep_over_sigma_gives_one_run_per_point(tmp_path):
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
         assert set(saved) <= set(cfg), set(saved) - set(cfg)
         assert no_interpolations({k: cfg[k] for k in saved}), cfg
-        assert cfg["task"]["module"]["sigma"] == sigma and cfg["trainer"]["max_steps"] == 2
+        assert cfg["noise"]["sigma"] == sigma and cfg["trainer"]["max_steps"] == 2
         assert Path(cfg["paths"]["output_dir"]) == run_dir.resolve()
         # Identity from the config; finished (exit 0) at the end of its job.
         assert run["project"] == "dmae-test" and run["tags"] == ["sweep", "ci"] and run["job_type"] == "train"

@@ -146,7 +146,7 @@ class ReconstructionPictures(pl.Callback):
         model, ratio = pl_module.model, pl_module.mask_ratio
         grid = reconstruction_grid(model, imgs.to(pl_module.device), ratio, self.seed)
         pl_module.train(was_training)
-        sigma = float(model.sigma)
+        sigma = model.noise.sigma
         picture = labelled_picture(
             grid, model.img_size,
             headers=["clean", f"noisy (sigma {sigma:g})", f"masked ({ratio:.0%})", "reconstruction", "pasted"],

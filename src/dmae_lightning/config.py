@@ -36,6 +36,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import ConfigError, one_line
 from .files import atomic_write_text
+from .noise import noise_from_config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -232,6 +233,15 @@ def group_choice(group: str, *, _root_) -> str:
     return str(choice)
 
 
+def noise_tag(*, _root_) -> str:
+    """``${noise_tag:}``: the job's noise in its run name, e.g. ``sigma0.25`` or ``discrete_sigma0.25``; an
+    invalid noise gets ``invalid-noise`` (Hydra names the directory before the job can report the error)."""
+    try:
+        return noise_from_config(OmegaConf.to_container(_root_.noise, resolve=True)).tag
+    except (ValueError, TypeError):
+        return "invalid-noise"
+
+
 def register_resolvers() -> None:
     resolvers = (
         ("run_dir", _run_dir_resolver),
@@ -241,6 +251,7 @@ def register_resolvers() -> None:
         ("is_terminal", stderr_is_terminal),
         ("require", require),
         ("group_choice", group_choice),
+        ("noise_tag", noise_tag),
     )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):

@@ -1,15 +1,15 @@
 """Fine-tuning the base classifier of the smoothed classifier (method.md section 2).
 
 Two rules that the reference code breaks and we keep:
-1. mixup/cutmix mixes the *clean* images and the Gaussian noise is added afterwards, so every
-   training input carries noise of exactly ``sigma`` (mixing two noisy images would shrink it);
+1. mixup/cutmix mixes the *clean* images and the noise is added afterwards, so every
+   training input carries exactly the smoothing noise (mixing two noisy images would shrink it);
 2. the ``m`` noisy copies of an image used by consistency regularisation share one mixing
    partner and one lambda (mix first, repeat second).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .checkpoints import LoadReport, load_weights
 from .models import VisionTransformerClassifier, create_model
-from .noise import GaussianNoise
+from .noise import DEFAULT_NOISE, Noise, noise_from_config
 from .optim import configure_optimizer
 from .pretrain import check_finite, compile_in_place
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
@@ -47,29 +47,29 @@ def mix_then_noise(
     imgs: torch.Tensor,
     labels: torch.Tensor,
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    sigma: float,
+    noise: Noise,
     m: int,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix clean images (``mix``: timm's Mixup, or label smoothing only), repeat each ``m`` times,
-    then add N(0, sigma^2) noise.
+    then add the noise.
 
     Returns noisy inputs [m*B, 3, H, W] (copy-major) and their soft targets [m*B, C].
     """
     imgs, soft_targets = mix(imgs, labels)  # [B, 3, H, W], [B, C]
     imgs = imgs.repeat(m, 1, 1, 1)  # [m*B, 3, H, W]: copies share partner and lambda
-    return GaussianNoise(sigma).perturb(imgs, generator), soft_targets.repeat(m, 1)
+    return noise.perturb(imgs, generator), soft_targets.repeat(m, 1)
 
 
 class SmoothedClassifierModule(pl.LightningModule):
-    """Gaussian-noise fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
+    """Noisy fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
 
     def __init__(
         self,
         model_name: str = "vit_base_patch16",
         model_kwargs: dict | None = None,
         num_classes: int = 1000,
-        sigma: float = 0.25,
+        noise: Noise | Mapping = DEFAULT_NOISE,
         consistency: dict | None = None,
         mixup: dict | None = None,
         label_smoothing: float = 0.1,
@@ -79,8 +79,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         compile: bool | dict = False,
     ):
         super().__init__()
-        if sigma <= 0:
-            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        self.noise = noise_from_config(noise)
         if model_name.startswith("dmae_"):
             raise ValueError(f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}")
         consistency = dict(enabled=False, m=2, lbd=2.0, eta=0.5) | dict(consistency or {})
@@ -88,7 +87,8 @@ class SmoothedClassifierModule(pl.LightningModule):
             raise ValueError(f"consistency needs m >= 2 and lbd, eta >= 0, got {consistency}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["noise"])
+        self.hparams["noise"] = self.noise.config()  # plain data: checkpoints load with weights_only=True
         self.model: VisionTransformerClassifier = create_model(
             model_name, num_classes=num_classes, **(model_kwargs or {})
         )
@@ -119,7 +119,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         generator = seeded_generator(
             self.hparams.seed, TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
         )
-        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.hparams.sigma, self.copies, generator)
+        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, self.copies, generator)
         logits = self(inputs)  # [m*B, C]
         ce = F.cross_entropy(logits.float(), targets)
         loss = ce
@@ -137,7 +137,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         imgs, labels = batch
         generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
         self.val_acc_clean(self(imgs), labels)
-        self.val_acc_noisy(self(GaussianNoise(self.hparams.sigma).perturb(imgs, generator)), labels)
+        self.val_acc_noisy(self(self.noise.perturb(imgs, generator)), labels)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_noisy", self.val_acc_noisy, prog_bar=True)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytorch_lightning as pl
 import torch
 
 from .checkpoints import LoadReport, load_weights
 from .models import DMAEViT, create_model
+from .noise import DEFAULT_NOISE, Noise, noise_from_config
 from .optim import configure_optimizer
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
@@ -49,7 +52,7 @@ class DMAEPretrainModule(pl.LightningModule):
         self,
         model_name: str = "dmae_vit_base_patch16",
         model_kwargs: dict | None = None,
-        sigma: float = 0.25,
+        noise: Noise | Mapping = DEFAULT_NOISE,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         optimizer: dict | None = None,
@@ -57,15 +60,15 @@ class DMAEPretrainModule(pl.LightningModule):
         compile: bool | dict = False,
     ):
         super().__init__()
-        if sigma <= 0:
-            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        self.noise = noise = noise_from_config(noise)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if not model_name.startswith("dmae_"):
             raise ValueError(f"pre-training needs a dmae_* model, got {model_name!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["noise"])
+        self.hparams["noise"] = noise.config()  # plain data: checkpoints load with weights_only=True
         self.model: DMAEViT = create_model(
-            model_name, sigma=sigma, norm_pix_loss=norm_pix_loss, **(model_kwargs or {})
+            model_name, noise=noise, norm_pix_loss=norm_pix_loss, **(model_kwargs or {})
         )
         compile_in_place(self.model, compile)
         self.mask_ratio = mask_ratio

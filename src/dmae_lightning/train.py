@@ -28,7 +28,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     try:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
-        module = instantiate(cfg.task.module, _convert_="all")
+        noise = instantiate(cfg.noise)  # the job's one noise object: the module's and its model's
+        # (partial, then called: Hydra would turn a dataclass keyword argument into a plain config)
+        module = instantiate(cfg.task.module, _partial_=True, _convert_="all")(noise=noise)
         if cfg.pretrained and not cfg.ckpt_path:
             report = module.load_pretrained(cfg.pretrained)
             log.info("initialised from %s (%s layout): %s", cfg.pretrained, report.layout, report)

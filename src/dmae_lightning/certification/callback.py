@@ -7,7 +7,8 @@ forward batches. The noise is the certification job's (seed, idx) block streams,
 depend on the number of ranks and, for equal settings, equal what ``certify.py`` reports for those
 images. The records of all ranks are gathered and summarised by :mod:`.metrics`, as in the job:
 ``cert/acc@<r>``, ``cert/acr`` and ``cert/abstain_rate``. A small n keeps it cheap; the radii it can
-certify are at most sigma * Phi^-1(alpha^(1/n)).
+certify are at most the noise's radius at alpha^(1/n). The noise is the module's own (``pl_module.noise``), the
+one it trains with.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from ..noise import GaussianNoise
+from ..noise import Noise
 from .metrics import abstain_rate, average_certified_radius, certified_accuracy, default_radii
 from .procedures import Certify, Smooth
 from .records import CertifyRecord
@@ -25,7 +26,7 @@ from .sampler import PRECISIONS
 
 
 class CertificationCallback(pl.Callback):
-    """Logs certified accuracy of ``pl_module.model`` smoothed at ``pl_module.hparams.sigma``.
+    """Logs certified accuracy of ``pl_module.model`` smoothed with ``pl_module.noise``.
 
     radii: null gives the paper's for the data set (ImageNet's for imagenet, CIFAR-10's otherwise).
     """
@@ -70,8 +71,9 @@ class CertificationCallback(pl.Callback):
             return
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "dataset"):
             raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
-        if "sigma" not in pl_module.hparams or "num_classes" not in pl_module.hparams:
-            raise ValueError("CertificationCallback needs hparams sigma and num_classes (SmoothedClassifierModule)")
+        if not isinstance(getattr(pl_module, "noise", None), Noise) or "num_classes" not in pl_module.hparams:
+            raise ValueError("CertificationCallback needs a module with a noise and hparams num_classes "
+                             "(SmoothedClassifierModule)")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -89,9 +91,8 @@ class CertificationCallback(pl.Callback):
         dataset = trainer.datamodule.dataset(self.split)
         radii = self.radii or default_radii(getattr(trainer.datamodule, "name", ""))
         model = getattr(pl_module, "model", pl_module)
-        sigma = float(pl_module.hparams.sigma)
-        smooth = Smooth(model, int(pl_module.hparams.num_classes), sigma, self.precision)
-        procedure = Certify(GaussianNoise(sigma), self.n0, self.n, self.alpha)
+        smooth = Smooth(model, int(pl_module.hparams.num_classes), pl_module.noise, self.precision)
+        procedure = Certify(self.n0, self.n, self.alpha)
         mine = self.indices(len(dataset))[trainer.global_rank :: trainer.world_size]
         images = [(idx, *dataset[idx]) for idx in mine]
         images = [(idx, image.to(pl_module.device), int(label)) for idx, image, label in images]

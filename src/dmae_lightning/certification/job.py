@@ -30,7 +30,7 @@ from .. import config
 from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
 from ..errors import ConfigError, one_line
 from ..models import create_model
-from ..noise import GaussianNoise
+from ..noise import GaussianNoise, Noise, noise_from_config
 from .metrics import default_radii, format_table, plot_certified_accuracy, radius_key
 from .params import JobParams, validate
 from .predictor import ImageProgressBar, SmoothingPredictor
@@ -55,7 +55,14 @@ class ClassifierInfo:
     model_name: str
     source: str  # where the architecture came from
     layout: str  # checkpoint layout, as load_weights names it
-    trained_sigma: float | None  # the checkpoint's training noise level, when it says
+    trained_noise: Noise | None  # the checkpoint's training noise, when it says
+
+
+def trained_noise_of(hparams: dict) -> Noise | None:
+    """The training noise a checkpoint's hyper-parameters name (``noise``; ``sigma`` in checkpoints before it)."""
+    if "noise" in hparams:
+        return noise_from_config(hparams["noise"])
+    return GaussianNoise(float(hparams["sigma"])) if "sigma" in hparams else None
 
 
 def load_classifier(
@@ -81,12 +88,12 @@ def load_classifier(
             kwargs = dict(hparams.get("model_kwargs") or {})
             file_classes = hparams.get("num_classes", file_classes)
             source = "the checkpoint's hyper-parameters"
-            trained_sigma = hparams.get("sigma")
+            trained_noise = trained_noise_of(hparams)
         else:
             name = str(cfg.model.classifier_name)
             kwargs = {"img_size": cfg.model.img_size}
             source = f"model={cfg.model.name}"
-            trained_sigma = None
+            trained_noise = None
         del ckpt, state
         if name.startswith("dmae_"):  # first: no model= override can make a pre-training file certifiable
             raise ConfigError(f"{path} holds the pre-training model {name}: certify a fine-tuned classifier")
@@ -111,7 +118,7 @@ def load_classifier(
         )
     if report.interpolated:
         log.warning("%s: position embeddings resampled to the model's grid: %s", path, report.interpolated)
-    return model.eval(), ClassifierInfo(name, source, report.layout, trained_sigma)
+    return model.eval(), ClassifierInfo(name, source, report.layout, trained_noise)
 
 
 @dataclass
@@ -151,7 +158,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     datamodule = _instantiate(cfg.data, "data")
     radii = params.radii or default_radii(datamodule.name)
     try:
-        procedure = PROCEDURES[params.mode].from_params(params, GaussianNoise(params.sigma), radii)
+        procedure = PROCEDURES[params.mode].from_params(params, radii)
     except ValueError as err:
         raise ConfigError(f"mode={params.mode}: {err}") from None
     try:
@@ -160,10 +167,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     classifier, info = load_classifier(cfg, params.ckpt_path, num_classes, datamodule.name)
-    if info.trained_sigma is not None and not math.isclose(float(info.trained_sigma), params.sigma):
-        log.warning(
-            "the classifier was trained at sigma=%s, certification uses sigma=%s", info.trained_sigma, params.sigma
-        )
+    if info.trained_noise is not None and info.trained_noise != params.noise:
+        log.warning("the classifier was trained with %s, certification uses %s", info.trained_noise, params.noise)
     indices = list(range(0, len(dataset), params.skip))[: params.max]
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
@@ -177,7 +182,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     key = {
         "mode": procedure.name,
         **procedure.settings(),
-        "sigma": params.sigma,
+        "noise": params.noise.config(),
+        "sigma": params.noise.sigma,
         "seed": params.seed,
         "precision": params.precision,
         "noise_scheme": NOISE_SCHEME,
@@ -245,7 +251,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         },
         "world_size": trainer.world_size,
         "device": trainer.strategy.root_device.type,
-        **procedure.summarise(subset, job.radii),
+        **procedure.summarise(subset, job.radii, params.noise),
         "wall_time_s": time.time() - job.started,
     }
     write_json(run_dir / "summary.json", summary)
@@ -253,7 +259,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
     png = None
     if "certified_accuracy" in summary:
         png = run_dir / "certified_accuracy.png"
-        plot_certified_accuracy({f"sigma={params.sigma:g}": subset}, png, title=plot_title(summary))
+        plot_certified_accuracy({f"sigma={params.noise.sigma:g}": subset}, png, title=plot_title(summary))
         outputs.append(png)
     log.info("%s", report(summary))
     _log_to_loggers(trainer, summary, png)
@@ -265,7 +271,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
 def plot_title(summary: dict) -> str:
     return (
         f"{summary['model_name']} on {summary['dataset']} {summary['split']} ({summary['num_images']} images): "
-        f"sigma={summary['sigma']:g}, n={summary['n']}, alpha={summary['alpha']:g}"
+        f"{noise_from_config(summary['noise']).tag}, n={summary['n']}, alpha={summary['alpha']:g}"
     )
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from scipy.stats import norm
-
+from ..noise import Noise
 from .records import ABSTAIN, Record
 
 IMAGENET_RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -28,10 +27,11 @@ def radius_key(radius: float) -> str:
     return f"{float(radius):g}"
 
 
-def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+def max_certifiable_radius(noise: Noise, n: int, alpha: float) -> float:
     """The largest radius n estimation draws can certify at level alpha: n successes out of n give the
-    Clopper-Pearson lower bound alpha^(1/n), hence the radius sigma * Phi^-1(alpha^(1/n))."""
-    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
+    Clopper-Pearson lower bound alpha^(1/n), hence the noise's radius there (sigma * Phi^-1(alpha^(1/n))
+    for Gaussian noise)."""
+    return noise.radius(alpha ** (1.0 / n))
 
 
 def _require(records: Iterable[Record]) -> list[Record]:
@@ -94,7 +94,7 @@ def format_table(
     if fmt == "markdown":
         lines = [[label_header, *(f"r={key}" for key in keys)], ["---", *("---:" for _ in keys)], *body]
         text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-        note = f"\n\n{BEYOND}: beyond the largest radius the run can certify, sigma * Phi^-1(alpha^(1/n))"
+        note = f"\n\n{BEYOND}: beyond the largest radius the run can certify (n successes out of n)"
         return text + (note if beyond else "")
     if fmt == "latex":
         header = [_latex_escape(label_header), *(f"$r={key}$" for key in keys)]

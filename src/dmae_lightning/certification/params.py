@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from ..data import SPLITS
 from ..errors import ConfigError
+from ..noise import Noise, noise_from_config
 from .procedures import PROCEDURES
 from .sampler import PRECISIONS
 
@@ -29,7 +30,7 @@ class JobParams:
     n0: int
     n: int
     alpha: float
-    sigma: float
+    noise: Noise  # the job's one noise: sampling and radii
     batch: int
     seed: int
     precision: str  # auto | fp32 | bf16 | fp16 (auto is resolved once the device is known)
@@ -72,9 +73,10 @@ def validate(cfg: DictConfig) -> JobParams:
         raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
     if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
         raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
-    sigma = cfg.noise.sigma
-    if not _is_number(sigma) or sigma <= 0:
-        raise ConfigError(f"noise.sigma must be a finite number > 0, got {sigma!r}")
+    try:
+        noise = noise_from_config(OmegaConf.to_container(cfg.noise, resolve=True))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"precision must be one of auto|{'|'.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.mode not in PROCEDURES:
@@ -101,7 +103,7 @@ def validate(cfg: DictConfig) -> JobParams:
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
-        sigma=float(sigma),
+        noise=noise,
         batch=cfg.batch,
         seed=cfg.seed,
         precision=cfg.precision,

@@ -90,7 +90,7 @@ class SmoothingPredictor(pl.LightningModule):
         self.model.eval()
         p = self.params
         self.sampler = Sampler(
-            self.model, self.num_classes, self.procedure.noise, p.seed, p.batch, p.precision, p.compile, self.device
+            self.model, self.num_classes, p.noise, p.seed, p.batch, p.precision, p.compile, self.device
         )
         self.writer = ShardWriter(self.run_dir / f"{self.procedure.name}.rank{self.global_rank}.tsv",
                                   self.procedure.record_type)
@@ -103,7 +103,7 @@ class SmoothingPredictor(pl.LightningModule):
             raise DataError(f"certification stopped at idx {idx}: {error}")
         if idx < 0:  # the placeholder of a rank with nothing to do
             return
-        self._write(self.sampler.submit(idx, image, self.procedure.run(idx, label)))
+        self._write(self.sampler.submit(idx, image, self.procedure.run(idx, label, self.params.noise)))
 
     def on_predict_epoch_end(self) -> None:
         self._write(self.sampler.drain())

@@ -1,9 +1,11 @@
 """Certification procedures and the smoothed classifier that runs them.
 
 A procedure turns the noisy predictions of one labelled image into one record. It is a small class
-with ``run(idx, label)``: a generator that yields :class:`~.sampler.Draw` requests, receives the class
+of plain settings with ``run(idx, label, noise)``: a generator that yields :class:`~.sampler.Draw` requests, receives the class
 counts ([K] int64 CPU tensor) of each, and returns its record (:mod:`.records`). The sampler serves the
-requests of many images at once, so a procedure never sees batches, devices or seeds. ``PROCEDURES``
+requests of many images at once, so a procedure never sees batches, devices or seeds. A procedure holds
+no noise: :class:`Smooth` passes the one it samples with to ``run`` and ``summarise``, so every radius
+comes from the distribution the samples were drawn from. ``PROCEDURES``
 maps the job's ``mode`` value to the class; a new procedure is one class plus one entry there.
 
 - :class:`Certify`: CERTIFY of Cohen, Rosenfeld & Kolter (ICML 2019): n0 draws select the top class cA,
@@ -17,6 +19,7 @@ maps the job's ``mode`` value to the class; a new procedure is one class plus on
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,7 +28,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from ..noise import GaussianNoise
+from ..noise import Noise
 from .metrics import (
     abstain_rate,
     accuracy,
@@ -35,7 +38,7 @@ from .metrics import (
 )
 from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
 from .sampler import NOISE_BLOCK, Draw, Run, Sampler, resolve_precision
-from .sequential_test import SequentialTest, clopper_pearson_lower
+from .sequential_test import SequentialTest, check_radii, clopper_pearson_lower, look_schedule, spend_alpha
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -56,20 +59,20 @@ class Procedure(ABC):
     record_type: ClassVar[type[Record]]
 
     @abstractmethod
-    def run(self, idx: int, label: int) -> Run:
-        """Yield Draws, receive counts, return the image's record."""
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
+        """Yield Draws, receive counts (of samples drawn with ``noise``), return the image's record."""
 
     @abstractmethod
     def settings(self) -> dict:
         """Everything the per-image results depend on besides the noise, seed, model and data."""
 
     @abstractmethod
-    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         """The result fields of summary.json (metrics from :mod:`.metrics`)."""
 
     @classmethod
     @abstractmethod
-    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Procedure:
+    def from_params(cls, params, radii: tuple[float, ...]) -> Procedure:
         """The procedure of a validated job (``params``: :class:`~.params.JobParams`; ``radii``: the
         radii of the job's tables, the data set's paper radii unless the job names others)."""
 
@@ -87,13 +90,12 @@ def _check_alpha(alpha: float) -> None:
 
 @dataclass(frozen=True)
 class Certify(Procedure):
-    """CERTIFY(f, sigma, x, n0, n, alpha); with ``skip_wrong_guess`` a guess cA != label skips the n
+    """CERTIFY(f, noise, x, n0, n, alpha); with ``skip_wrong_guess`` a guess cA != label skips the n
     estimation draws (the record keeps cA, radius 0.0 and n = 0): such an image can only be certified
     wrong or abstain, so certified accuracy is unchanged and the time is saved."""
 
     name: ClassVar[str] = "certify"
     record_type: ClassVar[type[Record]] = CertifyRecord
-    noise: GaussianNoise
     n0: int
     n: int
     alpha: float
@@ -103,7 +105,7 @@ class Certify(Procedure):
         _check_counts(n0=self.n0, n=self.n)
         _check_alpha(self.alpha)
 
-    def run(self, idx: int, label: int) -> Run:
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
         selection = yield Draw(stage=0, num=self.n0)  # [K]
         guess = int(selection.argmax())  # first class among ties
         if self.skip_wrong_guess and guess != label:
@@ -112,12 +114,12 @@ class Certify(Procedure):
         p_lower = lower_confidence_bound(n_a, self.n, self.alpha)
         if p_lower < 0.5:
             return CertifyRecord(idx, label, ABSTAIN, 0.0, 0, n_a, self.n, 0.0)
-        return CertifyRecord(idx, label, guess, self.noise.radius(p_lower), int(guess == label), n_a, self.n, 0.0)
+        return CertifyRecord(idx, label, guess, noise.radius(p_lower), int(guess == label), n_a, self.n, 0.0)
 
     def settings(self) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "skip_wrong_guess": self.skip_wrong_guess}
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         return {
             "radii": list(radii),
             "num_images": len(records),
@@ -125,22 +127,21 @@ class Certify(Procedure):
             "average_certified_radius": average_certified_radius(records),
             # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
             "abstain_rate": None if self.skip_wrong_guess else abstain_rate(records),
-            "max_certifiable_radius": max_certifiable_radius(self.noise.sigma, self.n, self.alpha),
+            "max_certifiable_radius": max_certifiable_radius(noise, self.n, self.alpha),
             "samples": sum(self.n0 + r.n for r in records),
         }
 
     @classmethod
-    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Certify:
-        return cls(noise, params.n0, params.n, params.alpha, params.skip_wrong_guess)
+    def from_params(cls, params, radii: tuple[float, ...]) -> Certify:
+        return cls(params.n0, params.n, params.alpha, params.skip_wrong_guess)
 
 
 @dataclass(frozen=True)
 class Predict(Procedure):
-    """PREDICT(f, sigma, x, n, alpha): g(x) is returned wrongly with probability at most alpha."""
+    """PREDICT(f, noise, x, n, alpha): g(x) is returned wrongly with probability at most alpha."""
 
     name: ClassVar[str] = "predict"
     record_type: ClassVar[type[Record]] = PredictRecord
-    noise: GaussianNoise
     n: int
     alpha: float
 
@@ -148,7 +149,7 @@ class Predict(Procedure):
         _check_counts(n=self.n)
         _check_alpha(self.alpha)
 
-    def run(self, idx: int, label: int) -> Run:
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
         counts = yield Draw(stage=0, num=self.n)  # [K]
         # classes by count; the stable sort keeps the lower class first among ties
         order = torch.sort(counts, descending=True, stable=True).indices
@@ -159,7 +160,7 @@ class Predict(Procedure):
     def settings(self) -> dict:
         return {"n": self.n, "alpha": self.alpha}
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         return {
             "num_images": len(records),
             "accuracy": accuracy(records),
@@ -168,13 +169,13 @@ class Predict(Procedure):
         }
 
     @classmethod
-    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> Predict:
-        return cls(noise, params.n, params.alpha)
+    def from_params(cls, params, radii: tuple[float, ...]) -> Predict:
+        return cls(params.n, params.alpha)
 
 
 @dataclass(frozen=True)
 class CertifyRadii(Procedure):
-    """For every radius r of the grid: is P(f(x + eps) = label) >= Phi(r / sigma) (> 1/2 at r = 0)?
+    """For every radius r of the grid: is P(f(x + eps) = label) >= noise.probability_for_radius(r) (> 1/2 at r = 0)?
 
     Draws are counted against the label (sound for labelled evaluation, no selection stage). The image
     is sampled look by look of the :class:`SequentialTest` (block multiples, up to the cap ``n``) and
@@ -184,7 +185,6 @@ class CertifyRadii(Procedure):
 
     name: ClassVar[str] = "certify_radii"
     record_type: ClassVar[type[Record]] = RadiiRecord
-    noise: GaussianNoise
     radii: tuple[float, ...]
     n: int
     alpha: float
@@ -193,35 +193,41 @@ class CertifyRadii(Procedure):
     def __post_init__(self):
         _check_counts(n=self.n)
         _check_alpha(self.alpha)
-        test = SequentialTest(tuple(sorted(self.radii)), self.noise.sigma, self.n, self.alpha, block=NOISE_BLOCK)
-        object.__setattr__(self, "test", test)
+        object.__setattr__(self, "radii", check_radii(sorted(self.radii)))
 
-    def run(self, idx: int, label: int) -> Run:
+    @functools.cache  # noqa: B019 (one test per noise; procedures are few and live as long as their job)
+    def test(self, noise: Noise) -> SequentialTest:
+        """The sequential test of this grid for samples drawn with ``noise``."""
+        return SequentialTest(self.radii, noise, self.n, self.alpha, block=NOISE_BLOCK)
+
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
         if label < 0:
             raise ValueError(f"image {idx}: certify_radii counts the draws that return the label, and it has none")
-        decision, successes, drawn = self.test.decide(0, 0), 0, 0
-        for look in self.test.looks():
+        test = self.test(noise)
+        decision, successes, drawn = test.decide(0, 0), 0, 0
+        for look in test.looks():
             if decision.stop:
                 break
             counts = yield Draw(stage=0, num=look - drawn)  # [K]
             if label >= len(counts):
                 raise ValueError(f"image {idx}: label {label} is not a class of this {len(counts)}-class model")
             successes, drawn = successes + int(counts[label]), look
-            decision = self.test.decide(successes, look, decision)
+            decision = test.decide(successes, look, decision)
         return RadiiRecord(idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0)
 
     def settings(self) -> dict:
-        return {"radii": list(self.test.radii), "n": self.n, "alpha": self.alpha,
-                "looks": list(self.test.looks()), "lower_levels": list(self.test.lower_levels())}
+        looks = look_schedule(self.n, NOISE_BLOCK, SequentialTest.growth)
+        return {"radii": list(self.radii), "n": self.n, "alpha": self.alpha, "looks": list(looks),
+                "lower_levels": list(spend_alpha(self.alpha, len(looks), SequentialTest.final_share))}
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...]) -> dict:
+    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         samples = sum(r.n for r in records)
         fixed = (self.n0 + self.n) * len(records)
         return {
-            "radii": list(self.test.radii),
+            "radii": list(self.radii),
             "num_images": len(records),
-            "certified_accuracy": certified_accuracy(records, self.test.radii),
-            "max_certifiable_radius": self.test.max_radius(),
+            "certified_accuracy": certified_accuracy(records, self.radii),
+            "max_certifiable_radius": self.test(noise).max_radius(),
             "samples": samples,
             "samples_at_cap": sum(r.n == self.n for r in records),
             "fixed_n_samples": fixed,
@@ -229,8 +235,8 @@ class CertifyRadii(Procedure):
         }
 
     @classmethod
-    def from_params(cls, params, noise: GaussianNoise, radii: tuple[float, ...]) -> CertifyRadii:
-        return cls(noise, radii, params.n, params.alpha, params.n0)
+    def from_params(cls, params, radii: tuple[float, ...]) -> CertifyRadii:
+        return cls(radii, params.n, params.alpha, params.n0)
 
 PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii)}
 
@@ -240,7 +246,9 @@ class Smooth:
 
     The base classifier should be in eval mode (dropout or drop path would change f between draws).
     ``precision``: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; ``compile``:
-    torch.compile the base classifier (one graph, every batch padded to ``batch_size``). The noise of
+    torch.compile the base classifier (one graph, every batch padded to ``batch_size``). ``noise``: the
+    smoothing distribution (:mod:`dmae_lightning.noise`); every procedure run here samples with it and
+    computes its radii with it, so the two cannot differ. The noise of
     image ``idx`` comes from the (seed, idx) block streams of :mod:`.sampler`: the result depends on
     neither ``batch_size`` nor which other images are certified with it.
     """
@@ -251,23 +259,19 @@ class Smooth:
         self,
         base_classifier: nn.Module,
         num_classes: int,
-        sigma: float,
+        noise: Noise,
         precision: str = "auto",
         compile: bool = False,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        if not isinstance(noise, Noise):
+            raise TypeError(f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}")
         resolve_precision(precision, "cpu")  # refuses an unknown name now, not at the first image
-        self.noise = GaussianNoise(float(sigma))
+        self.noise = noise
         self.base_classifier, self.num_classes = base_classifier, num_classes
         self.precision, self.compile = precision, compile
         self._samplers: dict[tuple, Sampler] = {}  # keeps a compiled classifier across calls
-
-    @property
-    def sigma(self) -> float:
-        return self.noise.sigma
 
     def sampler(self, batch_size: int, seed: int, device: torch.device | str) -> Sampler:
         _check_counts(batch_size=batch_size)
@@ -289,7 +293,7 @@ class Smooth:
         try:
             for idx, x, label in images:
                 sampler = sampler or self.sampler(batch_size, seed, getattr(x, "device", "cpu"))
-                records.update(sampler.submit(idx, x, procedure.run(idx, label)))
+                records.update(sampler.submit(idx, x, procedure.run(idx, label, self.noise)))
             if sampler is not None:
                 records.update(sampler.drain())
         finally:  # an error leaves images in flight: the next call must start clean
@@ -301,7 +305,7 @@ class Smooth:
         """CERTIFY of one image with its counts (a :class:`CertifyRecord`; label -1 when not given)."""
         if skip_wrong_guess and label is None:
             raise ValueError("skip_wrong_guess needs the image's label")
-        procedure = Certify(self.noise, n0, n, alpha, skip_wrong_guess)
+        procedure = Certify(n0, n, alpha, skip_wrong_guess)
         return self.run(procedure, [(idx, x, -1 if label is None else label)], batch_size, seed)[0]
 
     def certify(self, x, n0, n, alpha, batch_size, seed=0, idx=0) -> tuple[int, float]:
@@ -311,5 +315,5 @@ class Smooth:
 
     def predict(self, x, n, alpha, batch_size, seed=0, idx=0) -> int:
         """PREDICT: the top class, or ABSTAIN."""
-        procedure = Predict(self.noise, n, alpha)
+        procedure = Predict(n, alpha)
         return self.run(procedure, [(idx, x, -1)], batch_size, seed)[0].predict

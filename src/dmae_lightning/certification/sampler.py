@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..noise import GaussianNoise
+from ..noise import Noise
 from ..rng import CERTIFY_STREAM, seeded_generator
 
 NOISE_BLOCK = 100  # samples per seeded noise block
@@ -88,7 +88,7 @@ class _Image:
     def __init__(self, idx: int, image: torch.Tensor, run: Run, num_classes: int):
         self.idx, self.image, self.run = idx, image, run
         self.drawn: dict[int, int] = {}  # stage -> samples of its stream used so far
-        self.cache: tuple[int, int, torch.Tensor] | None = None  # (stage, block, [NOISE_BLOCK,C,H,W]) in use
+        self.cache: tuple[int, int, torch.Tensor] | None = None  # (stage, block, noisy copies [NOISE_BLOCK,C,H,W]) in use
         self.started = time.perf_counter()
         self.request: Draw | None = None
         self.assigned = 0  # rows of the request put into forward batches so far
@@ -119,7 +119,7 @@ class Sampler:
         self,
         classifier: nn.Module,
         num_classes: int,
-        noise: GaussianNoise,
+        noise: Noise,
         seed: int,
         batch_size: int,
         precision: str = "auto",
@@ -142,6 +142,7 @@ class Sampler:
     def add(self, idx: int, image: torch.Tensor, run: Run) -> object | None:
         """Start ``run`` on ``image`` [C,H,W]; returns its record at once if it needs no samples."""
         image = check_image(image).to(self.device)
+        self.noise.check_input(image)
         if self.buffer is None or self.buffer.shape[1:] != image.shape:
             if self.images:
                 raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
@@ -159,25 +160,24 @@ class Sampler:
         return seeded_generator(self.seed, CERTIFY_STREAM, idx, stage, block, device=self.device)
 
     def _fill(self, item: _Image, take: int, out: torch.Tensor) -> None:
-        """Write the next ``take`` noisy samples of ``item``'s request stream into ``out`` [take,C,H,W]."""
+        """Write the next ``take`` noisy copies x + eps of ``item``'s request stream into ``out`` [take,C,H,W]."""
         stage, pos = item.request.stage, 0
         while pos < take:
             start = item.drawn.get(stage, 0)
             block, offset = divmod(start, NOISE_BLOCK)
             k = min(NOISE_BLOCK - offset, take - pos)
             if k == NOISE_BLOCK:  # a whole block: drawn straight into the batch
-                self.noise.sample(None, self._generator(item.idx, stage, block), out=out[pos : pos + k])
+                self.noise.noisy_copies(item.image, self._generator(item.idx, stage, block), out[pos : pos + k])
             else:  # part of a block: draw it whole once, keep it until its last row is used
                 if item.cache is None or item.cache[:2] != (stage, block):
-                    shape = (NOISE_BLOCK, *item.image.shape)  # [NOISE_BLOCK,C,H,W]
-                    generator = self._generator(item.idx, stage, block)
-                    item.cache = (stage, block, self.noise.sample(shape, generator, device=self.device))
+                    block_out = torch.empty((NOISE_BLOCK, *item.image.shape), device=self.device)  # [NOISE_BLOCK,C,H,W]
+                    self.noise.noisy_copies(item.image, self._generator(item.idx, stage, block), block_out)
+                    item.cache = (stage, block, block_out)
                 out[pos : pos + k].copy_(item.cache[2][offset : offset + k])
                 if offset + k == NOISE_BLOCK:
                     item.cache = None
             item.drawn[stage] = start + k
             pos += k
-        out.add_(item.image)  # x + noise, [take,C,H,W]
 
     def step(self) -> Iterator[tuple[int, object]]:
         """One forward batch over the oldest pending requests; yields the (idx, record) of each image it

@@ -1,7 +1,8 @@
 """Sequential certification at fixed radii: the statistics (numpy/scipy only, no torch, no job wiring).
 
 A certified-accuracy table asks, per labelled image (x, y) and per radius r of a grid, whether
-p = P(f(x + eps) = y) is at least t(r) = Phi(r / sigma) (strictly above 1/2 at r = 0). Counting the draws
+p = P(f(x + eps) = y) is at least t(r) = noise.probability_for_radius(r) (Phi(r / sigma) for Gaussian noise;
+strictly above 1/2 at r = 0). Counting the draws
 equal to the label y gives Binomial(N, p) counts directly, so no selection stage is needed, and one
 confidence sequence for p answers every radius of the grid at once.
 
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy.stats import beta, norm
+from scipy.stats import beta
 
-from ..noise import GaussianNoise
+from ..noise import Noise
 
 
 def clopper_pearson_lower(successes, trials: int, level: float):
@@ -88,11 +89,39 @@ def largest_certified(radii: tuple[float, ...], codes: np.ndarray) -> list[float
     return [radii[c - 1] if c else None for c in count]
 
 
+def check_radii(radii) -> tuple[float, ...]:
+    """The grid as a tuple of floats; ValueError unless non-empty, finite, >= 0 and strictly increasing."""
+    grid = tuple(float(r) for r in radii)
+    if not grid or not all(math.isfinite(r) and r >= 0 for r in grid):
+        raise ValueError(f"radii must be a non-empty list of finite numbers >= 0, got {list(radii)}")
+    if any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"radii must be strictly increasing, got {list(grid)}")
+    return grid
+
+
+def look_schedule(n_max: int, block: int, growth: float) -> tuple[int, ...]:
+    """Sample counts of the looks: block multiples whose block counts grow by ``growth``, then n_max."""
+    looks, blocks = [], 1
+    while blocks * block < n_max:
+        looks.append(blocks * block)
+        blocks = max(blocks + 1, math.ceil(blocks * growth))
+    return (*looks, n_max)
+
+
+def spend_alpha(alpha: float, num_looks: int, final_share: float) -> tuple[float, ...]:
+    """alpha_j per look: ``final_share`` of alpha at the last, the rest split equally; they sum to alpha."""
+    early = num_looks - 1
+    if early == 0:
+        return (alpha,)
+    return (*[alpha * (1 - final_share) / early] * early, alpha * final_share)
+
+
 @dataclass(frozen=True)
 class SequentialTest:
-    """Anytime-valid test of p >= Phi(r / sigma) for every radius r of a grid, with looks every few blocks.
+    """Anytime-valid test of p >= noise.probability_for_radius(r) for every radius r of a grid, with looks
+    every few blocks.
 
-    ``radii`` sorted ascending, >= 0; ``n_max`` the cap on samples per image; ``alpha`` the probability
+    ``radii`` sorted ascending, >= 0; ``noise`` the smoothing distribution the samples come from; ``n_max`` the cap on samples per image; ``alpha`` the probability
     of any false certificate per image; ``block`` samples per noise block (looks happen at block
     multiples, and at ``n_max``). ``final_share`` of alpha goes to the final look, the rest equally to the
     earlier ones; ``growth`` is the ratio between consecutive looks (in blocks); ``futility`` is the total
@@ -100,7 +129,7 @@ class SequentialTest:
     """
 
     radii: tuple[float, ...]
-    sigma: float
+    noise: Noise
     n_max: int
     alpha: float
     block: int
@@ -109,18 +138,13 @@ class SequentialTest:
     futility: float = 0.01
 
     def __post_init__(self):
-        radii = tuple(float(r) for r in self.radii)
-        if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
-            raise ValueError(f"radii must be a non-empty list of finite numbers >= 0, got {list(self.radii)}")
-        if any(b <= a for a, b in zip(radii, radii[1:])):
-            raise ValueError(f"radii must be strictly increasing, got {list(radii)}")
-        object.__setattr__(self, "radii", radii)
+        object.__setattr__(self, "radii", check_radii(self.radii))
         for name in ("n_max", "block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if not isinstance(self.noise, Noise):
+            raise TypeError(f"noise must be a dmae_lightning.noise.Noise, got {self.noise!r}")
         for name in ("alpha", "futility"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)!r}")
@@ -136,11 +160,7 @@ class SequentialTest:
 
     @cached_property
     def _looks(self) -> tuple[int, ...]:
-        looks, blocks = [], 1
-        while blocks * self.block < self.n_max:
-            looks.append(blocks * self.block)
-            blocks = max(blocks + 1, math.ceil(blocks * self.growth))
-        return (*looks, self.n_max)
+        return look_schedule(self.n_max, self.block, self.growth)
 
     def lower_levels(self) -> tuple[float, ...]:
         """alpha_j per look: ``final_share`` of alpha at the cap, the rest split equally; they sum to alpha."""
@@ -148,10 +168,7 @@ class SequentialTest:
 
     @cached_property
     def _lower_levels(self) -> tuple[float, ...]:
-        early = len(self.looks()) - 1
-        if early == 0:
-            return (self.alpha,)
-        return (*[self.alpha * (1 - self.final_share) / early] * early, self.alpha * self.final_share)
+        return spend_alpha(self.alpha, len(self.looks()), self.final_share)
 
     def upper_levels(self) -> tuple[float, ...]:
         """Levels of the upper (futility) side per look: ``futility`` split equally."""
@@ -159,21 +176,20 @@ class SequentialTest:
         return (self.futility / len(looks),) * len(looks)
 
     def thresholds(self) -> tuple[float, ...]:
-        """t(r) = Phi(r / sigma) per grid radius (at r = 0 the bound must be strictly above it)."""
+        """t(r) = noise.probability_for_radius(r) per grid radius (at r = 0 the bound must be strictly above it)."""
         return self._thresholds
 
     @cached_property
     def _thresholds(self) -> tuple[float, ...]:
-        noise = GaussianNoise(self.sigma)
-        return tuple(noise.probability_for_radius(r) for r in self.radii)
+        return tuple(self.noise.probability_for_radius(r) for r in self.radii)
 
     def max_lower_bound(self) -> float:
         """The largest lower bound any look can give: all draws successes, i.e. max_j alpha_j^(1/n_j)."""
         return max(clopper_pearson_lower(n, n, a) for n, a in zip(self.looks(), self.lower_levels()))
 
     def max_radius(self) -> float:
-        """The largest radius this test can certify (sigma * Phi^-1 of :meth:`max_lower_bound`)."""
-        return GaussianNoise(self.sigma).radius(self.max_lower_bound())
+        """The largest radius this test can certify (the noise's radius at :meth:`max_lower_bound`)."""
+        return self.noise.radius(self.max_lower_bound())
 
     def reachable(self) -> tuple[bool, ...]:
         """Per radius, whether n successes out of n could certify it at some look (else NO before sampling)."""
@@ -295,19 +311,19 @@ def simulate(test: SequentialTest, p_values, rng: np.random.Generator) -> Simula
 
 
 def simulate_fixed_n(
-    p_values, radii, sigma: float, n0: int, n: int, alpha: float, rng: np.random.Generator
+    p_values, radii, noise: Noise, n0: int, n: int, alpha: float, rng: np.random.Generator
 ) -> SimulationResult:
     """Fixed-n CERTIFY (Cohen et al.) on the same kind of streams, for comparison.
 
     Selection: the n0 draws pick the label iff more than half of them are the label (a two-class model
     of the other classes, exact for p far from 1/2). Estimation: n fresh draws, Clopper-Pearson lower
-    bound at alpha, radius sigma * Phi^-1(p_lower), abstain below 1/2; certified at r iff radius >= r.
+    bound at alpha, radius noise.radius(p_lower), abstain below 1/2; certified at r iff radius >= r.
     """
     p = np.asarray(p_values, dtype=float)  # [N]
     guessed = rng.binomial(n0, p) * 2 > n0  # [N]
     p_lower = clopper_pearson_lower(rng.binomial(n, p), n, alpha)  # [N]
     with np.errstate(divide="ignore"):
-        radius = sigma * norm.ppf(p_lower)  # [N]
+        radius = np.vectorize(noise.radius, otypes=[float])(p_lower)  # [N]
     certified = guessed[:, None] & (p_lower[:, None] >= 0.5) & (radius[:, None] >= np.asarray(radii))
     return SimulationResult(tuple(radii), np.full(p.shape, n0 + n), certified)
 

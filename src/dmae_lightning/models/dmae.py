@@ -1,16 +1,18 @@
 """DMAE pre-training model: a masked autoencoder that reconstructs the clean image from a noisy one.
 
 Follows facebookresearch/mae ``models_mae.py`` with two changes from the DMAE paper: the encoder
-sees a Gaussian-noised image (noise added in [0,1] pixel space at native resolution, before any
-resize), and the loss covers all patches, kept and masked, against the clean image.
+sees a noisy image (the job's :class:`~dmae_lightning.noise.Noise`, added in [0,1] pixel space at native
+resolution, before any resize), and the loss covers all patches, kept and masked, against the clean image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from ..noise import GaussianNoise
+from ..noise import DEFAULT_NOISE, Noise, noise_from_config
 from .layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
 
 
@@ -29,17 +31,17 @@ class DMAEViT(ViTEncoderBase):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        sigma: float = 0.25,
+        noise: Noise | Mapping = DEFAULT_NOISE,
         norm_pix_loss: bool = True,
         drop_path_rate: float = 0.0,
     ):
-        if sigma < 0:  # checked before the (for ViT-L, seconds-long) construction
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        # checked before the (for ViT-L, seconds-long) construction
+        noise = noise_from_config(noise)
         super().__init__(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
             learnable_pos_embed=False,
         )
-        self.sigma = float(sigma)
+        self.noise = noise
         self.norm_pix_loss = bool(norm_pix_loss)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -71,14 +73,9 @@ class DMAEViT(ViTEncoderBase):
         x = torch.einsum("nhwpqc->nchpwq", x)  # [B, 3, g, p, g, p]
         return x.reshape(x.shape[0], 3, g * p, g * p)  # [B, 3, S, S]
 
-    @property
-    def noise(self) -> GaussianNoise:
-        """The input corruption, from the plain ``sigma`` attribute (which may be changed after building)."""
-        return GaussianNoise(self.sigma)
-
     # --- the three stages -------------------------------------------------------------------
     def add_noise(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Gaussian noise of std ``sigma`` in [0,1] pixel space at native resolution (no clamping)."""
+        """The noise in [0,1] pixel space at native resolution (no clamping)."""
         return self.noise.perturb(imgs, generator)  # [B, 3, H, W]
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
