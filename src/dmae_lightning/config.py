@@ -30,6 +30,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -356,6 +357,20 @@ def _check_run_dir(path: Path, identity: dict) -> None:
         )
 
 
+def _refuse_unread_additions() -> None:
+    """``+key=value`` at the top level adds a key that the job's config does not have (Hydra refuses ``+`` for a
+    key that exists), so nothing reads it: a typo, or a key of another job. Refused in one line rather than
+    ignored under a new run identity (a full rerun). ``+group=option`` and dotted keys are Hydra's to check."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if override.is_add() and not any(c in key for c in "./") and key not in hydra_cfg.runtime.choices:
+            raise ConfigError(f"{override.input_line}: the {hydra_cfg.job.config_name} config has no key {key!r} "
+                              "and nothing reads it: remove it or correct its name")
+
+
 def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
     """``.hydra/{identity.json,config.yaml,overrides.yaml,hydra.yaml}``: what Hydra would write, but resolved and
     only for a job that was found valid (``hydra.output_subdir: null``); identity.json guards the directory."""
@@ -403,8 +418,9 @@ def _remove_if_made_for_job(path: Path) -> None:
 def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str) -> R:
     """The run directory's lifecycle, the same for every job (training, quickstart, certification):
 
-    1. before anything is loaded: the directory (``paths.output_dir``) can be written and holds no other
-       configuration's results (``.hydra/identity.json``), else one line and nothing touched;
+    1. before anything is loaded: no ``+key`` that nothing reads, the directory (``paths.output_dir``) can be
+       written and holds no other configuration's results (``.hydra/identity.json``), else one line and
+       nothing touched;
     2. ``build()`` (data, model, checkpoints: every check on the user's input); if it fails, a directory
        Hydra created for this job is removed again;
     3. rank 0 records the resolved config in ``.hydra/``; ``run(built)``; a full disk there ends in one
@@ -414,6 +430,7 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     quiet_lightning()
     path = Path(cfg.paths.output_dir).resolve()
     try:
+        _refuse_unread_additions()
         try:
             identity = job_identity(cfg)
         except (ValueError, MissingMandatoryValue, InterpolationResolutionError) as err:
