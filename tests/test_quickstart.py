@@ -127,3 +127,15 @@ def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
 
     with pytest.raises(ConfigError, match=message):
         quickstart_stages([typed])
+
+
+def test_another_procedure_reuses_the_trained_stages():
+    """procedure=certify_radii (or another certification list) must not change the quickstart's run directory,
+    where the finished training stages are (issue 17.4.5); a training setting must."""
+    from dmae_lightning.config import compose, identity_key, job_identity
+
+    def key(*typed):
+        return identity_key(job_identity(compose(REPO / "conf", "train", ["experiment=quickstart", *typed])))
+
+    assert key() == key("procedure=certify_radii") == key('quickstart.certify=["n=10"]')
+    assert key() != key("trainer.max_epochs=2")

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .certification.job import certify
+from .certification.job import certify, sample_saving
 from .certification.metrics import format_table
 from .certification.records import read_json
 from .config import compose
@@ -114,23 +114,25 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
         overrides["finetune"].append("pretrained=null")
     _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir)
     overrides["certify"].append(f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
-    _run_stage("certification", "certify", overrides["certify"], out / "certify", conf_dir)
+    certified = out / cfg.procedure  # one directory per procedure: the trained stages are shared
+    _run_stage("certification", "certify", overrides["certify"], certified, conf_dir)
 
-    summary = read_json(out / "certify" / "summary.json")
+    summary = read_json(certified / "summary.json")
     radii = [float(r) for r in stages.report_radii]
     label = "DMAE pre-training + fine-tuning" if cfg.pretrain else "fine-tuning from scratch"
     row = {label: summary["certified_accuracy"]}
     outputs = {
         "reconstruction picture": out / "pretrain" / "pictures" / "reconstruction_final.png",
-        "certified-accuracy plot": out / "certify" / "certified_accuracy.png",
-        "per-image results": out / "certify" / f"{summary['mode']}.tsv",
-        "summary": out / "certify" / "summary.json",
+        "certified-accuracy plot": certified / "certified_accuracy.png",
+        "per-image results": certified / f"{summary['mode']}.tsv",
+        "summary": certified / "summary.json",
     }
     draws = f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
     lines = [
         f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
         f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
         format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})"),
+        *filter(None, [sample_saving(summary)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
     if summary["mode"] == "certify":  # the cheaper way to the same table
