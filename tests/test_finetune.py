@@ -425,3 +425,16 @@ def test_a_run_that_ends_at_chance_level_says_so(make_digits, make_trainer, capl
     assert warnings == [f"fine-tuning ended at chance level: noisy validation accuracy {share:.4f}, clean "
                         f"{share:.4f} (chance 0.1000 for 10 classes); train longer (trainer.max_epochs) or check "
                         "the learning rate"]
+
+
+@pytest.mark.parametrize(("acc", "warns"), [(0.1722, True), (0.1999, True), (0.2001, False), (0.9, False)])
+def test_chance_level_margin_is_twice_chance(acc, warns, caplog):
+    """0.1722: the noisy accuracy that the README's plain-RS digits command ended at (issue 17.4.4)."""
+    from types import SimpleNamespace
+
+    module = SmoothedClassifierModule("vit_micro_patch4", num_classes=10)
+    metrics = {"val/acc_noisy": torch.tensor(acc), "val/acc_clean": torch.tensor(acc)}
+    module._trainer = SimpleNamespace(callback_metrics=metrics, is_global_zero=True)
+    with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
+        module.on_train_end()
+    assert any("chance level" in r.getMessage() for r in caplog.records) == warns

@@ -26,7 +26,9 @@ from .pretrain import check_finite, compile_in_place
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 log = logging.getLogger(__name__)
-CHANCE_MARGIN = 1.5  # a validation accuracy below 1.5 / num_classes at the end of fine-tuning: at chance level
+# A validation accuracy below 2 / num_classes at the end of fine-tuning: (near) chance level. The README's plain-RS
+# digits command with the ImageNet recipe ended at 0.172 noisy accuracy (train loss 2.295 = about ln 10).
+CHANCE_MARGIN = 2.0
 
 
 def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
