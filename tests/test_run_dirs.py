@@ -177,6 +177,8 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
         (["experiment=pretrain_digits", "+max_epoch=1"], "error: +max_epoch=1: the train config has no key"),
         pytest.param(["experiment=pretrain_digits", "hardware=gpu"], "error: No supported gpu backend found!",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+        pytest.param(["experiment=quickstart", "hardware=gpu"], "error: No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
     ],
 )
 def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -399,19 +400,26 @@ def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
     return link
 
 
-def _remove_if_made_for_job(path: Path) -> None:
-    """Undo Hydra's mkdir for a job that stopped before it was valid: only its empty job log and empty
-    directories go, up to the nearest directory that existed before the job."""
+def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
+    """Undo Hydra's mkdir for a job that stopped with one line: before it was valid, only its empty job log and
+    empty directories go; after its records were written (``recorded``: a quickstart stage refused), the whole
+    directory goes as long as it holds no result (records, job log and empty folders); then the directories
+    above it, up to the nearest directory that existed before the job."""
     existing = _MADE_FOR_JOB.get(str(path))
     if existing is None:
         return
+    if recorded:
+        if _results_present(path):
+            return
+        shutil.rmtree(path, ignore_errors=True)
     for name in _NOT_RESULTS:
         log_file = path / name
         if log_file.is_file() and log_file.stat().st_size == 0:
             log_file.unlink()
     current = path
-    while str(current) != existing and current.is_dir() and not any(current.iterdir()):
-        current.rmdir()
+    while str(current) != existing and not (current.is_dir() and any(current.iterdir())):
+        if current.is_dir():
+            current.rmdir()
         current = current.parent
 
 
@@ -446,6 +454,10 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             _record_config(path, cfg, identity)
             log.info("run directory: %s", path)
         result = run(built)
+    except ConfigError:  # e.g. a quickstart stage refused its input: no run directory without results
+        if global_rank() == 0:
+            _remove_if_made_for_job(path, recorded=True)
+        raise
     except SIGTERMException:  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
         raise SIGTERMException(f"interrupted; {resume_hint}") from None
     except OSError as err:
