@@ -139,3 +139,27 @@ def test_another_procedure_reuses_the_trained_stages():
 
     assert key() == key("procedure=certify_radii") == key('quickstart.certify=["n=10"]')
     assert key() != key("trainer.max_epochs=2")
+
+
+@pytest.mark.parametrize("logger", ["wandb", "none"])
+def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp_path, caplog, capsys):
+    """logger=wandb on a finished quickstart (same run directory: the logger is not in its identity) skips every
+    stage: one line per stage says nothing new was logged, and no W&B run is started (issue 17.4.6a)."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.quickstart import DONE, STAGES, run_quickstart
+
+    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", f"logger={logger}"], output_dir=tmp_path)
+    for stage in STAGES:
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / DONE).write_text("{}")
+    summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
+               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25}
+    (tmp_path / "certify" / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level("INFO", logger="dmae_lightning"):
+        run_quickstart(cfg, str(REPO / "conf"), {stage: [] for stage in STAGES})
+    lines = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
+    note = "; nothing new logged to logger=wandb (it logged when the stage ran)" if logger == "wandb" else ""
+    assert lines == [f"quickstart: {name} already complete in {tmp_path / stage}, not redone{note}"
+                     for name, stage in zip(("pre-training", "fine-tuning", "certification"), STAGES)]
+    assert "| 50.0 | 25.0 | 12.5 |" in capsys.readouterr().out
+    assert not any(tmp_path.rglob("wandb"))
