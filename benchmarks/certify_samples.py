@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, environment, synchronize, write_results
+from common import environment, synchronize, write_results
 
 from dmae_lightning.certification import Certify, CertifyRadii, Smooth
 from dmae_lightning.certification.job import trained_noise_of
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--max", type=int, help="first images of the test split only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/local/...)")
     args = parser.parse_args()
 
     model, num_classes, noise = load(args.ckpt, args.device)
@@ -86,8 +86,7 @@ def main() -> None:
     print(f"\nsequential uses {ratios['sample_saving']:.2f}x fewer samples, {ratios['time_saving']:.2f}x less time; "
           f"largest accuracy gap {ratios['max_accuracy_gap_points']:.2f} points; "
           f"throughput ratio {ratios['throughput_ratio']:.2f}")
-    out = args.out or RESULTS / f"certify_samples_n{args.n}_{args.device}.json"
-    write_results(out, meta, [{"procedure": k, **v} for k, v in rows.items()] + [{"ratios": ratios}])
+    write_results(args.out, f"certify_samples_n{args.n}_{args.device}.json", meta, [{"procedure": k, **v} for k, v in rows.items()] + [{"ratios": ratios}])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, bf16_matmul_flops_per_s, environment, forward_flops, synchronize, write_results
+from common import bf16_matmul_flops_per_s, environment, forward_flops, synchronize, write_results
 
 from dmae_lightning.certification import Certify, Smooth
 from dmae_lightning.models import create_model
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["auto"], help="auto fp32 bf16 fp16")
     parser.add_argument("--compile", action="store_true", help="also run the compiled sampler and forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/certify_throughput_<device>.json)")
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/local/certify_throughput_<device>.json)")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; TF32 would be a third precision
@@ -139,7 +139,7 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {r['model']} | {r['what']} | {r['samples_per_s']:,.0f} | {r['seconds_per_image']:.3f} | "
               f"{r['vs_reference']:.2f}x | {mfu} |")
-    write_results(args.out or RESULTS / f"certify_throughput_{args.device}.json", meta, rows)
+    write_results(args.out, f"certify_throughput_{args.device}.json", meta, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the tracked records the docs quote
+LOCAL_RESULTS = RESULTS / "local"  # git-ignored: where a run writes unless --out names a file
 
 
 def environment(device: str) -> dict:
@@ -56,7 +57,11 @@ def bf16_matmul_flops_per_s(device: str, size: int = 8192, repeats: int = 50) ->
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+def write_results(out: Path | None, name: str, meta: dict, rows: list[dict]) -> Path:
+    """JSON to ``out``, by default to ``benchmarks/results/local/<name>`` (git-ignored): a rerun does not
+    overwrite the tracked record ``benchmarks/results/<name>`` unless ``--out`` names it."""
+    out = Path(out) if out else LOCAL_RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
+    return out

@@ -26,7 +26,7 @@ import PIL
 import torch
 import torchvision
 import torchvision.datasets.cifar
-from common import RESULTS, environment, synchronize, write_results
+from common import environment, synchronize, write_results
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -101,7 +101,7 @@ def main() -> None:
     # Pillow 13 rejects (ValueError), so a long run stops; measure it with --augments flip randaug.
     parser.add_argument("--augments", nargs="+", choices=["flip", "randaug"], default=["flip"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/local/...)")
     args = parser.parse_args()
     device = torch.device(args.device)
     mean_kb = write_imagenet(args.root / "imagenet", args.images)
@@ -147,7 +147,7 @@ def main() -> None:
             f"{r['data']:9} {r['pipeline']:8} {r['augment']:8} {r['workers']:7d} {r['images_per_s']:9.0f} "
             f"{r['images_per_s'] / max(1, r['workers']):10.0f}"
         )
-    write_results(args.out or RESULTS / f"data_throughput_{device.type}.json", meta, rows)
+    write_results(args.out, f"data_throughput_{device.type}.json", meta, rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import timm
 import torch
-from common import RESULTS, environment, synchronize, write_results
+from common import environment, synchronize, write_results
 
 from dmae_lightning.noise import DiscreteGaussianNoise, GaussianNoise
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--forward-images", type=int, default=10, help="ViT-B forward batch (time scaled to 100)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="default: results/noise_cost_<device>.json")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/local/...)")
     args = parser.parse_args()
     device = args.device
     image = (torch.randint(0, 256, (3, 224, 224)) / 255).to(device)  # [3,224,224], 8-bit
@@ -79,7 +79,7 @@ def main() -> None:
               f"{r['noise_over_forward']:>10.2%}{r['certification_slowdown_vs_gaussian']:>15.2%}")
     meta = {**environment(device), "block": [BLOCK, 3, 224, 224], "sigma": args.sigma,
             "forward_images": args.forward_images, "repeats": args.repeats, "model": "vit_base_patch16_224"}
-    write_results(args.out or RESULTS / f"noise_cost_{device}.json", meta, rows)
+    write_results(args.out, f"noise_cost_{device}.json", meta, rows)
 
 
 if __name__ == "__main__":

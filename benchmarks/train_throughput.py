@@ -22,12 +22,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from common import RESULTS, bf16_matmul_flops_per_s, environment, synchronize, write_results
+from common import bf16_matmul_flops_per_s, environment, synchronize, write_results
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -234,7 +233,7 @@ def main() -> None:
         "--repeats", type=int, default=1, help="runs per configuration; the fastest is kept (shared machines)"
     )
     parser.add_argument(
-        "--out", default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)"
+        "--out", default=None, help="JSON file (default benchmarks/results/local/train_throughput_<device>.json)"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = parser.parse_args()
@@ -293,7 +292,7 @@ def main() -> None:
             f"{r['images_per_s']:9.1f} {ratio} {r['warmup_s']:9.1f} {r['peak_memory_gib']:8.2f} "
             f"{r['flops_per_image'] / 1e9:9.3f} {mfu}"
         )
-    write_results(Path(args.out) if args.out else RESULTS / f"train_throughput_{args.device}.json", meta, rows)
+    write_results(args.out, f"train_throughput_{args.device}.json", meta, rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from test_certify import ckpt, finish, one_thread, overrides_with, run, script  
 from torch import nn
 
 from dmae_lightning.certification import CertifyRadii, Smooth
+from dmae_lightning.certification.job import report
 from dmae_lightning.certification.records import RadiiRecord, read_json, read_records
 from dmae_lightning.certification.sequential_test import SequentialTest
 from dmae_lightning.noise import GaussianNoise
@@ -97,6 +98,11 @@ def test_records_and_summary(sequential):
     assert summary["samples"] == sum(r.n for r in records)
     assert summary["fixed_n_samples"] == 24 * (10 + 1000)
     assert summary["saving_vs_fixed_n"] == pytest.approx(summary["fixed_n_samples"] / summary["samples"])
+    # The saving is said on the console too, with the numbers of the summary (issue 17.4.5).
+    saving = summary["fixed_n_samples"] / summary["samples"]
+    assert report(summary).splitlines()[-1] == (
+        f"certify_radii used {summary['samples']:,} noisy samples where fixed-n certify would use "
+        f"{24 * 1010:,} (n0 + n per image): {saving:.1f}x fewer")
     expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
     assert summary["certified_accuracy"] == pytest.approx(expected)
     # ACR of the grid answers: the largest certified grid radius, 0 where none

@@ -123,6 +123,22 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: noise.sigma must be a finite number > 0, got -1"
 
 
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_set_takes_the_run_seed(data, tmp_path):
+    """The DataModule saves ``seed`` as a hyper-parameter, like the LightningModule: both must be the run's."""
+    assert compose_train([f"data={data}", "seed=1"], tmp_path).data.seed == 1
+
+
+@pytest.mark.parametrize("experiment", ["pretrain_digits", "finetune_digits"])
+def test_digits_experiments_run_with_another_seed(experiment, tmp_path):
+    """README quickstart override ``seed=1``: the logger merges module and data hparams (issue 17.4.1)."""
+    cfg = compose_train([f"experiment={experiment}", "seed=1", "+trainer.fast_dev_run=1", "data.batch_size=16"],
+                        tmp_path)
+    assert cfg.logger and cfg.task.module.seed == 1
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 @pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe"])
 def test_fast_dev_run_every_task(task, tmp_path):
     cfg = compose_train(

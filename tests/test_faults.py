@@ -142,6 +142,33 @@ def test_last_checkpoint_every_n_steps(tmp_path):
     assert lightning_ckpt(folder / "last.ckpt")["global_step"] == 6
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen, logs: Path, run_name: str) -> Path:
+    deadline = time.monotonic() + 240
+    last = None
+    while last is None and proc.poll() is None and time.monotonic() < deadline:
+        found = list((logs / run_name).rglob("checkpoints/last.ckpt"))
+        last = found[0] if found else None
+        time.sleep(0.05)
+    assert last is not None and proc.poll() is None, "the run ended before its first checkpoint"
+    return last
+
+
+@pytest.mark.parametrize(
+    ("resume", "hint"),
+    [((), " with ckpt_path=last"), pytest.param(("ckpt_path=last",), "", marks=pytest.mark.slow)],
+)
+def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, hint, tmp_path):
+    """SIGTERM (a scheduler's or `kill`'s) of a real ``python train.py``: Lightning stops at the next step with a
+    bare SystemExit (status 0, silence); the job must say it was interrupted and how to resume (issue 17.4.2)."""
+    proc = train_script(tmp_path, *TINY, "trainer.max_epochs=1000", "run_name=termed", *resume)
+    wait_for_first_checkpoint(proc, tmp_path, "termed")
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"interrupted; rerun the same command{hint} to resume"
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     """kill -9 of a real ``python train.py`` after its first checkpoint, then the same command with
@@ -151,13 +178,7 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     common = [*TINY, f"trainer.max_epochs={epochs}"]
     full = train_script(tmp_path, *common, "run_name=full")
     killed = train_script(tmp_path, *common, "run_name=killed")
-    deadline = time.monotonic() + 240
-    last = None
-    while last is None and killed.poll() is None and time.monotonic() < deadline:
-        found = list((tmp_path / "killed").rglob("checkpoints/last.ckpt"))
-        last = found[0] if found else None
-        time.sleep(0.05)
-    assert last is not None and killed.poll() is None, "the run ended before its first checkpoint"
+    last = wait_for_first_checkpoint(killed, tmp_path, "killed")
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
     run_dir = last.parents[1]

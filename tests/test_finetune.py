@@ -4,6 +4,7 @@ short pre-train -> fine-tune run on digits. Numbers are compared with independen
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -399,3 +400,41 @@ def test_plain_rs_finetuning_logs_no_consistency_terms(make_digits, make_trainer
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(
         trainer.callback_metrics["train/ce"].item()
     )
+
+
+@pytest.mark.parametrize("limit_val_batches", [None, 0])
+def test_a_run_that_ends_at_chance_level_says_so(make_digits, make_trainer, caplog, limit_val_batches):
+    """A zero head and lr 0: every image gets class 0, so both accuracies are the share of 0 among the
+    validation labels (about 1/10 < 1.5/10): one warning line with those numbers; without validation none."""
+    module = SmoothedClassifierModule(
+        "vit_micro_patch4", num_classes=10, optimizer=dict(base_lr=0.0, weight_decay=0.0, warmup_epochs=0)
+    )
+    torch.nn.init.zeros_(module.model.head.weight)
+    torch.nn.init.zeros_(module.model.head.bias)
+    data = make_digits(batch_size=16, subset_first=64)
+    trainer = make_trainer(max_epochs=1, **({} if limit_val_batches is None else dict(limit_val_batches=0)))
+    with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
+        trainer.fit(module, data)
+    warnings = [r.getMessage() for r in caplog.records if "chance level" in r.getMessage()]
+    if limit_val_batches == 0:
+        assert warnings == []
+        return
+    labels = torch.cat([y for _, y in data.val_dataloader()])
+    share = (labels == 0).double().mean().item()
+    assert share < 0.15
+    assert warnings == [f"fine-tuning ended at chance level: noisy validation accuracy {share:.4f}, clean "
+                        f"{share:.4f} (chance 0.1000 for 10 classes); train longer (trainer.max_epochs) or check "
+                        "the learning rate"]
+
+
+@pytest.mark.parametrize(("acc", "warns"), [(0.1722, True), (0.1999, True), (0.2001, False), (0.9, False)])
+def test_chance_level_margin_is_twice_chance(acc, warns, caplog):
+    """0.1722: the noisy accuracy that the README's plain-RS digits command ended at (issue 17.4.4)."""
+    from types import SimpleNamespace
+
+    module = SmoothedClassifierModule("vit_micro_patch4", num_classes=10)
+    metrics = {"val/acc_noisy": torch.tensor(acc), "val/acc_clean": torch.tensor(acc)}
+    module._trainer = SimpleNamespace(callback_metrics=metrics, is_global_zero=True)
+    with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
+        module.on_train_end()
+    assert any("chance level" in r.getMessage() for r in caplog.records) == warns

@@ -3,6 +3,7 @@ schedule, weight-decay groups, layer-wise lr decay and LARS, against closed form
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -109,14 +110,21 @@ def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, cap
         (dict(max_steps=6), 4, 6),  # max_epochs unset (-1): warm-up still counts epochs of 4 steps
         (dict(max_steps=6, max_epochs=10), 4, 6),  # max_steps shortens the run, not the epoch
         (dict(max_epochs=3), 4, 12),
+        (dict(max_epochs=1), 4, 4),  # the lr never passes the warm-up: one warning line (issue 17.4.4)
+        (dict(max_steps=3), 4, 3),
     ],
 )
-def test_warmup_epochs_count_loader_steps(make_digits, make_trainer, trainer_kwargs, warmup, total):
+def test_warmup_epochs_count_loader_steps(make_digits, make_trainer, caplog, trainer_kwargs, warmup, total):
     module = micro_module()
     trainer = make_trainer(limit_val_batches=0, **trainer_kwargs)
-    trainer.fit(module, make_digits(batch_size=16, subset_first=64))
+    with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
+        trainer.fit(module, make_digits(batch_size=16, subset_first=64))
+    warned = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert warned == ([f"the warm-up ({warmup} steps, warmup_epochs=1) is not shorter than the run ({total} steps): "
+                       "the lr never reaches its peak; raise trainer.max_epochs or lower "
+                       "task.module.optimizer.warmup_epochs"] if warmup >= total else [])
     factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
-    for step in range(total + 1):
+    for step in range(total + (warmup < total)):  # the closed form past the end needs a cosine part
         assert factor(step) == pytest.approx(_closed_form_lr(1.0, step, warmup, total, 0.0), abs=1e-12)
 
 
@@ -284,3 +292,16 @@ def test_lars_adapts_weight_matrices_only_and_unknown_names_fail():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1 * 64 / 256] * 2)
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         configure_optimizer(module, module.model, name="sgd", base_lr=0.1, weight_decay=0.0, warmup_epochs=0)
+
+
+@pytest.mark.parametrize("epochs, warned", [(1, True), (2, True), (3, False)])
+def test_a_warmup_as_long_as_the_run_is_one_warning(epochs, warned, caplog):
+    """warmup_epochs=2 of 19 steps each: 38 warm-up steps against 19 x epochs in all (the quickstart with
+    trainer.max_epochs=1 printed "38 warm-up of 19 steps" and nothing else)."""
+    module = micro_module()
+    module.trainer = _stub_trainer(64, 1, 1, 1, batches_per_epoch=19, epochs=epochs)
+    with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
+        configure_optimizer(module, module.model, **dict(OPT, warmup_epochs=2))
+    expected = [f"the warm-up (38 steps, warmup_epochs=2) is not shorter than the run ({19 * epochs} steps): the lr "
+                "never reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == (expected if warned else [])

@@ -452,3 +452,22 @@ def test_initialisation_is_identical_after_the_same_global_seed():
     c = micro_module()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.model.blocks[0].attn.qkv.weight, c.model.blocks[0].attn.qkv.weight)
+
+
+def test_reconstruction_picture_title_and_file_name_name_the_epoch_just_finished(
+    make_digits, make_trainer, monkeypatch
+):
+    """2 epochs of 2 steps (64 images, batch 32): after epoch e (step 2e) the file reconstruction_epoch000e.png
+    is titled "epoch e, step 2e", and the final picture "epoch 2, step 4" (not epoch 3)."""
+    from dmae_lightning import callbacks
+
+    titles = []
+    drawn = callbacks.labelled_picture
+    monkeypatch.setattr(callbacks, "labelled_picture",
+                        lambda *args, title, **kw: titles.append(title) or drawn(*args, title=title, **kw))
+    saved = []
+    monkeypatch.setattr(callbacks.Image.Image, "save", lambda picture, path: saved.append(Path(path).name))
+    trainer = make_trainer([callbacks.ReconstructionPictures(num_images=1)], max_epochs=2, limit_val_batches=1)
+    trainer.fit(micro_module(), make_digits(batch_size=32, subset_first=64))
+    assert saved == ["reconstruction_epoch0001.png", "reconstruction_epoch0002.png", "reconstruction_final.png"]
+    assert [t.split(":")[0] for t in titles] == ["epoch 1, step 2", "epoch 2, step 4", "epoch 2, step 4"]

@@ -102,7 +102,7 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     for name, cfg in cfgs.items():
         assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("gpu", 1), name
         assert cfg.logger.project == "qs" and cfg.noise.sigma == 0.5 and cfg.seed == 3, name
-        assert cfg.data.batch_size == 32, name
+        assert cfg.data.batch_size == 32 and cfg.data.seed == 3, name
     assert cfgs["pretrain"].task.name == "pretrain" and cfgs["finetune"].task.name == "finetune"
     assert cfgs["pretrain"].trainer.max_epochs == cfgs["finetune"].trainer.max_epochs == 2
     assert cfgs["finetune"].noise.sigma == 0.5 and cfgs["certify"].n == 1000  # the stage's own list kept
@@ -127,3 +127,39 @@ def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
 
     with pytest.raises(ConfigError, match=message):
         quickstart_stages([typed])
+
+
+def test_another_procedure_reuses_the_trained_stages():
+    """procedure=certify_radii (or another certification list) must not change the quickstart's run directory,
+    where the finished training stages are (issue 17.4.5); a training setting must."""
+    from dmae_lightning.config import compose, identity_key, job_identity
+
+    def key(*typed):
+        return identity_key(job_identity(compose(REPO / "conf", "train", ["experiment=quickstart", *typed])))
+
+    assert key() == key("procedure=certify_radii") == key('quickstart.certify=["n=10"]')
+    assert key() != key("trainer.max_epochs=2")
+
+
+@pytest.mark.parametrize("logger", ["wandb", "none"])
+def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp_path, caplog, capsys):
+    """logger=wandb on a finished quickstart (same run directory: the logger is not in its identity) skips every
+    stage: one line per stage says nothing new was logged, and no W&B run is started (issue 17.4.6a)."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.quickstart import DONE, STAGES, run_quickstart
+
+    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", f"logger={logger}"], output_dir=tmp_path)
+    for stage in STAGES:
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / DONE).write_text("{}")
+    summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
+               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25}
+    (tmp_path / "certify" / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level("INFO", logger="dmae_lightning"):
+        run_quickstart(cfg, str(REPO / "conf"), {stage: [] for stage in STAGES})
+    lines = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
+    note = "; nothing new logged to logger=wandb (it logged when the stage ran)" if logger == "wandb" else ""
+    assert lines == [f"quickstart: {name} already complete in {tmp_path / stage}, not redone{note}"
+                     for name, stage in zip(("pre-training", "fine-tuning", "certification"), STAGES)]
+    assert "| 50.0 | 25.0 | 12.5 |" in capsys.readouterr().out
+    assert not any(tmp_path.rglob("wandb"))

@@ -136,7 +136,7 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     assert full.returncode == 1
     assert full.stderr.strip().splitlines()[-1] == (
         f"error: no space left on the device of {run}: what was written before is kept; free some space, "
-        "then run the same command again with ckpt_path=last"
+        "then rerun the same command with ckpt_path=last to resume"
     )
     assert (run / ".hydra" / "config.yaml").is_file()
     before = snapshot(run)
@@ -173,7 +173,11 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
         (["experiment=finetune_digits", "pretrained=missing.ckpt"], "error: checkpoint missing.ckpt does not exist"),
         (["experiment=finetune_imagenet_vit_base"], "error: this experiment needs pretrained=... on the command line"),
         (["experiment=quickstart", "pretrained=x.ckpt"], "error: quickstart: pretrained=x.ckpt is not accepted"),
+        (["experiment=quickstart", "+foo=1"], "error: +foo=1: the train config has no key 'foo' and nothing reads it"),
+        (["experiment=pretrain_digits", "+max_epoch=1"], "error: +max_epoch=1: the train config has no key"),
         pytest.param(["experiment=pretrain_digits", "hardware=gpu"], "error: No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+        pytest.param(["experiment=quickstart", "hardware=gpu"], "error: No supported gpu backend found!",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
     ],
 )
@@ -181,3 +185,24 @@ def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
     proc = run_train(overrides, tmp_path, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
     assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
+
+
+def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    proc = subprocess.run([sys.executable, str(REPO / "certify.py"), "ckpt_path=x.ckpt", "+n_samples=10"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: +n_samples=10: the certify config has no key 'n_samples' and nothing reads it: "
+        "remove it or correct its name"]
+    assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
+
+
+@pytest.mark.parametrize("overrides", [["consistency.enabled=false", "+trainer.limit_val_batches=2"],
+                                       ["noise=sigma_0.5", "consistency.eta=1"]])
+def test_top_level_keys_of_groups_and_dotted_additions_are_not_refused(overrides, tmp_path):
+    """The noise and task groups put ``consistency`` at the top level; dotted additions are Hydra's."""
+    from dmae_lightning.config import _refuse_unread_additions
+
+    hydra_run_dir(["experiment=finetune_digits", *overrides])  # composes and sets HydraConfig
+    _refuse_unread_additions()

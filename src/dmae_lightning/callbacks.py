@@ -129,14 +129,16 @@ class ReconstructionPictures(pl.Callback):
         self.every_n_epochs, self.num_images, self.seed, self.dirname = every_n_epochs, num_images, seed, dirname
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.save(trainer, pl_module, f"reconstruction_epoch{trainer.current_epoch + 1:04d}")
+        epoch = trainer.current_epoch + 1  # the epoch this validation ends, counted from 1 (not yet counted done)
+        if not trainer.sanity_checking and epoch % self.every_n_epochs == 0:
+            self.save(trainer, pl_module, epoch, f"reconstruction_epoch{epoch:04d}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer, pl_module, "reconstruction_final")
+        self.save(trainer, pl_module, trainer.current_epoch, "reconstruction_final")  # now: the epochs done
 
     @torch.no_grad()
-    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, name: str) -> Path | None:
+        """``<dirname>/<name>.png`` after ``epoch`` (counted from 1), titled with it."""
         if not trainer.is_global_zero:
             return None
         dataset = trainer.datamodule.dataset("val")
@@ -150,7 +152,7 @@ class ReconstructionPictures(pl.Callback):
         picture = labelled_picture(
             grid, model.img_size,
             headers=["clean", f"noisy (sigma {sigma:g})", f"masked ({ratio:.0%})", "reconstruction", "pasted"],
-            title=f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}: sigma {sigma:g}, mask ratio {ratio:g}",
+            title=f"epoch {epoch}, step {trainer.global_step}: sigma {sigma:g}, mask ratio {ratio:g}",
         )
         path = Path(trainer.default_root_dir) / self.dirname / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

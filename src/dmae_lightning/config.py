@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -30,8 +31,10 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import ConfigError, one_line
 from .files import atomic_write_text
@@ -355,6 +358,20 @@ def _check_run_dir(path: Path, identity: dict) -> None:
         )
 
 
+def _refuse_unread_additions() -> None:
+    """``+key=value`` at the top level adds a key that the job's config does not have (Hydra refuses ``+`` for a
+    key that exists), so nothing reads it: a typo, or a key of another job. Refused in one line rather than
+    ignored under a new run identity (a full rerun). ``+group=option`` and dotted keys are Hydra's to check."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if override.is_add() and not any(c in key for c in "./") and key not in hydra_cfg.runtime.choices:
+            raise ConfigError(f"{override.input_line}: the {hydra_cfg.job.config_name} config has no key {key!r} "
+                              "and nothing reads it: remove it or correct its name")
+
+
 def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
     """``.hydra/{identity.json,config.yaml,overrides.yaml,hydra.yaml}``: what Hydra would write, but resolved and
     only for a job that was found valid (``hydra.output_subdir: null``); identity.json guards the directory."""
@@ -383,36 +400,45 @@ def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
     return link
 
 
-def _remove_if_made_for_job(path: Path) -> None:
-    """Undo Hydra's mkdir for a job that stopped before it was valid: only its empty job log and empty
-    directories go, up to the nearest directory that existed before the job."""
+def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
+    """Undo Hydra's mkdir for a job that stopped with one line: before it was valid, only its empty job log and
+    empty directories go; after its records were written (``recorded``: a quickstart stage refused), the whole
+    directory goes as long as it holds no result (records, job log and empty folders); then the directories
+    above it, up to the nearest directory that existed before the job."""
     existing = _MADE_FOR_JOB.get(str(path))
     if existing is None:
         return
+    if recorded:
+        if _results_present(path):
+            return
+        shutil.rmtree(path, ignore_errors=True)
     for name in _NOT_RESULTS:
         log_file = path / name
         if log_file.is_file() and log_file.stat().st_size == 0:
             log_file.unlink()
     current = path
-    while str(current) != existing and current.is_dir() and not any(current.iterdir()):
-        current.rmdir()
+    while str(current) != existing and not (current.is_dir() and any(current.iterdir())):
+        if current.is_dir():
+            current.rmdir()
         current = current.parent
 
 
 def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str) -> R:
     """The run directory's lifecycle, the same for every job (training, quickstart, certification):
 
-    1. before anything is loaded: the directory (``paths.output_dir``) can be written and holds no other
-       configuration's results (``.hydra/identity.json``), else one line and nothing touched;
+    1. before anything is loaded: no ``+key`` that nothing reads, the directory (``paths.output_dir``) can be
+       written and holds no other configuration's results (``.hydra/identity.json``), else one line and
+       nothing touched;
     2. ``build()`` (data, model, checkpoints: every check on the user's input); if it fails, a directory
        Hydra created for this job is removed again;
     3. rank 0 records the resolved config in ``.hydra/``; ``run(built)``; a full disk there ends in one
-       line saying how to resume (``resume_hint``);
+       line saying how to resume (``resume_hint``), and so does a SIGTERM (exit status 1, not Lightning's 0);
     4. at the end rank 0 points ``logs/<run_name>/latest`` at the directory; both ends print it.
     """
     quiet_lightning()
     path = Path(cfg.paths.output_dir).resolve()
     try:
+        _refuse_unread_additions()
         try:
             identity = job_identity(cfg)
         except (ValueError, MissingMandatoryValue, InterpolationResolutionError) as err:
@@ -428,6 +454,12 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             _record_config(path, cfg, identity)
             log.info("run directory: %s", path)
         result = run(built)
+    except ConfigError:  # e.g. a quickstart stage refused its input: no run directory without results
+        if global_rank() == 0:
+            _remove_if_made_for_job(path, recorded=True)
+        raise
+    except SIGTERMException:  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
+        raise SIGTERMException(f"interrupted; {resume_hint}") from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytorch_lightning as pl
 import torch
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def effective_batch_size(batch_size: int, devices: int, num_nodes: int, accumulate_grad_batches: int) -> int:
@@ -95,4 +98,8 @@ def configure_optimizer(
         optimizer, lambda step: warmup_cosine_factor(step, warmup, total, min_ratio)
     )
     module.print(f"lr {peak:.3e} (base {base_lr:g} x effective batch {eff} / 256), {warmup} warm-up of {total} steps")
+    if warmup >= total and trainer.is_global_zero:
+        log.warning("the warm-up (%d steps, warmup_epochs=%g) is not shorter than the run (%d steps): the lr never "
+                    "reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs",
+                    warmup, warmup_epochs, total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

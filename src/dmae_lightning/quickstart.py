@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .certification.job import certify
+from .certification.job import certify, sample_saving
 from .certification.metrics import format_table
 from .certification.records import read_json
 from .config import compose
@@ -85,9 +85,13 @@ def _main_config_dir() -> str:
     return next(s.path for s in sources if s.provider == "main")
 
 
-def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Path, conf_dir: str) -> None:
+def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Path, conf_dir: str,
+               logger: str | None) -> None:
+    """Run one stage in ``stage_dir`` unless it finished there before; ``logger``: the job's logger choice (None:
+    logger=none), named when a finished stage logs nothing new."""
     if (stage_dir / DONE).exists():
-        log.info("quickstart: %s already complete in %s, not redone", name, stage_dir)
+        note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
+        log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
         return
     resume = ["ckpt_path=last"] if config_name == "train" and (stage_dir / "checkpoints" / "last.ckpt").exists() else []
     log.info("quickstart: %s -> %s", name, stage_dir)
@@ -107,24 +111,26 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
     """Run the stages and print the certified-accuracy table and where the outputs are."""
     out = Path(cfg.paths.output_dir)
     stages = cfg.quickstart
+    logger = HydraConfig.get().runtime.choices.get("logger") if cfg.get("logger") else None
     if cfg.pretrain:
-        _run_stage("pre-training", "train", overrides["pretrain"], out / "pretrain", conf_dir)
+        _run_stage("pre-training", "train", overrides["pretrain"], out / "pretrain", conf_dir, logger)
         overrides["finetune"].append(f"pretrained={out / 'pretrain' / 'checkpoints' / 'last.ckpt'}")
     else:
         overrides["finetune"].append("pretrained=null")
-    _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir)
+    _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir, logger)
     overrides["certify"].append(f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
-    _run_stage("certification", "certify", overrides["certify"], out / "certify", conf_dir)
+    certified = out / cfg.procedure  # one directory per procedure: the trained stages are shared
+    _run_stage("certification", "certify", overrides["certify"], certified, conf_dir, logger)
 
-    summary = read_json(out / "certify" / "summary.json")
+    summary = read_json(certified / "summary.json")
     radii = [float(r) for r in stages.report_radii]
     label = "DMAE pre-training + fine-tuning" if cfg.pretrain else "fine-tuning from scratch"
     row = {label: summary["certified_accuracy"]}
     outputs = {
         "reconstruction picture": out / "pretrain" / "pictures" / "reconstruction_final.png",
-        "certified-accuracy plot": out / "certify" / "certified_accuracy.png",
-        "per-image results": out / "certify" / f"{summary['mode']}.tsv",
-        "summary": out / "certify" / "summary.json",
+        "certified-accuracy plot": certified / "certified_accuracy.png",
+        "per-image results": certified / f"{summary['mode']}.tsv",
+        "summary": certified / "summary.json",
     }
     draws = f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
     lines = [
@@ -132,6 +138,7 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
         f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
         format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})",
                      acr={label: summary["average_certified_radius"]}),
+        *filter(None, [sample_saving(summary)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
     if summary["mode"] == "certify":  # the cheaper way to the same table

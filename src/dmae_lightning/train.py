@@ -62,9 +62,10 @@ def train(cfg: DictConfig) -> dict:
         )
 
         return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
-                          resume_hint="run the same command again (finished stages are kept)")
-    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared),
-                      resume_hint="run the same command again with ckpt_path=last")
+                          resume_hint="rerun the same command to resume (finished stages are kept)")
+    again = "rerun the same command to resume" if cfg.ckpt_path == "last" else (
+        "rerun the same command with ckpt_path=last to resume")
+    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared), resume_hint=again)
 
 
 def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.LightningModule, pl.Trainer]:

@@ -323,7 +323,17 @@ def report(summary: dict) -> str:
     if "abstain_rate" in summary:
         rate = summary["abstain_rate"]
         extra.append("abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}")
-    return f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n{table}"
+    saving = sample_saving(summary)
+    return (f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n"
+            f"{table}{f'{chr(10)}{saving}' if saving else ''}")
+
+
+def sample_saving(summary: dict) -> str | None:
+    """The samples a sequential procedure used against fixed-n certify's (n0 + n per image), as one line."""
+    if not summary.get("saving_vs_fixed_n"):
+        return None
+    return (f"{summary['mode']} used {summary['samples']:,} noisy samples where fixed-n certify would use "
+            f"{summary['fixed_n_samples']:,} (n0 + n per image): {summary['saving_vs_fixed_n']:.1f}x fewer")
 
 
 def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> None:
