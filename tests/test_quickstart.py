@@ -153,7 +153,7 @@ def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp
         (tmp_path / stage).mkdir()
         (tmp_path / stage / DONE).write_text("{}")
     summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
-               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25}
+               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25, "average_certified_radius": 0.1}
     (tmp_path / "certify" / "summary.json").write_text(json.dumps(summary))
     with caplog.at_level("INFO", logger="dmae_lightning"):
         run_quickstart(cfg, str(REPO / "conf"), {stage: [] for stage in STAGES})
@@ -161,5 +161,5 @@ def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp
     note = "; nothing new logged to logger=wandb (it logged when the stage ran)" if logger == "wandb" else ""
     assert lines == [f"quickstart: {name} already complete in {tmp_path / stage}, not redone{note}"
                      for name, stage in zip(("pre-training", "fine-tuning", "certification"), STAGES)]
-    assert "| 50.0 | 25.0 | 12.5 |" in capsys.readouterr().out
+    assert "| 50.0 | 25.0 | 12.5 | 0.100 |" in capsys.readouterr().out
     assert not any(tmp_path.rglob("wandb"))
