@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import beta, binom, chisquare, norm
 
+from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.noise import D_MAX, DiscreteGaussianNoise, _discrete_gaussian_table, noise_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "noise"
@@ -125,8 +126,14 @@ def test_check_input_refuses_off_grid_and_oversized_images():
     noise = DiscreteGaussianNoise(0.25)
     noise.check_input(torch.randint(0, 256, (3, 32, 32)) / 255)
     noise.check_input(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8).double() / 255)
-    with pytest.raises(ValueError, match=r"8-bit images \(pixels k/255\): this one is 0.00196 off"):
+    with pytest.raises(ValueError, match=r"8-bit images \(pixels k/255, e.g. CIFAR-10/ImageNet, .*this one is 0.00196 off"):
         noise.check_input(torch.full((3, 4, 4), 0.5))
+    digits = DigitsDataModule().dataset("test")[0][0]  # [3,32,32]: 1/16 steps, bilinearly upsampled
+    levels = digits.double().numpy() * 255
+    off = np.abs(levels - np.round(levels)).max() / 255
+    with pytest.raises(ValueError, match=rf"not the bundled digits\): this one is {off:.3g} off") as err:
+        noise.check_input(digits)
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
         noise.check_input(torch.zeros(1).expand(3, 2400, 2400))
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
