@@ -470,6 +470,8 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["split=dev"], "split must be one of train|val|test"),
         (["radii=[0.5,-1]"], "radii must be null or a non-empty list of numbers >= 0"),
         (["trainer.precision=bf16-mixed"], "leave it at 32-true"),
+        (["noise=discrete_gaussian_sigma_0.25"], "digits: discrete noise needs 8-bit images (pixels k/255, e.g. "
+                                                 "CIFAR-10/ImageNet, not the bundled digits)"),
     ],
 )
 def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, message):

@@ -172,6 +172,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     indices = list(range(0, len(dataset), params.skip))[: params.max]
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
+    try:  # data the noise's certificate does not cover (discrete noise on images off the 8-bit grid)
+        params.noise.check_input(dataset[indices[0]][0])
+    except ValueError as err:
+        raise ConfigError(f"{datamodule.name}: {err}") from None
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     bar = [ImageProgressBar(procedure.name)] if cfg.trainer.get("enable_progress_bar") else []
     trainer = _instantiate(
