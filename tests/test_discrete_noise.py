@@ -16,7 +16,13 @@ from scipy.stats import binom, chisquare, norm
 
 from dmae_lightning.certification import Certify, Smooth, lower_confidence_bound
 from dmae_lightning.data import DigitsDataModule
-from dmae_lightning.noise import D_MAX, DiscreteGaussianNoise, _discrete_gaussian_table, noise_from_config
+from dmae_lightning.noise import (
+    D_MAX,
+    DiscreteGaussianNoise,
+    GaussianNoise,
+    _discrete_gaussian_table,
+    noise_from_config,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "noise"
 
@@ -121,6 +127,7 @@ def test_radius_and_probability_for_radius_are_inverse_with_the_deduction(sigma)
         assert noise.probability_for_radius(noise.radius(p)) == pytest.approx(p, abs=1e-14)
     assert noise.probability_for_radius(0.0) == 0.5 + noise.deduction
     assert noise.radius(0.5) < 0 and noise.radius(0.5 + 2 * noise.deduction) > 0
+    assert noise.radius(0.0) == noise.radius(noise.deduction / 2) == GaussianNoise(sigma).radius(0.0) == -math.inf
 
 
 def test_check_input_refuses_off_grid_and_oversized_images():

@@ -231,8 +231,8 @@ class DiscreteGaussianNoise(Noise):
                              f"bundled digits): this one is {off / 255:.3g} off the 1/255 grid")
 
     def radius(self, p_lower: float) -> float:
-        """sigma Phi^-1(p_lower - deduction); negative below 1/2 + deduction."""
-        return float(self.sigma * norm.ppf(p_lower - self.deduction))
+        """sigma Phi^-1(p_lower - deduction); negative below 1/2 + deduction, -inf up to the deduction."""
+        return float(self.sigma * norm.ppf(max(p_lower - self.deduction, 0.0)))
 
     def probability_for_radius(self, radius: float) -> float:
         """Phi(radius / sigma) + deduction."""
