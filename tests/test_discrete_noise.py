@@ -12,9 +12,17 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from scipy.stats import beta, binom, chisquare, norm
+from scipy.stats import binom, chisquare, norm
 
-from dmae_lightning.noise import D_MAX, DiscreteGaussianNoise, _discrete_gaussian_table, noise_from_config
+from dmae_lightning.certification import Certify, Smooth, lower_confidence_bound
+from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.noise import (
+    D_MAX,
+    DiscreteGaussianNoise,
+    GaussianNoise,
+    _discrete_gaussian_table,
+    noise_from_config,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "noise"
 
@@ -119,14 +127,21 @@ def test_radius_and_probability_for_radius_are_inverse_with_the_deduction(sigma)
         assert noise.probability_for_radius(noise.radius(p)) == pytest.approx(p, abs=1e-14)
     assert noise.probability_for_radius(0.0) == 0.5 + noise.deduction
     assert noise.radius(0.5) < 0 and noise.radius(0.5 + 2 * noise.deduction) > 0
+    assert noise.radius(0.0) == noise.radius(noise.deduction / 2) == GaussianNoise(sigma).radius(0.0) == -math.inf
 
 
 def test_check_input_refuses_off_grid_and_oversized_images():
     noise = DiscreteGaussianNoise(0.25)
     noise.check_input(torch.randint(0, 256, (3, 32, 32)) / 255)
     noise.check_input(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8).double() / 255)
-    with pytest.raises(ValueError, match=r"8-bit images \(pixels k/255\): this one is 0.00196 off"):
+    with pytest.raises(ValueError, match=r"8-bit images \(pixels k/255, e.g. CIFAR-10/ImageNet, .*this one is 0.00196 off"):
         noise.check_input(torch.full((3, 4, 4), 0.5))
+    digits = DigitsDataModule().dataset("test")[0][0]  # [3,32,32]: 1/16 steps, bilinearly upsampled
+    levels = digits.double().numpy() * 255
+    off = np.abs(levels - np.round(levels)).max() / 255
+    with pytest.raises(ValueError, match=rf"not the bundled digits\): this one is {off:.3g} off") as err:
+        noise.check_input(digits)
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
         noise.check_input(torch.zeros(1).expand(3, 2400, 2400))
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
@@ -145,51 +160,59 @@ def test_config_round_trip_and_yaml(sigma, eta):
     assert cfg.consistency.eta == eta
 
 
-def certify_threshold_classifier(sample_noise, cert_noise, n0=100, n=1000, alpha=0.05):
-    """Cohen's CERTIFY by Monte Carlo on f(x) = 1[x_0 > (B + 1/2)/255] at many images (level B + m in
-    coordinate 0); returns (number of non-abstaining certificates, number of false ones).
+class LevelSumClassifier(torch.nn.Module):
+    """Logits [B, 2] of f(x) = 1[sum of the 8-bit levels of x's 3 pixels > THRESHOLD] for x [B, 1, 1, 3]."""
 
-    For h = f o clip o round smoothed with the continuous N(0, sigma^2) (which the discrete noise samples
-    exactly on the grid), p_1(x) = Phi((x_0 - (B + 1/2)/255) / sigma): the classifier is linear, so Cohen's
-    radius at the exact p is the exact distance |level - B - 1/2| / 255 to the decision boundary, and a
-    certificate is false iff it claims a larger radius.
-    """
-    base = 127
-    certified = false = 0
-    for point, m in enumerate(range(-95, 97)):
-        for repeat in range(2):
-            image = torch.tensor([base + m, 50.0]).reshape(1, 1, 2) / 255  # [1,1,2]; coordinate 1 is ignored
+    THRESHOLD = 382
 
-            def count_ones(stage, num, image=image, point=point, repeat=repeat):
-                ones = 0
-                for block in range(num // 100):
-                    g = torch.Generator().manual_seed(((point * 2 + repeat) * 2 + stage) * 100 + block)
-                    out = sample_noise.noisy_copies(image, g, torch.empty(100, 1, 1, 2))
-                    ones += int((torch.round(out[:, 0, 0, 0] * 255) > base).sum())
-                return ones
-
-            guess = int(count_ones(0, n0) > n0 / 2)
-            ones = count_ones(1, n)
-            n_a = ones if guess == 1 else n - ones
-            p_lower = beta.ppf(alpha, n_a, n - n_a + 1) if n_a > 0 else 0.0  # one-sided Clopper-Pearson
-            if p_lower < 0.5:
-                continue  # abstain
-            certified += 1
-            radius = cert_noise.radius(p_lower)
-            distance = (m - 0.5) / 255 if guess == 1 else (0.5 - m) / 255  # negative: the guess is wrong
-            false += int(radius > distance)
-    return certified, false
+    def forward(self, x):
+        ones = (torch.round(x * 255).sum(dim=(1, 2, 3)) > self.THRESHOLD).float()  # [B]
+        return torch.stack([1 - ones, ones], dim=1)
 
 
-def test_certificates_sound_on_a_closed_form_classifier():
-    noise = DiscreteGaussianNoise(0.25)
-    certified, false = certify_threshold_classifier(noise, noise)
-    assert certified > 250
-    # each certificate is false with probability <= alpha: allow the 0.999 quantile of Binomial(N, alpha)
-    assert false <= binom.ppf(0.999, certified, 0.05)
-    # the check has power: noise 20% too small (sampling sigma 0.2, certifying with 0.25) is caught
-    certified, false = certify_threshold_classifier(DiscreteGaussianNoise(0.2), noise)
-    assert false > binom.ppf(0.999, certified, 0.05)
+def exact_level_sum_probability(sigma: float, levels: tuple[int, ...]) -> float:
+    """P(f(x + eps) = 1) for LevelSumClassifier under the discrete noise, by convolution (float64, scipy): each
+    noisy level is clip(L + i), i ~ the exact pmf, its tails lumped at the clip ends [-255k, 255(k+1)]."""
+    k = max(1, math.floor(6 * sigma))
+    low, high = -255 * k, 255 * (k + 1)
+    total = np.ones(1)  # pmf of the sum of the noisy levels, from sum = len(levels) * low
+    for level in levels:
+        upper = norm.cdf((2 * (np.arange(low, high + 1) - level) + 1) / (510 * sigma))  # P(noisy <= v)
+        upper[-1] = 1.0
+        total = np.convolve(total, np.diff(upper, prepend=0.0))
+    sums = len(levels) * low + np.arange(len(total))
+    return float(total[sums > LevelSumClassifier.THRESHOLD].sum())
+
+
+def certify_level_sums(alpha: float):
+    """The project's Smooth.run(Certify) with DiscreteGaussianNoise(0.25) on 7 images x 30 seeds (idx) around
+    LevelSumClassifier's boundary; returns (records, exact P(f = 1) per record)."""
+    configs = [(80, 100, 120), (100, 120, 140), (118, 128, 138), (115, 135, 155), (130, 150, 170),
+               (150, 170, 190), (180, 200, 220)]  # level sums 300 .. 600 around the threshold 382
+    images = [(idx, torch.tensor(configs[idx % 7], dtype=torch.float32).reshape(1, 1, 3) / 255, 1)
+              for idx in range(7 * 30)]  # [1,1,3] each
+    smooth = Smooth(LevelSumClassifier(), 2, DiscreteGaussianNoise(0.25))
+    records = smooth.run(Certify(n0=100, n=1000, alpha=alpha), images, batch_size=1000, seed=3)
+    p_one = {c: exact_level_sum_probability(0.25, c) for c in configs}
+    return records, [p_one[configs[r.idx % 7]] for r in records]
+
+
+def test_smooth_certificates_never_exceed_the_exact_radius_beyond_alpha():
+    """CERTIFY through the project's sampler and procedure: a certified radius larger than sigma Phi^-1(p_exact)
+    of its class (the radius Cohen's theorem gives with the exact probability; negative for a wrong class) is
+    false, which must happen with probability <= alpha per certificate."""
+    alpha = 0.1
+    records, p_one = certify_level_sums(alpha)
+    certified = [(r, p if r.predict == 1 else 1 - p) for r, p in zip(records, p_one) if r.predict != Smooth.ABSTAIN]
+    assert len(certified) > 150 and {r.predict for r, _ in certified} == {0, 1}
+    exact_radius = [0.25 * norm.ppf(p) for _, p in certified]
+    false = sum(r.radius > exact for (r, _), exact in zip(certified, exact_radius))
+    assert false <= binom.ppf(0.999, len(certified), alpha)
+    # the check has power: the same counts turned into radii with a 20% larger sigma are caught
+    wrong = DiscreteGaussianNoise(0.3)
+    false_wrong = sum(wrong.radius(lower_confidence_bound(r.n_a, r.n, alpha)) > exact
+                      for (r, _), exact in zip(certified, exact_radius))
+    assert false_wrong > binom.ppf(0.999, len(certified), alpha)
 
 
 def test_grid_rounding_commutes_with_adding_on_grid_images():
@@ -209,8 +232,6 @@ class ThresholdClassifier(torch.nn.Module):
 
 
 def test_the_projects_smooth_certifies_with_it_and_refuses_off_grid_images():
-    from dmae_lightning.certification import Smooth
-
     smooth = Smooth(ThresholdClassifier(), 2, DiscreteGaussianNoise(0.25))
     x = torch.tensor([127 + 40, 50.0]).reshape(1, 1, 2) / 255  # exact radius (40 - 1/2) / 255 = 0.1549
     guess, radius = smooth.certify(x, n0=100, n=10_000, alpha=0.001, batch_size=1000)

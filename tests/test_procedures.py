@@ -317,6 +317,26 @@ def test_a_noise_needs_a_positive_sigma(sigma):
         GaussianNoise(sigma)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Deducting(GaussianNoise):
+    """A noise whose certificate needs p > 1/2 + 0.2 (as DiscreteGaussianNoise needs 1/2 + its tiny deduction)."""
+
+    def radius(self, p_lower):
+        return super().radius(p_lower - 0.2)
+
+    def probability_for_radius(self, radius):
+        return super().probability_for_radius(radius) + 0.2
+
+
+def test_certify_abstains_below_the_noise_s_own_threshold():
+    x, sigma = torch.full((1, 2, 2), 0.5), 0.25
+    fn = threshold_fn(0.5, sigma, [0.62, 0.38])  # P(class 0) = 0.62: p_lower about 0.57 at n = 2000
+    plain = Smooth(Recording(fn), 2, GaussianNoise(sigma)).certify_record(x, 100, 2000, 0.001, 1000, seed=3)
+    assert plain.predict == 0 and 0.5 < plain.n_a / plain.n < 0.7 and plain.radius > 0
+    deducting = Smooth(Recording(fn), 2, _Deducting(sigma)).certify_record(x, 100, 2000, 0.001, 1000, seed=3)
+    assert deducting.predict == Smooth.ABSTAIN and deducting.n_a == plain.n_a  # same draws, its own threshold
+
+
 def test_one_noise_samples_and_certifies():
     """Issue 17: Smooth(clf, sigma=0.25).run(Certify(GaussianNoise(1.0), ...)) sampled at 0.25 and certified at
     1.0 (radius 2.46 instead of 0.62). A procedure now holds no noise: both old calls are refused, and the

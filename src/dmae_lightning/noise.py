@@ -227,11 +227,11 @@ class DiscreteGaussianNoise(Noise):
         scaled = image.detach().double() * 255
         off = float((scaled - scaled.round()).abs().max()) if image.numel() else 0.0
         if not off <= 1e-4:
-            raise ValueError(f"discrete noise needs 8-bit images (pixels k/255): this one is {off / 255:.3g} "
-                             "off the 1/255 grid")
+            raise ValueError(f"discrete noise needs 8-bit images (pixels k/255, e.g. CIFAR-10/ImageNet, not the "
+                             f"bundled digits): this one is {off / 255:.3g} off the 1/255 grid")
 
     def radius(self, p_lower: float) -> float:
-        """sigma Phi^-1(p_lower - deduction); negative below 1/2 + deduction."""
+        """sigma Phi^-1(p_lower - deduction); negative below 1/2 + deduction, -inf up to the deduction."""
         return float(self.sigma * norm.ppf(max(p_lower - self.deduction, 0.0)))
 
     def probability_for_radius(self, radius: float) -> float:

@@ -111,7 +111,7 @@ class Certify(Procedure):
             return CertifyRecord(idx, label, guess, 0.0, 0, 0, 0, 0.0)
         n_a = int((yield Draw(stage=1, num=self.n))[guess])
         p_lower = lower_confidence_bound(n_a, self.n, self.alpha)
-        if p_lower < 0.5:
+        if p_lower < noise.probability_for_radius(0.0):  # 1/2, plus what a noise deducts for its sampling error
             return CertifyRecord(idx, label, ABSTAIN, 0.0, 0, n_a, self.n, 0.0)
         return CertifyRecord(idx, label, guess, noise.radius(p_lower), int(guess == label), n_a, self.n, 0.0)
 
