@@ -376,8 +376,8 @@ def digits_like_p(num: int, rng: np.random.Generator) -> np.ndarray:
 
     2% wrong images (p in [0, 0.05]), 1% ambiguous (p in [0.3, 0.9]), the rest correct with
     log10(1 - p) ~ Normal(-3.1, 0.7) (capped so that p >= 1/2). Calibrated so that fixed-n CERTIFY with
-    n = 1,000 gives about the README's quickstart table (97.7 / 97.0 / 90.4 % at r = 0 / 0.25 / 0.5) and a
-    naive union bound over looks doubling in size gives about what method.md reports for the real model's
+    n = 1,000 gives 97.7 / 97.0 / 90.4 % at r = 0 / 0.25 / 0.5 (the README's quickstart table within its
+    +-2 point tolerance) and a naive union bound over looks doubling in size gives about what was measured on the real model's
     counts (11.6x at cap 10,000; 2.9x at cap 100,000, losing 1.5 points at r = 0.75).
     """
     kind = rng.choice(3, size=num, p=[0.02, 0.01, 0.97])  # [N]
