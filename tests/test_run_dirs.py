@@ -167,6 +167,7 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     assert proc.stderr.startswith("error: cannot create the run directory") and "ro is not writable" in proc.stderr
 
 
+@pytest.mark.slow  # 7 subprocesses of ~7.5 s each (torch + Lightning imports); the suite's quick run has no room
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -245,6 +245,7 @@ def slurm_cluster():
 
 
 # ----------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow  # ~20 s with the cluster's setup: sbatch, two srun tasks, a merge
 def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, tmp_path):
     """scripts/slurm/certify.sbatch -> srun -> 2 x certify.py (Lightning DDP, gloo): each image certified once,
     certify.tsv in the job's run directory equals an in-process single-rank run in every result column."""
