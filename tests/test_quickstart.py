@@ -163,3 +163,25 @@ def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp
                      for name, stage in zip(("pre-training", "fine-tuning", "certification"), STAGES)]
     assert "| 50.0 | 25.0 | 12.5 | 0.100 |" in capsys.readouterr().out
     assert not any(tmp_path.rglob("wandb"))
+
+
+def test_a_stage_finished_with_other_settings_is_refused_not_reused(tmp_path):
+    """The quickstart's certification settings are not in its run identity (another procedure reuses the trained
+    stages), so a finished certification stage records its overrides: new settings (quickstart.certify=[..n=2000..])
+    are refused in one line instead of silently reporting the old results."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.errors import ConfigError
+    from dmae_lightning.quickstart import DONE, STAGES, run_quickstart
+
+    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", "logger=none"], output_dir=tmp_path)
+    overrides = {stage: list(cfg.quickstart[stage]) for stage in STAGES}
+    for stage in STAGES:
+        (tmp_path / stage).mkdir()
+    for stage in ("pretrain", "finetune"):
+        (tmp_path / stage / DONE).write_text("{}")  # a record without overrides (older runs): taken as finished
+    done_with = [o.replace("n=1000", "n=2000") for o in overrides["certify"]]
+    done_with.append(f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}")
+    (tmp_path / "certify" / DONE).write_text(json.dumps({"overrides": done_with}))
+    with pytest.raises(ConfigError, match=r"certify was finished with other settings \(n=1000, n=2000\)") as err:
+        run_quickstart(cfg, str(REPO / "conf"), overrides)
+    assert "\n" not in str(err.value)

@@ -90,6 +90,11 @@ def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Pat
     """Run one stage in ``stage_dir`` unless it finished there before; ``logger``: the job's logger choice (None:
     logger=none), named when a finished stage logs nothing new."""
     if (stage_dir / DONE).exists():
+        done_with = json.loads((stage_dir / DONE).read_text()).get("overrides", overrides)
+        if done_with != overrides:  # e.g. quickstart.certify=[...] changed: not in the run identity
+            changed = sorted(set(overrides) ^ set(done_with))
+            raise ConfigError(f"quickstart: {stage_dir} was finished with other settings ({', '.join(changed)}): "
+                              "remove that directory to redo the stage with the new ones")
         note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
         log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
         return
@@ -97,7 +102,8 @@ def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Pat
     log.info("quickstart: %s -> %s", name, stage_dir)
     cfg = compose(conf_dir, config_name, [*overrides, *resume], output_dir=stage_dir)
     result = (train if config_name == "train" else certify)(cfg)
-    (stage_dir / DONE).write_text(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+    record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+    (stage_dir / DONE).write_text(json.dumps({**record, "overrides": overrides}))
 
 
 def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
