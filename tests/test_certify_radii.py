@@ -54,7 +54,8 @@ def wrongly_certified_rate(test_class, images: int, alpha: float) -> tuple[float
     b = float((w * x).sum()) - exact
     assert norm.cdf(exact / SIGMA) < norm.cdf(0.2 / SIGMA)  # certifying r = 0.2 is wrong
     procedure = CertifyRadii((0.0, 0.1, 0.2), n=1000, alpha=alpha)
-    object.__setattr__(procedure, "test", test_class((0.0, 0.1, 0.2), SIGMA, 1000, alpha, block=100))
+    test = test_class((0.0, 0.1, 0.2), GaussianNoise(SIGMA), 1000, alpha, block=100)
+    object.__setattr__(procedure, "test", lambda noise: test)  # the procedure's test for the smoothing noise
     smooth = Smooth(Halfspace(w, b), 2, GaussianNoise(SIGMA))
     records = smooth.run(procedure, [(idx, x, 1) for idx in range(images)], batch_size=50_000, seed=11)
     wrong = sum(r.radius is not None and r.radius > exact for r in records) / images
