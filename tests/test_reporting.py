@@ -120,3 +120,15 @@ def test_the_jobs_table_shows_acr_and_the_lower_bound():
     lines = report(summary).splitlines()
     assert lines[1:5] == ["| sigma | r=0 | r=0.5 | ACR |", "| --- | ---: | ---: | ---: |",
                           f"| 0.25 | 75.0 | {BEYOND} | 0.188 |", f"| 0.25 lower bound | 50.0 | {BEYOND} |  |"]
+
+
+def test_runs_of_the_same_images_share_a_table_however_they_were_chosen(tmp_path):
+    by_protocol = make_run(tmp_path / "a", 0.25, [(0.3, 1), (0.1, 1)],
+                           subset={"skip": 1, "max": None, "images": 500, "indices": "range(0, 10000, 20)[:500]"})
+    by_skip = make_run(tmp_path / "b", 0.5, [(0.6, 1), (0.0, 0)],
+                       subset={"skip": 20, "max": 500, "images": None, "indices": "range(0, 10000, 20)[:500]"})
+    other = make_run(tmp_path / "c", 0.5, [(0.6, 1), (0.0, 0)],
+                     subset={"skip": 10, "max": 500, "images": None, "indices": "range(0, 10000, 10)[:500]"})
+    assert main([str(by_protocol), str(by_skip), str(other), "--radii", "0", "0.5", "--out", str(tmp_path / "r")]) == 0
+    tables = (tmp_path / "r" / "analysis.md").read_text().split("### ")[1:]
+    assert len(tables) == 2 and sum("| best |" in table for table in tables) == 1

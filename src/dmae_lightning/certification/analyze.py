@@ -47,9 +47,16 @@ GROUP_KEYS = (
 
 def group_key(summary: dict) -> tuple[str, ...]:
     """The run's values of GROUP_KEYS; "grid" is the radius grid of certify_radii (its records answer only
-    there), None for procedures whose radii are only the table's columns; "noise" the noise's class."""
-    values = {**summary, "grid": summary.get("radii") if summary.get("mode") == GRID_MODE else None,
-              "noise": (summary.get("noise") or {}).get("_target_")}
+    there), None for procedures whose radii are only the table's columns; "noise" the noise's class; "subset"
+    the images taken (protocol=images500 and skip=20 max=500 take the same ones), the settings where a run does
+    not say."""
+    subset = summary.get("subset")
+    values = {
+        **summary,
+        "subset": subset.get("indices", subset) if isinstance(subset, dict) else subset,
+        "grid": summary.get("radii") if summary.get("mode") == GRID_MODE else None,
+        "noise": (summary.get("noise") or {}).get("_target_"),
+    }
     return tuple(str(values.get(k)) for k in GROUP_KEYS)
 
 

@@ -240,6 +240,7 @@ class CertifyRadii(Procedure):
     def from_params(cls, params, radii: tuple[float, ...]) -> CertifyRadii:
         return cls(radii, params.n, params.alpha, params.n0)
 
+
 PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii)}
 
 
