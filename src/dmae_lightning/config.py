@@ -239,7 +239,7 @@ def noise_tag(*, _root_) -> str:
     """``${noise_tag:}``: the job's noise in its run name, e.g. ``sigma0.25`` or ``discrete_sigma0.25``; an
     invalid noise gets ``invalid-noise`` (Hydra names the directory before the job can report the error)."""
     try:
-        return noise_from_config(OmegaConf.to_container(_root_.noise, resolve=True)).tag
+        return noise_from_config(_root_.noise).tag
     except (ValueError, TypeError):
         return "invalid-noise"
 

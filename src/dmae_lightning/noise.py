@@ -45,7 +45,7 @@ class Noise(ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        _REGISTRY[cls.target()] = cls
 
     @abstractmethod
     def perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -67,6 +67,11 @@ class Noise(ABC):
         """Raise ValueError (one line) for an image the certificate does not hold at; any [0,1] image here."""
         return None
 
+    @classmethod
+    def target(cls) -> str:
+        """The ``_target_`` that names this class in configs and checkpoints."""
+        return f"{cls.__module__}.{cls.__qualname__}"
+
     @property
     def tag(self) -> str:
         """The noise in run directory names, e.g. ``sigma0.25``."""
@@ -74,7 +79,7 @@ class Noise(ABC):
 
     def config(self) -> dict:
         """Plain data that :func:`noise_from_config` (and Hydra's instantiate) turn back into this noise."""
-        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **dataclasses.asdict(self)}
+        return {"_target_": self.target(), **dataclasses.asdict(self)}
 
 
 def _check_sigma(sigma) -> None:

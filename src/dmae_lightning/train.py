@@ -13,6 +13,7 @@ from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_re
 
 from .config import run_in_dir
 from .errors import BAD_INPUT, ConfigError, one_line
+from .noise import noise_from_config
 from .resume import resume_checkpoint
 from .tracking import finish_runs, keep_logged_metrics
 
@@ -28,7 +29,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     try:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
-        noise = instantiate(cfg.noise)  # the job's one noise object: the module's and its model's
+        noise = noise_from_config(cfg.noise)  # the job's one noise object: the module's and its model's
         # (partial, then called: Hydra would turn a dataclass keyword argument into a plain config)
         module = instantiate(cfg.task.module, _partial_=True, _convert_="all")(noise=noise)
         if cfg.pretrained and not cfg.ckpt_path:

@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> JobParams:
     if not _is_number(rho) or not 0 < rho < 1:
         raise ConfigError(f"rho must lie strictly between 0 and 1, got {rho!r}")
     try:
-        noise = noise_from_config(OmegaConf.to_container(cfg.noise, resolve=True))
+        noise = noise_from_config(cfg.noise)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     if cfg.precision not in ("auto", *PRECISIONS):
