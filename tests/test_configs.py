@@ -87,6 +87,9 @@ def test_sweep_points_get_distinct_run_directories(monkeypatch):
         (["model.pretrain_name=dmae_vit_huge"], "unknown model 'dmae_vit_huge'"),
         (["task=finetune", "data.num_classes=7"], "num_classes"),
         (["task=finetune", "pretrained=/no/such/file.pth"], "does not exist"),
+        # issue 21.3: refused at build, not by a traceback at the first certification epoch
+        (["experiment=finetune_digits", "noise=discrete_gaussian_sigma_0.25"],
+         r"^CertificationCallback on the val split: discrete noise needs 8-bit images"),
         (
             [
                 "experiment=pretrain_cifar10_continue",

@@ -481,7 +481,7 @@ def test_no_host_synchronisation_until_a_request_is_complete():
     linear = nn.Linear(3 * 8 * 8, 10).cuda()
     smooth = Smooth(nn.Sequential(nn.Flatten(1), linear), 10, GaussianNoise(0.5))
     sampler = smooth.sampler(500, seed=0, device="cuda")
-    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), Certify(2000, 10, 0.001).run(0, 0, smooth.noise))
+    sampler.add(0, torch.rand(3, 8, 8, device="cuda"), 0, Certify(2000, 10, 0.001))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -489,3 +489,19 @@ def test_no_host_synchronisation_until_a_request_is_complete():
             assert list(sampler.step()) == []
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_two_images_under_one_idx_are_refused_before_any_draw():
+    """Issue 22.2: records are keyed by idx and noise is seeded by it; [(1, 8, 200), (1, 8, 200)] came back for
+    two different images sharing idx 1 (the first image's record replaced by the second's)."""
+    classifier = Recording(three_class_fn())
+    smooth = Smooth(classifier, 3, GaussianNoise(0.5))
+    x0, x1 = torch.rand(3, 2, 2), torch.rand(3, 2, 2)
+    with pytest.raises(ValueError, match="two images share idx 1"):
+        smooth.run(Certify(10, 200, 0.001), [(1, x0, 0), (1, x1, 0)], batch_size=64)
+    assert classifier.batch_sizes == []
+    sampler = smooth.sampler(64, seed=0, device="cpu")
+    sampler.add(1, x0, 0, Certify(10, 200, 0.001))
+    with pytest.raises(ValueError, match="image idx 1 is already being certified"):
+        sampler.add(1, x1, 0, Certify(10, 200, 0.001))
+    sampler.reset()

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
+from .certification.callback import CertificationCallback
 from .config import run_in_dir
 from .errors import BAD_INPUT, ConfigError, one_line
 from .noise import noise_from_config
@@ -37,6 +38,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
             log.info("initialised from %s (%s layout): %s", cfg.pretrained, report.layout, report)
         callback_cfgs = {**cfg.get("callbacks", {}), **cfg.task.get("callbacks", {})}
         callbacks = [instantiate(c) for c in callback_cfgs.values() if c]
+        for callback in callbacks:  # what a callback needs of the data and the noise, before the first step
+            if isinstance(callback, CertificationCallback):
+                callback.check(datamodule, noise)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         if not logger:  # logger=none: nothing to report learning rates to
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

@@ -1,5 +1,6 @@
 """Randomized-smoothing certification: one module per concern.
 
+- :mod:`.protocol`    the procedure interface and its Draw requests (what a new procedure implements)
 - :mod:`.sampler`     the Monte Carlo engine: block-seeded noise, many images per forward batch
 - :mod:`.procedures`  CERTIFY, PREDICT, sequential CERTIFY_RADII (one interface, ``PROCEDURES``) and ``Smooth``
 - :mod:`.sequential_test` the confidence sequence behind CERTIFY_RADII (numpy/scipy only)
@@ -13,9 +14,10 @@
 - :mod:`.analyze`     ``python -m dmae_lightning.certification.analyze RUN_DIR...``
 """
 
-from .procedures import PROCEDURES, Certify, CertifyRadii, Predict, Procedure, Smooth, lower_confidence_bound
+from .procedures import PROCEDURES, Certify, CertifyRadii, Predict, Smooth, lower_confidence_bound
+from .protocol import Draw, Procedure
 from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
-from .sampler import NOISE_BLOCK, NOISE_SCHEME, Draw, NonFiniteLogits, Sampler
+from .sampler import NOISE_BLOCK, NOISE_SCHEME, NonFiniteLogits, Sampler
 
 __all__ = [
     "ABSTAIN", "NOISE_BLOCK", "NOISE_SCHEME", "PROCEDURES", "Certify", "CertifyRadii", "CertifyRecord", "Draw",

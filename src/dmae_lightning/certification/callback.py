@@ -72,15 +72,28 @@ class CertificationCallback(pl.Callback):
         self.alpha, self.batch, self.split, self.seed, self.precision = alpha, batch, split, seed, precision
         self.radii = tuple(float(r) for r in radii) if radii is not None else None
 
+    def check(self, datamodule, noise: Noise) -> None:
+        """ValueError (one line) unless the callback can certify ``datamodule``'s split with ``noise``: the
+        training job calls it before the first step (a discrete noise refuses images off the 8-bit grid, such
+        as the bundled digits), ``setup`` again for a Trainer built by hand."""
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
+        if not isinstance(noise, Noise):
+            raise ValueError("CertificationCallback needs a module with a noise (SmoothedClassifierModule)")
+        dataset = datamodule.dataset(self.split)
+        if len(dataset):
+            try:
+                noise.check_input(dataset[self.indices(len(dataset))[0]][0])
+            except ValueError as err:
+                raise ValueError(f"CertificationCallback on the {self.split} split: {err}") from None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail at the start of fit, not after the first epoch, when something is missing."""
         if stage != "fit":
             return
-        if trainer.datamodule is None or not hasattr(trainer.datamodule, "dataset"):
-            raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
-        if not isinstance(getattr(pl_module, "noise", None), Noise) or "num_classes" not in pl_module.hparams:
-            raise ValueError("CertificationCallback needs a module with a noise and hparams num_classes "
-                             "(SmoothedClassifierModule)")
+        if "num_classes" not in getattr(pl_module, "hparams", {}):
+            raise ValueError("CertificationCallback needs a module with hparams num_classes (SmoothedClassifierModule)")
+        self.check(trainer.datamodule, getattr(pl_module, "noise", None))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:

@@ -103,7 +103,7 @@ class SmoothingPredictor(pl.LightningModule):
             raise DataError(f"certification stopped at idx {idx}: {error}")
         if idx < 0:  # the placeholder of a rank with nothing to do
             return
-        self._write(self.sampler.submit(idx, image, self.procedure.run(idx, label, self.params.noise)))
+        self._write(self.sampler.submit(idx, image, label, self.procedure))
 
     def on_predict_epoch_end(self) -> None:
         self._write(self.sampler.drain())

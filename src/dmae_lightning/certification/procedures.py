@@ -1,11 +1,11 @@
 """Certification procedures and the smoothed classifier that runs them.
 
 A procedure turns the noisy predictions of one labelled image into one record. It is a small class
-of plain settings with ``run(idx, label, noise)``: a generator that yields :class:`~.sampler.Draw` requests, receives the class
-counts ([K] int64 CPU tensor) of each, and returns its record (:mod:`.records`). The sampler serves the
-requests of many images at once, so a procedure never sees batches, devices or seeds. A procedure holds
-no noise: :class:`Smooth` passes the one it samples with to ``run`` and ``summarise``, so every radius
-comes from the distribution the samples were drawn from. ``PROCEDURES``
+of plain settings with ``run(idx, label, noise)`` (:class:`~.protocol.Procedure`): a generator that yields
+:class:`~.protocol.Draw` requests, receives the class counts ([K] int64 CPU tensor) of each, and returns its
+record (:mod:`.records`). The sampler serves the requests of many images at once, so a procedure never
+sees batches, devices or seeds. A procedure holds no noise: the sampler starts each run with the noise it
+draws from, so every radius comes from the distribution the samples were drawn from. ``PROCEDURES``
 maps the job's ``mode`` value to the class; a new procedure is one class plus one entry there.
 
 - :class:`Certify`: CERTIFY of Cohen, Rosenfeld & Kolter (ICML 2019): n0 draws select the top class cA,
@@ -20,7 +20,6 @@ maps the job's ``mode`` value to the class; a new procedure is one class plus on
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,8 +34,9 @@ from .metrics import (
     certified_accuracy,
     max_certifiable_radius,
 )
+from .protocol import Draw, Procedure, Run
 from .records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
-from .sampler import NOISE_BLOCK, Draw, Run, Sampler, resolve_precision
+from .sampler import NOISE_BLOCK, Sampler, resolve_precision
 from .sequential_test import SequentialTest, check_radii, clopper_pearson_lower, look_schedule, spend_alpha
 
 
@@ -49,31 +49,6 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     if not 0 <= n_a <= n:
         raise ValueError(f"need 0 <= n_a <= n, got n_a={n_a}, n={n}")
     return clopper_pearson_lower(n_a, n, alpha)
-
-
-class Procedure(ABC):
-    """Interface of a certification procedure (see the module docstring)."""
-
-    name: ClassVar[str]  # the mode= value; results go to <name>.tsv
-    record_type: ClassVar[type[Record]]
-
-    @abstractmethod
-    def run(self, idx: int, label: int, noise: Noise) -> Run:
-        """Yield Draws, receive counts (of samples drawn with ``noise``), return the image's record."""
-
-    @abstractmethod
-    def settings(self) -> dict:
-        """Everything the per-image results depend on besides the noise, seed, model and data."""
-
-    @abstractmethod
-    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
-        """The result fields of summary.json (metrics from :mod:`.metrics`)."""
-
-    @classmethod
-    @abstractmethod
-    def from_params(cls, params, radii: tuple[float, ...]) -> Procedure:
-        """The procedure of a validated job (``params``: :class:`~.params.JobParams`; ``radii``: the
-        radii of the job's tables, the data set's paper radii unless the job names others)."""
 
 
 def _check_counts(**counts: int) -> None:
@@ -250,8 +225,9 @@ class Smooth:
     The base classifier should be in eval mode (dropout or drop path would change f between draws).
     ``precision``: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; ``compile``:
     torch.compile the base classifier (one graph, every batch padded to ``batch_size``). ``noise``: the
-    smoothing distribution (:mod:`dmae_lightning.noise`); every procedure run here samples with it and
-    computes its radii with it, so the two cannot differ. The noise of
+    smoothing distribution (:mod:`dmae_lightning.noise`), fixed at construction; every procedure run here
+    is started by a sampler that draws with it and computes its radii with it, so the two cannot differ (to
+    sweep sigma, build one ``Smooth`` per noise). The noise of
     image ``idx`` comes from the (seed, idx) block streams of :mod:`.sampler`: the result depends on
     neither ``batch_size`` nor which other images are certified with it.
     """
@@ -271,32 +247,50 @@ class Smooth:
         if not isinstance(noise, Noise):
             raise TypeError(f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}")
         resolve_precision(precision, "cpu")  # refuses an unknown name now, not at the first image
-        self.noise = noise
+        self._noise = noise
         self.base_classifier, self.num_classes = base_classifier, num_classes
         self.precision, self.compile = precision, compile
         self._samplers: dict[tuple, Sampler] = {}  # keeps a compiled classifier across calls
+
+    @property
+    def noise(self) -> Noise:
+        """The smoothing distribution (read-only: its samplers draw with it)."""
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: Noise) -> None:
+        raise AttributeError(f"Smooth.noise is fixed at construction ({self._noise!r}): build a new "
+                             f"Smooth(base_classifier, num_classes, {value!r}) to certify with another noise")
 
     def sampler(self, batch_size: int, seed: int, device: torch.device | str) -> Sampler:
         _check_counts(batch_size=batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        key = (batch_size, seed, str(device))
+        key = (batch_size, seed, str(device), self._noise)  # a sampler serves one noise only
         if key not in self._samplers:
             self._samplers[key] = Sampler(
-                self.base_classifier, self.num_classes, self.noise, seed, batch_size,
+                self.base_classifier, self.num_classes, self._noise, seed, batch_size,
                 self.precision, self.compile, device,
             )
         return self._samplers[key]
 
     def run(self, procedure: Procedure, images, batch_size: int, seed: int = 0) -> list[Record]:
-        """Records of ``procedure`` on ``images``: (idx, [C,H,W] image, label) triples sharing forward batches."""
+        """Records of ``procedure`` on ``images``: (idx, [C,H,W] image, label) triples sharing forward batches.
+
+        Every idx must be distinct: an image's noise is seeded by its idx, and its record is returned by it."""
         images = list(images)
+        seen: set[int] = set()
+        for idx, *_ in images:
+            if idx in seen:
+                raise ValueError(f"two images share idx {idx}: every image needs its own idx (its noise is "
+                                 "seeded by it, and its record is found by it)")
+            seen.add(idx)
         records: dict[int, Record] = {}
         sampler = None
         try:
             for idx, x, label in images:
                 sampler = sampler or self.sampler(batch_size, seed, getattr(x, "device", "cpu"))
-                records.update(sampler.submit(idx, x, procedure.run(idx, label, self.noise)))
+                records.update(sampler.submit(idx, x, label, procedure))
             if sampler is not None:
                 records.update(sampler.drain())
         finally:  # an error leaves images in flight: the next call must start clean

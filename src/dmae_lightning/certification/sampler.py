@@ -1,7 +1,10 @@
 """The Monte Carlo engine: block-seeded noise, many images per forward batch, counts kept on the device.
 
-A procedure (:mod:`.procedures`) asks for noisy samples of its image with :class:`Draw` requests and
-receives the class counts; the sampler serves the requests of many images at once.
+A procedure (:mod:`.procedures`) asks for noisy samples of its image with :class:`~.protocol.Draw`
+requests and receives the class counts; the sampler serves the requests of many images at once. The
+sampler starts every procedure run itself, with the noise it draws from (``submit(idx, image, label,
+procedure)``), and that noise is fixed when the sampler is built: the counts a radius is computed from
+always come from the noise the radius is computed with.
 
 Noise scheme (``NOISE_SCHEME``, recorded with every run): the samples of image ``idx`` in stage ``stage``
 (e.g. CERTIFY's selection 0 and estimation 1) are the rows of consecutive blocks of ``NOISE_BLOCK``
@@ -26,15 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..noise import Noise
 from ..rng import CERTIFY_STREAM, seeded_generator
+from .protocol import Draw, Procedure, Run
+from .records import Record
 
 NOISE_BLOCK = 100  # samples per seeded noise block
 NOISE_SCHEME = f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
@@ -68,20 +73,6 @@ class NonFiniteLogits(ValueError):
     """The base classifier returned NaN or Inf: a broken model must never be certified."""
 
 
-@dataclass(frozen=True)
-class Draw:
-    """A procedure's request: ``num`` more noisy samples of its image from noise stage ``stage``.
-
-    Requests on the same stage continue its stream (the second request gets the samples after the first's).
-    """
-
-    stage: int
-    num: int
-
-
-Run = Generator[Draw, torch.Tensor, object]  # a procedure run: yields Draws, receives [K] counts, returns a record
-
-
 class _Image:
     """An image in flight: its procedure run, its pending request and the device-side tallies."""
 
@@ -111,8 +102,10 @@ class _Image:
 class Sampler:
     """Serves the Draw requests of many images with the smoothed classifier's noisy forward passes.
 
-    ``submit(idx, image, run)`` starts an image and runs the batches the images in flight fill;
-    ``drain()`` finishes them all; both yield each ``(idx, record)`` the moment it is finished.
+    ``submit(idx, image, label, procedure)`` starts the procedure's run on an image, with this sampler's
+    noise, and runs the batches the images in flight fill; ``drain()`` finishes them all; both yield each
+    ``(idx, record)`` the moment it is finished. ``noise`` cannot be replaced: a sampler for another noise is
+    another sampler.
     """
 
     def __init__(
@@ -127,7 +120,10 @@ class Sampler:
         device: torch.device | str = "cpu",
     ):
         self.device = torch.device(device)
-        self.num_classes, self.noise, self.seed, self.batch_size = num_classes, noise, seed, batch_size
+        if not isinstance(noise, Noise):
+            raise TypeError(f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}")
+        self._noise = noise
+        self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
         self.precision = resolve_precision(precision, self.device)
         self.compile = compile
         # torch.compile specialises on the input shape: a fixed batch shape keeps one graph for the run.
@@ -136,20 +132,35 @@ class Sampler:
         self.buffer: torch.Tensor | None = None  # [batch_size,C,H,W], reused by every batch
 
     @property
+    def noise(self) -> Noise:
+        """The noise every sample is drawn from and every run of this sampler certifies with (read-only)."""
+        return self._noise
+
+    @property
     def pending_rows(self) -> int:
         return sum(im.request.num - im.assigned for im in self.images)
 
-    def add(self, idx: int, image: torch.Tensor, run: Run) -> object | None:
-        """Start ``run`` on ``image`` [C,H,W]; returns its record at once if it needs no samples."""
+    def add(self, idx: int, image: torch.Tensor, label: int, procedure: Procedure) -> tuple[int, Record] | None:
+        """Start ``procedure``'s run on ``image`` [C,H,W] with this sampler's noise; returns ``(idx, record)``
+        at once if it needs no samples."""
+        if not isinstance(procedure, Procedure):  # e.g. a run started elsewhere, with another noise
+            raise TypeError(f"the sampler starts the run itself, with its own noise: pass a Procedure "
+                            f"(Certify, Predict, CertifyRadii), got {type(procedure).__name__}")
+        for name, value in (("idx", idx), ("label", label)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if any(item.idx == idx for item in self.images):
+            raise ValueError(f"image idx {idx} is already being certified: every image needs its own idx "
+                             "(its noise is seeded by it)")
         image = check_image(image).to(self.device)
-        self.noise.check_input(image)
+        self._noise.check_input(image)
         if self.buffer is None or self.buffer.shape[1:] != image.shape:
             if self.images:
                 raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
                                  f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size")
             self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
             self._ones = torch.ones(self.batch_size, dtype=torch.long, device=self.device)  # [B]
-        item = _Image(idx, image, run, self.num_classes)
+        item = _Image(idx, image, procedure.run(idx, label, self._noise), self.num_classes)
         record = item.ask(None)
         if record is not None:
             return self._finish(item, record)
@@ -167,11 +178,11 @@ class Sampler:
             block, offset = divmod(start, NOISE_BLOCK)
             k = min(NOISE_BLOCK - offset, take - pos)
             if k == NOISE_BLOCK:  # a whole block: drawn straight into the batch
-                self.noise.noisy_copies(item.image, self._generator(item.idx, stage, block), out[pos : pos + k])
+                self._noise.noisy_copies(item.image, self._generator(item.idx, stage, block), out[pos : pos + k])
             else:  # part of a block: draw it whole once, keep it until its last row is used
                 if item.cache is None or item.cache[:2] != (stage, block):
                     block_out = torch.empty((NOISE_BLOCK, *item.image.shape), device=self.device)  # [NOISE_BLOCK,C,H,W]
-                    self.noise.noisy_copies(item.image, self._generator(item.idx, stage, block), block_out)
+                    self._noise.noisy_copies(item.image, self._generator(item.idx, stage, block), block_out)
                     item.cache = (stage, block, block_out)
                 out[pos : pos + k].copy_(item.cache[2][offset : offset + k])
                 if offset + k == NOISE_BLOCK:
@@ -179,7 +190,7 @@ class Sampler:
             item.drawn[stage] = start + k
             pos += k
 
-    def step(self) -> Iterator[tuple[int, object]]:
+    def step(self) -> Iterator[tuple[int, Record]]:
         """One forward batch over the oldest pending requests; yields the (idx, record) of each image it
         finished."""
         segments: list[tuple[_Image, int]] = []  # (image, rows) in batch order
@@ -234,20 +245,21 @@ class Sampler:
                 self.images.remove(item)
                 yield self._finish(item, record)  # at once: a later image's error must not lose it
 
-    def _finish(self, item: _Image, record) -> tuple[int, object]:
+    def _finish(self, item: _Image, record) -> tuple[int, Record]:
         if dataclasses.is_dataclass(record) and hasattr(record, "time"):
             record = dataclasses.replace(record, time=time.perf_counter() - item.started)
         return item.idx, record
 
-    def submit(self, idx: int, image: torch.Tensor, run: Run) -> Iterator[tuple[int, object]]:
-        """Start ``run`` on ``image``, then run the forward batches the images in flight fill completely,
-        yielding each finished (idx, record) (lazily: nothing happens until it is iterated)."""
-        done = self.add(idx, image, run)
-        if done is not None:
-            yield done
-        yield from self.run_full_batches()
+    def submit(
+        self, idx: int, image: torch.Tensor, label: int, procedure: Procedure
+    ) -> Iterator[tuple[int, Record]]:
+        """Start ``procedure`` on ``image`` now (see :meth:`add`: refusals come at the call), then run the
+        forward batches the images in flight fill completely, yielding each finished (idx, record) (lazily:
+        no forward pass happens until the result is iterated)."""
+        done = self.add(idx, image, label, procedure)
+        return itertools.chain([] if done is None else [done], self.run_full_batches())
 
-    def run_full_batches(self) -> Iterator[tuple[int, object]]:
+    def run_full_batches(self) -> Iterator[tuple[int, Record]]:
         """Forward batches while the pending requests fill a whole batch (then more images are needed);
         yields each image's (idx, record) as soon as it is finished, so the caller can save it at once."""
         while self.images and self.pending_rows >= self.batch_size:
@@ -257,7 +269,7 @@ class Sampler:
         """Forget the images in flight (after an error aborted a run)."""
         self.images.clear()
 
-    def drain(self) -> Iterator[tuple[int, object]]:
+    def drain(self) -> Iterator[tuple[int, Record]]:
         """Forward batches until every image in flight is finished, yielding each as it finishes."""
         while self.images:
             yield from self.step()

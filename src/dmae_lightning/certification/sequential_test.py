@@ -270,7 +270,11 @@ class SequentialTest:
         """Verdicts after ``successes`` label draws out of ``trials`` (0, or one of :meth:`looks`).
 
         Passing the previous look's decision keeps the running intersection of the bounds (still valid:
-        every look's interval holds on the same event), so a YES or NO once given is never taken back.
+        every look's interval holds on the same event), so a YES, and a NO from the upper bound or the cap, is
+        never taken back. A curtailed NO (:meth:`curtailed`, a prediction that the cap cannot reach the
+        threshold) is not carried over: it is recomputed at the next look and may become a YES there, which is
+        sound because the YES then rests on the lower bound alone. The caller stops at the first look where
+        every radius is decided, so a curtailed NO is final in practice.
         """
         if (
             isinstance(successes, bool)

@@ -1,0 +1,61 @@
+"""The contract between a certification procedure and the sampler that serves it.
+
+A procedure (:mod:`.procedures`) is a small object of plain settings whose ``run(idx, label, noise)`` is a
+generator: it yields :class:`Draw` requests, receives the class counts of each, and returns the image's
+record. Only the sampler (:mod:`.sampler`) starts a run, with the noise it draws the samples from, so the
+noise a radius is computed with is always the noise the counts came from: no public call accepts a run
+started elsewhere. Imports: torch (types only), the noise and the records.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..noise import Noise
+from .records import Record
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A procedure's request: ``num`` more noisy samples of its image from noise stage ``stage``.
+
+    Requests on the same stage continue its stream (the second request gets the samples after the first's).
+    """
+
+    stage: int
+    num: int
+
+
+Run = Generator[Draw, torch.Tensor, Record]  # a procedure run: yields Draws, receives [K] counts, returns a record
+
+
+class Procedure(ABC):
+    """Interface of a certification procedure (see :mod:`.procedures`)."""
+
+    name: ClassVar[str]  # the procedure= value; results go to <name>.tsv
+    record_type: ClassVar[type[Record]]
+
+    @abstractmethod
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
+        """Yield Draws, receive counts (of samples drawn with ``noise``), return the image's record.
+
+        Called by the sampler only, with its own noise (:meth:`.sampler.Sampler.submit`)."""
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """Everything the per-image results depend on besides the noise, seed, model and data."""
+
+    @abstractmethod
+    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+        """The result fields of summary.json (metrics from :mod:`.metrics`)."""
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, params: Any, radii: tuple[float, ...]) -> Procedure:
+        """The procedure of a validated job (``params``: :class:`~.params.JobParams`; ``radii``: the
+        radii of the job's tables, the data set's paper radii unless the job names others)."""
