@@ -3,8 +3,12 @@ non-result paths, where the files go."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +144,35 @@ def test_sequential_runs_show_their_samples_and_saving(tmp_path):
     text = (tmp_path / "analysis.md").read_text()
     assert "| 0.25 | 75.0 | 50.0 | 0.312 |" in text
     assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text
+
+
+def test_several_latest_links_of_one_sigma_give_one_row_each(tmp_path, capsys):
+    """Issue 22.3: run_a/latest, run_b/latest and run_c/latest (three runs, one sigma) gave two rows, one run's
+    row overwritten by another's. Links resolve to their run directories; a run given twice counts once."""
+    links = []
+    for name, correct in (("run_a", 1), ("run_b", 0), ("run_c", 1)):
+        target = make_run(tmp_path / name / "3f2a1b4c", 0.25, [(0.3, correct), (0.1 * correct, correct)])
+        (tmp_path / name / "latest").symlink_to(target.name, target_is_directory=True)
+        links.append(tmp_path / name / "latest")
+    out = tmp_path / "report"
+    assert main([*map(str, links), str(tmp_path / "run_a" / "3f2a1b4c"), "--radii", "0", "--out", str(out)]) == 0
+    text = (out / "analysis.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 0.25") and "lower bound" not in line]
+    assert rows == [  # ACR (0.3 + 0.1) / 2 for the runs that got both images right
+        "| 0.25 (run_a/3f2a1b4c) | 100.0 | 0.200 |", "| 0.25 (run_b/3f2a1b4c) | 0.0 | 0.000 |",
+        "| 0.25 (run_c/3f2a1b4c) | 100.0 | 0.200 |",
+    ]
+    assert len([line for line in text.splitlines() if line.startswith("| 0.25 (run_")]) == 6  # + lower bounds
+    assert "is the run" in capsys.readouterr().err and "counted once" not in text
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a second top-level directory (/dev/shm)")
+def test_runs_sharing_only_the_root_need_out(tmp_path, capsys):
+    """Issue 22: two runs in different top-level directories without --out tried to write /analysis.png."""
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        runs = [make_run(tmp_path / "a", 0.25, [(0.3, 1)]), make_run(elsewhere / "b", 0.5, [(0.3, 1)])]
+        assert main(list(map(str, runs))) == 2
+    finally:
+        shutil.rmtree(elsewhere)
+    assert "the runs share no directory but /: name one with --out" in capsys.readouterr().err

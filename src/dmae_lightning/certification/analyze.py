@@ -84,6 +84,20 @@ def group_label(key: tuple, varying: list[int]) -> str:
     return ", ".join(f"{GROUP_KEYS[i]}={key[i]}" for i in varying) or "all runs"
 
 
+def row_labels(members: list) -> dict[Path, str]:
+    """Each run's row label: its sigma, followed, where several runs of a group share a sigma (two
+    checkpoints, two seeds), by its path below the directory those runs share, so no row replaces another."""
+    by_sigma: dict[str, list[Path]] = {}
+    for run_dir, summary, _ in members:
+        by_sigma.setdefault(f"{float(summary['sigma']):g}", []).append(run_dir)
+    labels = {}
+    for sigma, dirs in by_sigma.items():
+        common = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else None
+        for run_dir in dirs:
+            labels[run_dir] = sigma if common is None else f"{sigma} ({run_dir.relative_to(common).as_posix()})"
+    return labels
+
+
 def sample_cost(label: str, summary: dict) -> str:
     """'sigma=0.25: 123,400 noisy samples (343 per image, 29.4x fewer than fixed n)', when the run says."""
     if "samples" not in summary:
@@ -102,10 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write tables and plots (default: the runs' common parent)")
     args = parser.parse_args(argv)
 
-    runs = []
+    runs, given = [], {}
     for path in args.run_dirs:
+        real = Path(path).resolve()  # a `latest` link and the run directory it points at are one run
+        if real in given:
+            print(f"analyze: {path} is the run {given[real]} already given, counted once", file=sys.stderr)
+            continue
+        given[real] = path
         try:
-            runs.append((Path(path), *load_run(path)))
+            runs.append((real, *load_run(real)))
         except (FileNotFoundError, ValueError) as err:
             print(f"analyze: skipping {err}", file=sys.stderr)
     if not runs:
@@ -116,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         key = group_key(run[1])
         groups.setdefault(key, []).append(run)
     varying = [i for i in range(len(GROUP_KEYS)) if len({key[i] for key in groups}) > 1]
-    out = args.out or Path(os.path.commonpath([run_dir.resolve() for run_dir, *_ in runs]))
+    out = args.out or Path(os.path.commonpath([run_dir for run_dir, *_ in runs]))
     if out.is_file():
         out = out.parent
+    if args.out is None and out == Path(out.anchor):
+        print(f"analyze: error: the runs share no directory but {out}: name one with --out", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
 
     markdown, latex = [], []
@@ -127,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         radii = args.radii or first.get("radii") or default_radii(first.get("dataset", ""))
         rows, bounds, acr, curves, limits, costs = {}, {}, {}, {}, {}, []
         rho = first.get("rho", DEFAULT_RHO)
+        labels = row_labels(members)
         for run_dir, summary, records in sorted(members, key=lambda run: float(run[1]["sigma"])):
-            label = f"{float(summary['sigma']):g}"
-            if label in rows:  # two runs of one sigma in one group (two checkpoints): tell them apart
-                label = f"{label} ({run_dir.name})"
+            label = labels[run_dir]
             limit = summary.get("max_certifiable_radius", math.inf)
             rows[label] = within_reach(certified_accuracy(records, radii), limit)
             acr[label] = average_certified_radius(records)
