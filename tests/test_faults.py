@@ -21,7 +21,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from dmae_lightning.config import compose
+from dmae_lightning.config import RunDirLock, compose
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.resume import resume_checkpoint
@@ -153,11 +153,8 @@ def wait_for_first_checkpoint(proc: subprocess.Popen, logs: Path, run_name: str)
     return last
 
 
-@pytest.mark.parametrize(
-    ("resume", "hint"),
-    [((), " with ckpt_path=last"), pytest.param(("ckpt_path=last",), "", marks=pytest.mark.slow)],
-)
-def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, hint, tmp_path):
+@pytest.mark.parametrize("resume", [(), pytest.param(("ckpt_path=last",), marks=pytest.mark.slow)])
+def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, tmp_path):
     """SIGTERM (a scheduler's or `kill`'s) of a real ``python train.py``: Lightning stops at the next step with a
     bare SystemExit (status 0, silence); the job must say it was interrupted and how to resume (issue 17.4.2)."""
     proc = train_script(tmp_path, *TINY, "trainer.max_epochs=1000", "run_name=termed", *resume)
@@ -165,8 +162,39 @@ def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, hint, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc)
     assert code == 1, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"interrupted; rerun the same command{hint} to resume"
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "Traceback" not in err
+
+
+def test_a_second_job_on_a_running_run_directory_is_refused_and_ctrl_c_says_how_to_resume(tmp_path):
+    """Issue 22.5: the same command started while the first runs started at step 0 in the same directory and
+    deleted the first run's metrics rows; issue 22.1: Ctrl-C printed only Lightning's "graceful shutdown"."""
+    first = train_script(tmp_path, *TINY, "trainer.max_epochs=1000", "run_name=busy")
+    run_dir = wait_for_first_checkpoint(first, tmp_path, "busy").parents[1]
+    rows = metric_rows(run_dir)
+    code, err = finish(train_script(tmp_path, *TINY, "trainer.max_epochs=1000", "run_name=busy"))
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: another job is running in {run_dir} (pid {first.pid}): wait for it to finish, or stop it and "
+        "run the same command again to resume"), err[-3000:]
+    assert metric_rows(run_dir)[: len(rows)] == rows
+    first.send_signal(signal.SIGINT)
+    code, err = finish(first)
+    assert code == 1 and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume", err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_a_killed_job_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dmae_lightning.config import "
+         "RunDirLock; RunDirLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match=f"another job is running in {tmp_path} \\(pid {holder.pid}\\)"):
+        RunDirLock(tmp_path)
+    holder.kill()
+    holder.wait()
+    RunDirLock(tmp_path).release()  # the kernel dropped the dead process's lock
 
 
 @pytest.mark.slow
@@ -249,15 +277,26 @@ def crashed_run(cfg, crash_at_epoch, epoch: int) -> None:
 # ============================================================================================== item 2
 # Resuming appends to csv/metrics.csv, never deletes it.
 # ============================================================================================== item 2
-def test_resume_appends_to_metrics_csv(tmp_path, crash_at_epoch):
+@pytest.mark.parametrize("resume", [["ckpt_path=last"], []])
+def test_resume_appends_to_metrics_csv(resume, tmp_path, crash_at_epoch):
+    """The same command without ckpt_path=last resumes too (issue 22.1: it restarted at step 0 over the
+    interrupted run's checkpoints and deleted its metrics); a finished run is then left alone."""
     crashed_run(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1)
     first = metric_rows(tmp_path)
     assert sorted(latest_by_step(first, "train/loss_step")) == [0, 1, 2, 3]
-    train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=tmp_path))
+    metrics = train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2", *resume], output_dir=tmp_path))
     rows = metric_rows(tmp_path)
     assert rows[: len(first)] == first  # nothing the first attempt logged is gone (same header: same keys)
     assert sorted(latest_by_step(rows, "train/loss_step")) == list(range(8))
     assert {r["epoch"] for r in rows if r.get("val/loss")} == {"0", "1"}
+    if resume:
+        return
+    # issue 22.1: running a finished run's command again restarted it at step 0 and deleted its history
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()
+             and p.name != "run.lock"}
+    assert train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path)) == metrics
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
+    assert lightning_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
 
 
 @pytest.mark.parametrize("torn", ["row", "header"])

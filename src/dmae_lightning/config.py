@@ -15,7 +15,9 @@ there (``hydra.output_subdir: null``), so a refused or invalid job leaves no tra
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,6 +45,7 @@ from .noise import noise_from_config
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDENTITY_FILE = "identity.json"  # in <run dir>/.hydra/, next to the resolved config.yaml
+LOCK_FILE = "run.lock"  # in <run dir>/.hydra/: held by the job running there (rank 0)
 LATEST = "latest"  # logs/<run_name>/latest -> the run directory of the newest finished job of that name
 
 
@@ -372,6 +375,38 @@ def _refuse_unread_additions() -> None:
                               "and nothing reads it: remove it or correct its name")
 
 
+class RunDirLock:
+    """An exclusive lock on a run directory for as long as one job runs there (rank 0 of a job takes it).
+
+    ``flock`` on ``.hydra/run.lock``: the kernel drops it when the process ends, however it ends (a kill -9
+    included), so a dead job never leaves a stale lock. The holder's pid is written into the file for the
+    refusal message. (filelock and similar packages wrap the same call; one function is not worth a
+    dependency.)
+    """
+
+    def __init__(self, path: Path):
+        self.file = path / ".hydra" / LOCK_FILE
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ConfigError(f"another job is running in {path} (pid {holder}): wait for it to finish, or "
+                              "stop it and run the same command again to resume") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove``: also delete the lock file (a job found invalid leaves no trace)."""
+        if remove:
+            self.file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.file.parent.rmdir()  # .hydra, if the lock file was all it held
+        os.close(self.fd)
+
+
 def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
     """``.hydra/{identity.json,config.yaml,overrides.yaml,hydra.yaml}``: what Hydra would write, but resolved and
     only for a job that was found valid (``hydra.output_subdir: null``); identity.json guards the directory."""
@@ -423,20 +458,25 @@ def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
         current = current.parent
 
 
-def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str) -> R:
+def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str,
+               finished: Callable[[Path], R | None] | None = None) -> R:
     """The run directory's lifecycle, the same for every job (training, quickstart, certification):
 
     1. before anything is loaded: no ``+key`` that nothing reads, the directory (``paths.output_dir``) can be
        written and holds no other configuration's results (``.hydra/identity.json``), else one line and
-       nothing touched;
+       nothing touched; rank 0 locks it (:class:`RunDirLock`: a second job on the same directory is refused
+       in one line); ``finished(path)``, when given, returns the result of a job that already finished there:
+       it is returned without touching anything;
     2. ``build()`` (data, model, checkpoints: every check on the user's input); if it fails, a directory
        Hydra created for this job is removed again;
     3. rank 0 records the resolved config in ``.hydra/``; ``run(built)``; a full disk there ends in one
-       line saying how to resume (``resume_hint``), and so does a SIGTERM (exit status 1, not Lightning's 0);
+       line saying how to resume (``resume_hint``), and so do a SIGTERM and a Ctrl-C (exit status 1, not
+       Lightning's 0 or its bare "attempting graceful shutdown");
     4. at the end rank 0 points ``logs/<run_name>/latest`` at the directory; both ends print it.
     """
     quiet_lightning()
     path = Path(cfg.paths.output_dir).resolve()
+    lock = None
     try:
         _refuse_unread_additions()
         try:
@@ -444,9 +484,18 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
         except (ValueError, MissingMandatoryValue, InterpolationResolutionError) as err:
             raise ConfigError(one_line(err)) from None
         _check_run_dir(path, identity)
+        if global_rank() == 0:
+            lock = RunDirLock(path)
+        done = finished(path) if finished is not None else None
+        if done is not None:
+            if lock is not None:
+                lock.release()
+            return done
         built = build()
     except BaseException:
         if global_rank() == 0:
+            if lock is not None:
+                lock.release(remove=not _results_present(path) and not (path / ".hydra" / IDENTITY_FILE).exists())
             _remove_if_made_for_job(path)
         raise
     try:
@@ -456,10 +505,19 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
         result = run(built)
     except ConfigError:  # e.g. a quickstart stage refused its input: no run directory without results
         if global_rank() == 0:
+            if lock is not None:
+                lock.release()
+                lock = None
             _remove_if_made_for_job(path, recorded=True)
         raise
     except SIGTERMException:  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
         raise SIGTERMException(f"interrupted; {resume_hint}") from None
+    except SystemExit as err:  # Lightning turns a Ctrl-C into a bare sys.exit(1) after "graceful shutdown"
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise SystemExit(f"interrupted; {resume_hint}") from None
+        raise
+    except KeyboardInterrupt:  # a Ctrl-C outside Lightning's loops
+        raise SystemExit(f"interrupted; {resume_hint}") from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -467,7 +525,11 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             f"no space left on the device of {err.filename or path}: what was written before is kept; "
             f"free some space, then {resume_hint}"
         ) from None
-    if global_rank() == 0:
-        latest = _point_latest(path, cfg)
-        log.info("run directory: %s%s", path, f" (also {latest})" if latest else "")
-    return result
+    else:
+        if global_rank() == 0:
+            latest = _point_latest(path, cfg)
+            log.info("run directory: %s%s", path, f" (also {latest})" if latest else "")
+        return result
+    finally:
+        if lock is not None:
+            lock.release()

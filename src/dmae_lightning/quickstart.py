@@ -98,9 +98,8 @@ def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Pat
         note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
         log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
         return
-    resume = ["ckpt_path=last"] if config_name == "train" and (stage_dir / "checkpoints" / "last.ckpt").exists() else []
     log.info("quickstart: %s -> %s", name, stage_dir)
-    cfg = compose(conf_dir, config_name, [*overrides, *resume], output_dir=stage_dir)
+    cfg = compose(conf_dir, config_name, overrides, output_dir=stage_dir)  # an interrupted stage resumes by itself
     result = (train if config_name == "train" else certify)(cfg)
     record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
     (stage_dir / DONE).write_text(json.dumps({**record, "overrides": overrides}))

@@ -54,21 +54,32 @@ def _newest_first(folder: Path) -> list[Path]:
     return paths
 
 
+def _checkpoint_folder(cfg: DictConfig) -> Path:
+    """Where the ``last_checkpoint`` callback writes (the run directory's checkpoints/ by default)."""
+    dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
+    return Path(dirpath or Path(cfg.paths.output_dir) / "checkpoints")
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint file to pass to ``Trainer.fit`` for the train config ``cfg``, or None to start at step 0.
 
-    ``cfg.ckpt_path``: null (no resume), ``last`` (the newest loadable checkpoint in the folder of the
+    ``cfg.ckpt_path``: null (start at step 0, unless that folder already holds checkpoints: an interrupted run
+    is resumed, never overwritten), ``last`` (the newest loadable checkpoint in the folder of the
     ``last_checkpoint`` callback; none at all is not an error, so a job can always be submitted with
     ``ckpt_path=last``) or a file.
     """
     ckpt_path = cfg.ckpt_path
     if not ckpt_path:
-        return None
+        folder = _checkpoint_folder(cfg)
+        if not _newest_first(folder):
+            return None
+        _warn(f"{folder} holds the checkpoints of an interrupted run: resuming it (ckpt_path=last), not "
+              "starting over; to train from step 0, change a setting of the run (a new run directory)")
+        ckpt_path = LAST
     if ckpt_path != LAST:
         check_resumable(ckpt_path)
         return str(ckpt_path)
-    dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
-    folder = Path(dirpath or Path(cfg.paths.output_dir) / "checkpoints")
+    folder = _checkpoint_folder(cfg)
     candidates = _newest_first(folder)
     if not candidates:
         _warn(f"ckpt_path=last: no checkpoint in {folder} yet, training starts at step 0")

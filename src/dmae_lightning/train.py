@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
 from .certification.callback import CertificationCallback
 from .config import run_in_dir
 from .errors import BAD_INPUT, ConfigError, one_line
+from .files import atomic_write_text
 from .noise import noise_from_config
 from .resume import resume_checkpoint
 from .tracking import finish_runs, keep_logged_metrics
 
 log = logging.getLogger(__name__)
+FINISHED = "finished.json"  # in the run directory of a training run that ran to its end: its final metrics
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
@@ -68,14 +73,34 @@ def train(cfg: DictConfig) -> dict:
 
         return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
                           resume_hint="rerun the same command to resume (finished stages are kept)")
-    again = "rerun the same command to resume" if cfg.ckpt_path == "last" else (
-        "rerun the same command with ckpt_path=last to resume")
-    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared), resume_hint=again)
+    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared),
+                      resume_hint="rerun the same command to resume", finished=finished_run)
+
+
+def finished_run(path: Path) -> dict[str, float] | None:
+    """The final metrics of a training run that finished in ``path`` (its ``FINISHED`` file), else None.
+
+    Running a finished run's command again changes nothing: to train again, change a setting of the run
+    identity (``seed``, ``trainer.max_epochs``, ...), which names a new run directory."""
+    record = path / FINISHED
+    if not record.is_file():
+        return None
+    try:
+        metrics = json.loads(record.read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise ConfigError(f"{record} is damaged ({one_line(err)}): the run finished; to train it again "
+                          "remove that file") from None
+    log.info("training already finished in %s: nothing to do (a new seed, trainer.max_epochs or another "
+             "setting of the run trains a new run in its own directory)", path)
+    return metrics
 
 
 def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """The checkpoint to resume from (checked before anything is built; a damaged last.ckpt falls back to
-    the checkpoint kept before it), then data, module and trainer."""
+    the checkpoint kept before it; an interrupted run's checkpoints are resumed even without ckpt_path=last,
+    never trained over from step 0), then data, module and trainer."""
     try:
         ckpt_path = resume_checkpoint(cfg)
     except BAD_INPUT as err:
@@ -84,7 +109,7 @@ def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.Lig
 
 
 def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
-    if cfg.ckpt_path:
+    if cfg.ckpt_path or ckpt_path:
         keep_logged_metrics(trainer.loggers)  # a resumed run appends to what the attempts before it logged
     if trainer.is_global_zero:
         summary = ModelSummary(module, max_depth=0)  # one line instead of Lightning's table (enable_model_summary)
@@ -101,4 +126,7 @@ def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.
         finish_runs(failed=True)
         raise
     finish_runs()  # each job its own W&B run: a multirun's next job must not log into this one
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.state.status == TrainerStatus.FINISHED and not trainer.interrupted and trainer.is_global_zero:
+        atomic_write_text(Path(cfg.paths.output_dir) / FINISHED, json.dumps(metrics, indent=1) + "\n")
+    return metrics
