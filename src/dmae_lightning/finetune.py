@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .checkpoints import LoadReport, load_weights
 from .models import VisionTransformerClassifier, create_model
 from .noise import DEFAULT_NOISE, Noise, noise_from_config
-from .optim import configure_optimizer
+from .optim import check_optimizer_config, configure_optimizer
 from .pretrain import check_finite, compile_in_place
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
@@ -110,6 +110,7 @@ class SmoothedClassifierModule(pl.LightningModule):
         else:
             self.mix = lambda imgs, labels: (imgs, smoothed_one_hot(labels, num_classes, label_smoothing))
         self.optimizer_cfg = dict(optimizer or {})
+        check_optimizer_config(self.optimizer_cfg)
         self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_noisy = MulticlassAccuracy(num_classes, average="micro")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -43,6 +44,24 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float |
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
 
 
+OPTIMIZERS = ("adamw", "lars")
+
+
+def check_optimizer_config(config: dict) -> None:
+    """ValueError (one line) unless ``config`` (a module's ``optimizer`` hyper-parameters) is a valid set of
+    keyword arguments of :func:`configure_optimizer`: checked when the module is built, not at the first step."""
+    if config.get("name", "adamw") not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config['name']!r}: use {' or '.join(map(repr, OPTIMIZERS))}")
+    accepted = list(inspect.signature(configure_optimizer).parameters)[2:]
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(f"task.module.optimizer has no key {unknown[0]!r}: the keys are {', '.join(accepted)}")
+    for key in ("base_lr", "weight_decay", "warmup_epochs", "min_lr", "momentum"):
+        value = config.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"task.module.optimizer.{key} must be a finite number >= 0, got {value!r}")
+
+
 def configure_optimizer(
     module: pl.LightningModule,
     model: nn.Module,
@@ -81,7 +100,7 @@ def configure_optimizer(
                     lars_groups.append({**group, "params": params, "always_adapt": adapt})
         optimizer = Lars(lars_groups, lr=peak, momentum=momentum)
     else:
-        raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'lars'")
+        raise ValueError(f"unknown optimizer {name!r}: use {' or '.join(map(repr, OPTIMIZERS))}")
     total = max(1, int(trainer.estimated_stepping_batches))
     # Epochs -> steps from the loader length, not total / max_epochs: a max_steps limit shortens total,
     # and with max_steps alone max_epochs is -1 (estimated_stepping_batches then loads no data itself).

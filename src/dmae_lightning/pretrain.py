@@ -10,7 +10,7 @@ import torch
 from .checkpoints import LoadReport, load_weights
 from .models import DMAEViT, create_model
 from .noise import DEFAULT_NOISE, Noise, noise_from_config
-from .optim import configure_optimizer
+from .optim import check_optimizer_config, configure_optimizer
 from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
 
 
@@ -73,6 +73,7 @@ class DMAEPretrainModule(pl.LightningModule):
         compile_in_place(self.model, compile)
         self.mask_ratio = mask_ratio
         self.optimizer_cfg = dict(optimizer or {})
+        check_optimizer_config(self.optimizer_cfg)
 
     def load_pretrained(self, path: str) -> LoadReport:
         """Continue from a DMAE/MAE pre-training file (official or ours), e.g. CIFAR-10 continued pre-training."""

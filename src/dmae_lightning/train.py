@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +32,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
     Every check that can fail on bad input runs here, before the first training step.
     """
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
+        check_run_settings(cfg)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # missing or empty data folders stop here, not after the model is built
         noise = noise_from_config(cfg.noise)  # the job's one noise object: the module's and its model's
@@ -57,6 +59,34 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
             raise ConfigError(one_line(err.__cause__)) from None
         raise
     return datamodule, module, trainer
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """ValueError (one line) for run settings Lightning would only trip over once training has started (a
+    comparison of 'abc' with an int, a division by zero, an infinite schedule), or would silently change."""
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2^32), got {cfg.seed!r}")
+    trainer = cfg.trainer
+    max_steps = trainer.get("max_steps", -1)
+    if not _is_int(max_steps) or not (max_steps == -1 or max_steps >= 1):
+        raise ValueError(f"trainer.max_steps must be -1 (no limit) or an integer >= 1, got {max_steps!r}")
+    max_epochs = trainer.get("max_epochs")
+    if not _is_int(max_epochs) or max_epochs < 1:
+        if not (max_epochs in (None, -1) and max_steps >= 1):
+            raise ValueError(f"trainer.max_epochs must be an integer >= 1 (or -1 with trainer.max_steps), got "
+                             f"{max_epochs!r}")
+    for key in ("accumulate_grad_batches", "num_nodes"):  # (devices may also be a list or "auto": Lightning's)
+        value = trainer.get(key, 1)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+    precision = str(trainer.get("precision", "32-true"))
+    on_cpu = trainer.get("accelerator") == "cpu" or (trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision in ("16-mixed", "16", "16-true"):  # Lightning would run bf16 and record 16
+        raise ValueError(f"trainer.precision={precision} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
 
 def train(cfg: DictConfig) -> dict:
