@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+from helpers.cifar import write_cifar, write_hostile
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import RandomSampler, SequentialSampler
+from torchvision import transforms
 
-from dmae_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+import dmae_lightning.data as data_module
+from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
@@ -134,61 +136,11 @@ def test_imagenet_num_classes_mismatch_and_differing_splits(imagenet_root: Path)
 # ---------------------------------------------------------------- CIFAR-10
 
 
-def write_cifar(root: Path, per_batch: int = 2, n_test: int = 4) -> dict[str, np.ndarray]:
-    """The python-version layout: pickled dicts with 'data' (uint8 [N, 3072], CHW rows) and 'labels'.
-
-    The real files were pickled by Python 2, whose str keys load as str under torchvision's
-    ``encoding="latin1"``; str keys pickled by Python 3 load the same way.
-    """
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    written = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else per_batch
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        entry = {
-            "batch_label": name,
-            "data": data,
-            "labels": labels,
-            "filenames": [f"{i}.png" for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-        written[name] = (data, labels)
-    meta = {
-        "label_names": [
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ]
-    }
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({**meta, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
-    return written
-
-
 @pytest.fixture
-def cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Fake CIFAR-10 files, with torchvision's md5 comparison relaxed to an existence check.
-
-    torchvision hard-codes the md5 of each real file, which written test files cannot match. The
-    module keeps the full check for real data; only this fixture swaps the comparison that
-    torchvision.datasets.cifar imported, so a missing file is still reported.
-    """
+def cifar(tmp_path: Path, relax_cifar_md5):
+    """Fake CIFAR-10 files, with the published-md5 comparison relaxed to an existence check (conftest.py),
+    so a missing file is still reported."""
     written = write_cifar(tmp_path)
-    monkeypatch.setattr(
-        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
-    )
     return tmp_path, written
 
 
@@ -223,6 +175,51 @@ def test_cifar_flip_gives_the_image_or_its_mirror(cifar):
         assert torch.equal(x, original) or torch.equal(x, original.flip(-1))
         seen.add(torch.equal(x, original))
     assert seen == {True, False}
+
+
+@pytest.mark.parametrize("python2", [True, False], ids=["python2-pickle", "python3-pickle"])
+def test_cifar_batches_give_what_torchvision_gives(tmp_path: Path, relax_cifar_md5, python2: bool):
+    """The project's reader of the real layout (the published files are Python 2 pickles) gives the items,
+    order and classes of torchvision's CIFAR10, which the data module used before."""
+    write_cifar(tmp_path, python2=python2)
+    dm = CIFAR10DataModule(tmp_path, batch_size=2, augment="none")
+    for split, train in (("train", True), ("test", False)):
+        ours = dm.dataset(split)
+        theirs = torchvision.datasets.CIFAR10(tmp_path, train=train, transform=transforms.ToTensor())
+        assert len(ours) == len(theirs) == (10 if train else 4)
+        assert ours.classes == theirs.classes and ours.class_to_idx == theirs.class_to_idx
+        for (x, y), (expected_x, expected_y) in zip(ours, theirs):
+            assert torch.equal(x, expected_x) and type(y) is int and y == expected_y
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch", "batches.meta"])
+def test_cifar_hostile_pickle_is_refused_without_running_it(cifar, name: str):
+    """A batch that passes the md5 check (relaxed here) but asks the unpickler for anything besides numpy's
+    array reconstruction is refused in one line naming it, and its code never runs."""
+    root, _ = cifar
+    path, marker = root / "cifar-10-batches-py" / name, root / "MARKER"
+    write_hostile(path, marker)
+    with pytest.raises(DataError) as info:
+        CIFAR10DataModule(root, batch_size=2).setup()  # every split
+    message = str(info.value)
+    assert message.startswith(f"CIFAR-10 file {path} is not a CIFAR-10 python batch") and "\n" not in message
+    assert "system" in message  # what it asked for
+    assert not marker.exists()
+
+
+def test_cifar_download_fetches_the_published_archive_only_when_a_file_is_missing(
+    tmp_path: Path, relax_cifar_md5, monkeypatch: pytest.MonkeyPatch
+):
+    fetched = []
+    monkeypatch.setattr(data_module, "download_and_extract_archive", lambda *a, **kw: fetched.append((a, kw)))
+    write_cifar(tmp_path)
+    dm = CIFAR10DataModule(tmp_path, batch_size=2, download=True)
+    dm.prepare_data()
+    assert fetched == [] and len(dm.dataset("test")) == 4  # intact: nothing fetched
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    dm.prepare_data()
+    tv = torchvision.datasets.CIFAR10
+    assert fetched == [((tv.url, str(tmp_path)), {"filename": tv.filename, "md5": tv.tgz_md5})]
 
 
 def test_cifar_missing_damaged_and_mismatch(tmp_path: Path):

@@ -4,13 +4,15 @@ stop with one line. Exact mid-epoch resume is tested in test_pretrain.py::test_r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
-from test_data import write_cifar, write_imagenet
+from helpers.cifar import write_cifar, write_hostile
+from test_data import write_imagenet
 
 from dmae_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
 from dmae_lightning.streaming import main as prepare_main
@@ -84,3 +86,24 @@ def test_prepare_and_streaming_options_fail_with_one_line(tmp_path: Path, capsys
         ImageNetDataModule(tmp_path, streaming=str(tmp_path))
     with pytest.raises(ValueError, match="subset_every / subset_first do not apply"):
         ImageNetDataModule(tmp_path, streaming=str(tmp_path), subset_first=10)
+
+
+def test_prepare_refuses_a_hostile_cifar_batch_without_running_it(tmp_path: Path, relax_cifar_md5):
+    """A batch that passes the md5 check (relaxed here) but is no CIFAR-10 batch: one line, its code never runs."""
+    write_cifar(tmp_path)
+    path, marker = tmp_path / "cifar-10-batches-py" / "data_batch_1", tmp_path / "MARKER"
+    write_hostile(path, marker)
+    with pytest.raises(SystemExit) as info:
+        prepare_main(["cifar10", "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert re.match(rf"error: CIFAR-10 file {re.escape(str(path))} is not a CIFAR-10 python batch", str(info.value))
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
+def test_prepare_checks_the_published_md5_before_unpickling(tmp_path: Path):
+    write_cifar(tmp_path)  # the real md5 check (no monkeypatch): written files are not the published ones
+    path, marker = tmp_path / "cifar-10-batches-py" / "data_batch_1", tmp_path / "MARKER"
+    write_hostile(path, marker)
+    damaged = rf"^error: CIFAR-10 file {re.escape(str(path))} is damaged \(its md5 differs from the published one\)"
+    with pytest.raises(SystemExit, match=damaged):
+        prepare_main(["cifar10", "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert not marker.exists() and not (tmp_path / "out").exists()

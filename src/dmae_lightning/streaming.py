@@ -12,7 +12,6 @@ so a run resumed mid-epoch draws the same batches, crops and flips as the uninte
 from __future__ import annotations
 
 import argparse
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 from torchvision import datasets
 
+from .data import CIFAR10_FOLDER, DataError, cifar10_problem, read_cifar10_batch
 from .pipelines import read_file
 from .rng import derive_seed
 
@@ -60,19 +60,23 @@ def _cifar_item(item: tuple[np.ndarray, int]) -> dict:
 
 
 def prepare_cifar10(root: str | Path, out: str | Path, workers: int = 1) -> int:
-    """The five training batches in ``root/cifar-10-batches-py`` -> chunks of uint8 [32, 32, 3] and labels."""
-    folder = Path(root) / "cifar-10-batches-py"
-    files = [folder / f"data_batch_{i}" for i in range(1, 6)]
-    missing = [f.name for f in files if not f.is_file()]
+    """The five training batches in ``root/cifar-10-batches-py`` -> chunks of uint8 [32, 32, 3] and labels.
+
+    As for training (data.py), each batch's md5 must be the published one and the batches are read by the
+    restricted unpickler, so a crafted file is refused before any of its code can run.
+    """
+    folder = Path(root) / CIFAR10_FOLDER
+    names = [name for name, _ in datasets.CIFAR10.train_list]
+    missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 folder {folder} lacks {', '.join(missing)}")
+    problem = cifar10_problem(folder, names)
+    if problem is not None:
+        raise DataError(f"{problem}: download the published batches again")
     items = []
-    for file in files:
-        with open(file, "rb") as f:
-            # The official python batches are pickles (as torchvision reads them); only trusted files.
-            entry = pickle.load(f, encoding="latin1")
-        pixels = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        items += list(zip(pixels, entry["labels"]))  # [32, 32, 3] uint8 each, HWC as torchvision's CIFAR10
+    for name in names:
+        pixels, labels = read_cifar10_batch(folder / name)  # [N, 32, 32, 3] uint8, HWC as torchvision's CIFAR10
+        items += list(zip(pixels, labels))
     _write(_cifar_item, items, out, workers)
     return len(items)
 
