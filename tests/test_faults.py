@@ -599,3 +599,22 @@ def test_certification_stops_at_a_truncated_jpeg_with_one_line_and_keeps_the_res
     assert "Traceback" not in proc.stderr
     done = [line.split("\t")[0] for line in (out / "certify.rank0.tsv").read_text().splitlines()[1:]]
     assert done == ["0", "1"]  # certified before the broken image, kept for the resume
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([*TINY, "model=vit_micro_patch4"], r"is a checkpoint of dmae_vit_micro_patch8 \(\d+ tensors differ, e.g. "
+         r"model.decoder_pos_embed: \(1, 17, 64\) there, \(1, 65, 64\) here\); this run trains dmae_vit_micro_patch4"),
+        (["experiment=finetune_digits", "data.subset_first=64", "pretrained=null"], r"is a checkpoint of dmae_vit_micro_patch8 .*this run "
+         r"trains vit_micro_patch8: resume a checkpoint of this run, or start from its weights with pretrained="),
+    ],
+)
+def test_resuming_another_model_s_checkpoint_is_one_line_before_work(overrides, message, two_epochs, tmp_path):
+    """Issue 22: a patch-8 pre-training checkpoint resumed with model=vit_micro_patch4, or as fine-tuning, ended in
+    a 39-42-line load_state_dict traceback after work had started."""
+    ckpt = two_epochs / "full" / "checkpoints" / "last.ckpt"
+    cfg = compose(CONF, "train", [*overrides, f"ckpt_path={ckpt}"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"^cannot resume: {ckpt} {message}") as err:
+        train(cfg)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()

@@ -136,7 +136,7 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     assert full.returncode == 1
     assert full.stderr.strip().splitlines()[-1] == (
         f"error: no space left on the device of {run}: what was written before is kept; free some space, "
-        "then rerun the same command with ckpt_path=last to resume"
+        "then rerun the same command to resume"
     )
     assert (run / ".hydra" / "config.yaml").is_file()
     before = snapshot(run)
@@ -207,3 +207,35 @@ def test_top_level_keys_of_groups_and_dotted_additions_are_not_refused(overrides
 
     hydra_run_dir(["experiment=finetune_digits", *overrides])  # composes and sets HydraConfig
     _refuse_unread_additions()
+
+
+def test_damaged_records_links_and_files_in_the_way_are_one_line(tmp_path, caplog):
+    """Issue 22: a garbage .hydra/identity.json (JSON traceback), a read-only metrics.csv on resume (112 lines),
+    logs/<run>/latest being a user's real directory (traceback, and a .latest.tmp link left) and paths.log_dir
+    being a file (traceback from Hydra's mkdir)."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.errors import ConfigError
+    from dmae_lightning.train import train
+
+    overrides = ["experiment=pretrain_digits", *TINY, f"paths.log_dir={tmp_path / 'logs'}", "run_name=r"]
+    run = tmp_path / "logs" / "r" / "key"
+    (tmp_path / "logs" / "r" / "latest").mkdir(parents=True)  # a user's copy where the link goes
+    with caplog.at_level("WARNING"):
+        train(compose(CONF, "train", overrides, output_dir=run))
+    assert "is a real directory, not the link this job keeps" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "logs" / "r").iterdir()) == ["key", "latest"]
+    assert (tmp_path / "logs" / "r" / "latest").is_dir() and not (tmp_path / "logs" / "r" / "latest").is_symlink()
+
+    (run / "finished.json").unlink()  # as if interrupted: a resume appends to metrics.csv
+    with unwritable(run / "csv" / "metrics.csv"):
+        with pytest.raises(ConfigError, match=f"^cannot write to {run / 'csv' / 'metrics.csv'} \\(permissions"):
+            train(compose(CONF, "train", overrides, output_dir=run))
+    identity = run / ".hydra" / "identity.json"
+    identity.write_text('{"key": "abc", "identity": ')
+    with pytest.raises(ConfigError, match=f"^{identity} is damaged \\(.*\\): it says which configuration {run} holds"):
+        train(compose(CONF, "train", overrides, output_dir=run))
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=f"cannot create the run directory .*: {tmp_path / 'file'} is a file, not a "
+                       "directory; choose another paths.log_dir"):
+        hydra_run_dir(["experiment=pretrain_digits", f"paths.log_dir={tmp_path / 'file'}"])

@@ -158,6 +158,9 @@ def _note_new_dir(path: str) -> str:
     if str(absolute) not in _MADE_FOR_JOB and not absolute.is_dir():
         existing = absolute
         while not existing.is_dir():
+            if existing.exists() or existing.is_symlink():  # a file (or a dangling link) where a folder must go
+                raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is a file, not a "
+                                 "directory; choose another paths.log_dir")
             existing = existing.parent
         if not os.access(existing, os.W_OK | os.X_OK):
             raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is not writable "
@@ -318,14 +321,18 @@ _NOT_RESULTS = ("train.log", "certify.log")
 
 
 def _unwritable(path: Path) -> Path | None:
-    """The run directory (or, before it exists, the nearest existing parent) or one of its sub-directories
-    where this process cannot create files; None if all can be written. ``os.access`` changes nothing
-    and also sees read-only mounts and immutable directories (which stop root too)."""
+    """The run directory (or, before it exists, the nearest existing parent), one of its sub-directories
+    where this process cannot create files, or one of its files that it cannot write (a read-only
+    metrics.csv or certify.tsv that a resume appends to); None if all can be written. ``os.access`` changes
+    nothing and also sees read-only mounts and immutable directories (which stop root too)."""
     existing = path
     while not existing.exists():
         existing = existing.parent
-    dirs = [existing, *(p for p in existing.iterdir() if p.is_dir())] if existing == path else [existing]
-    return next((d for d in dirs if not os.access(d, os.W_OK | os.X_OK)), None)
+    if existing != path:
+        return None if os.access(existing, os.W_OK | os.X_OK) else existing
+    entries = [path, *path.rglob("*")]
+    return next((p for p in entries if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)
+                 or p.is_file() and not p.is_symlink() and not os.access(p, os.W_OK)), None)
 
 
 def _results_present(path: Path) -> list[str]:
@@ -347,7 +354,14 @@ def _check_run_dir(path: Path, identity: dict) -> None:
                           "fix its permissions or choose another paths.log_dir")
     recorded = path / ".hydra" / IDENTITY_FILE
     if recorded.is_file():
-        old = json.loads(recorded.read_text())
+        try:
+            old = json.loads(recorded.read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("identity"), dict) or "key" not in old:
+                raise ValueError("not the record of a configuration")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{recorded} is damaged ({one_line(err)}): it says which configuration {path} holds, "
+                              "so nothing there can be resumed safely; restore it, or choose another run "
+                              "directory") from None
         if old["key"] != identity_key(identity):
             diff = _differences(old["identity"], identity)
             raise ConfigError(
@@ -428,10 +442,17 @@ def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
     if home not in path.parents:
         return None
     link = home / LATEST
+    if link.exists() and not link.is_symlink():  # a user's copy: never replaced, never deleted
+        log.warning("%s is a real directory, not the link this job keeps: not pointed at %s (move it away to get "
+                    "the link back)", link, path)
+        return None
     tmp = home / f".{LATEST}.tmp{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(path.relative_to(home), target_is_directory=True)
-    os.replace(tmp, link)
+    try:
+        tmp.symlink_to(path.relative_to(home), target_is_directory=True)
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
     return link
 
 
@@ -485,6 +506,7 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             raise ConfigError(one_line(err)) from None
         _check_run_dir(path, identity)
         if global_rank() == 0:
+            _note_new_dir(str(path))  # made here when Hydra did not make it (compose): removed again on refusal
             lock = RunDirLock(path)
         done = finished(path) if finished is not None else None
         if done is not None:

@@ -39,6 +39,26 @@ def check_resumable(path: str | Path) -> None:
         )
 
 
+def check_matches(path: str | Path, module) -> None:
+    """ValueError (one line) unless the training checkpoint ``path`` holds this module's tensors: same names,
+    same shapes. Lightning would find out inside ``fit`` with a long ``load_state_dict`` traceback (a
+    fine-tuning checkpoint resumed as pre-training, a patch-8 model resumed as patch-4)."""
+    ckpt = read_checkpoint(path, mmap=True)
+    theirs = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if theirs == ours:
+        return
+    differ = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
+    model = (ckpt.get("hyper_parameters") or {}).get("model_name", "an unnamed model")
+    first = differ[0]
+    detail = (f"{first}: {theirs.get(first, 'absent')} there, {ours.get(first, 'absent')} here")
+    raise ValueError(
+        f"{path} is a checkpoint of {model} ({len(differ)} tensors differ, e.g. {detail}); this run trains "
+        f"{getattr(module.hparams, 'model_name', type(module).__name__)}: resume a checkpoint of this run, or "
+        f"start from its weights with pretrained={path}"
+    )
+
+
 def _newest_first(folder: Path) -> list[Path]:
     """``last.ckpt``, then the other checkpoints of ``folder``, newest first, each file once."""
     last = folder / f"{LAST}.ckpt"

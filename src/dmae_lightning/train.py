@@ -20,7 +20,7 @@ from .config import run_in_dir
 from .errors import BAD_INPUT, ConfigError, one_line
 from .files import atomic_write_text
 from .noise import noise_from_config
-from .resume import resume_checkpoint
+from .resume import check_matches, resume_checkpoint
 from .tracking import finish_runs, keep_logged_metrics
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,13 @@ def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.Lig
         ckpt_path = resume_checkpoint(cfg)
     except BAD_INPUT as err:
         raise ConfigError(f"cannot resume: {one_line(err)}") from None
-    return (ckpt_path, *build(cfg))
+    datamodule, module, trainer = build(cfg)
+    if ckpt_path:
+        try:
+            check_matches(ckpt_path, module)
+        except BAD_INPUT as err:
+            raise ConfigError(f"cannot resume: {one_line(err)}") from None
+    return ckpt_path, datamodule, module, trainer
 
 
 def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
