@@ -343,42 +343,77 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
         run(run_dir, ckpt)
 
 
-@pytest.mark.slow
-def test_sigkill_and_restart_equal_an_uninterrupted_run(base, ckpt, tmp_path):
-    """A real process killed mid-run (SIGKILL), then the same command: no lost, duplicate or torn lines."""
-    args = [
-        f"ckpt_path={ckpt}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        *overrides_with("max=6", "n=10000", "batch=1000"),
-    ]
-    log = tmp_path / "out.log"
-    proc = script(log, *args)
-    shard = None
+KILLED = ("max=6", "n=10000", "batch=1000")  # about 1.5 s per image: time to stop a real process mid-run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ckpt) -> Path:
+    """certify.tsv of an uninterrupted run with the settings KILLED, for the kill tests to compare against."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(out, ckpt, *KILLED)
+    return out / "certify.tsv"
+
+
+def killed_args(ckpt: Path, logs: Path) -> list[str]:
+    return [f"ckpt_path={ckpt}", f"paths.log_dir={logs}", *overrides_with(*KILLED)]
+
+
+def wait_for_records(proc: subprocess.Popen, logs: Path, log: Path, count: int) -> Path:
+    """The rank-0 shard of the run writing into ``logs``, once it holds ``count`` records; the run still going."""
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "logs").glob("*/*/certify.rank0.tsv"))
-        if found and found[0].read_text().count("\n") >= 3:  # the header and at least two images
-            shard = found[0]
-            break
+        found = list(logs.glob("*/*/certify.rank0.tsv"))
+        if found and found[0].read_text().count("\n") >= count + 1:  # the header and ``count`` images
+            return found[0]
         time.sleep(0.02)
-    assert proc.poll() is None, f"finished before it could be killed:\n{log.read_text()}"
+    raise AssertionError(f"the run finished before it could be stopped:\n{log.read_text()}")
+
+
+def check_resumed(proc: subprocess.Popen, log: Path, run_dir: Path, uninterrupted: Path) -> None:
+    """The same command again, into ``run_dir``: finishes, and certify.tsv holds the uninterrupted run's lines."""
+    output = finish(proc, log, 300)
+    assert proc.returncode == 0, output
+    text = (run_dir / "certify.tsv").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 7
+    assert results(run_dir / "certify.tsv") == results(uninterrupted)
+    assert not list(run_dir.glob("certify.rank*.tsv"))
+    assert f"wrote {run_dir / 'certify.tsv'}" in output
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_equal_an_uninterrupted_run(ckpt, uninterrupted, tmp_path):
+    """A real process killed mid-run (SIGKILL), then the same command: no lost, duplicate or torn lines."""
+    args, log = killed_args(ckpt, tmp_path / "logs"), tmp_path / "out.log"
+    proc = script(log, *args)
+    shard = wait_for_records(proc, tmp_path / "logs", log, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert shard is not None
     run_dir = shard.parent
     assert not (run_dir / "certify.tsv").exists()
     first = len(read_records(shard, CertifyRecord))
     assert 2 <= first < 6
-    again = script(log, *args)
-    output = finish(again, log, 300)
-    assert again.returncode == 0, output
-    uninterrupted = tmp_path / "uninterrupted"
-    run(uninterrupted, ckpt, "max=6", "n=10000", "batch=1000")
-    text = (run_dir / "certify.tsv").read_text()
-    assert text.endswith("\n") and len(text.splitlines()) == 7
-    assert results(run_dir / "certify.tsv") == results(uninterrupted / "certify.tsv")
-    assert not list(run_dir.glob("certify.rank*.tsv"))
-    assert f"wrote {run_dir / 'certify.tsv'}" in output
+    check_resumed(script(log, *args), log, run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_the_next_image_keeps_the_records_and_resumes(ckpt, uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's or `kill`'s) of a real ``python certify.py``: Lightning's predict loop never looks
+    at its SIGTERM flag, so the job used to certify every image and exit 0 (issue 22.6). It must stop at the next
+    image with status 1 and one line, keep what it wrote, and the same command must then finish the run."""
+    args, log = killed_args(ckpt, tmp_path / "logs"), tmp_path / "out.log"
+    proc = script(log, *args)
+    shard = wait_for_records(proc, tmp_path / "logs", log, 1)
+    before = read_records(shard, CertifyRecord)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc, log, 120)
+    assert proc.returncode == 1, output[-3000:]
+    assert output.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+    assert "Traceback" not in output
+    run_dir = shard.parent
+    after = read_records(shard, CertifyRecord)
+    assert after[: len(before)] == before and len(after) < 6  # kept, and stopped before the end
+    assert not (run_dir / "certify.tsv").exists()
+    check_resumed(script(log, *args), log, run_dir, uninterrupted)
 
 
 @pytest.mark.slow

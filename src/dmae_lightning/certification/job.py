@@ -160,7 +160,7 @@ def certify(cfg: DictConfig) -> dict:
     """
     return config.run_in_dir(
         cfg, lambda: prepare(cfg), lambda job: run(cfg, job),
-        resume_hint="run the same command again (images already done are kept)",
+        resume_hint="run the same command again to resume",  # the images already done are kept
     )
 
 

@@ -2,7 +2,9 @@
 
 ``predict_step`` hands one image to the sampler and runs the forward batches that the images in flight
 fill completely; ``on_predict_epoch_end`` finishes the rest. Every finished image's record is appended
-to this rank's shard at once (fsync), so a kill loses only the images in flight.
+to this rank's shard at once (fsync), so a kill loses only the images in flight. After a SIGTERM the job
+stops at the next image boundary (Lightning's predict loop, unlike its fit loop, never looks at the flag its
+handler sets): ``SIGTERMException``, which ``config.run_in_dir`` turns into one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError
@@ -97,6 +100,7 @@ class SmoothingPredictor(pl.LightningModule):
         self._started = self._last_log = time.perf_counter()
 
     def predict_step(self, batch, batch_idx: int) -> None:
+        self._stop_if_terminated()
         idx, image, label, error = batch  # int, [C,H,W], int, str
         if error:  # finish and keep the images in flight first: a rerun resumes after the fix
             self._write(self.sampler.drain())
@@ -114,6 +118,16 @@ class SmoothingPredictor(pl.LightningModule):
             self.writer.write(record)
             self._done += 1
             self._log_progress()
+            self._stop_if_terminated()  # between two images (the drain at the end may finish many)
+
+    def _stop_if_terminated(self) -> None:
+        """After a SIGTERM (``trainer.received_sigterm``, set by Lightning's handler on every rank that got
+        it): close the shard, every record in it already on disk, and stop. The images in flight are dropped;
+        a rerun certifies them again with the same noise (seeded per image). No rank waits for another:
+        the predict loop has no collective per step."""
+        if self._trainer is not None and self.trainer.received_sigterm:
+            self.teardown("predict")
+            raise SIGTERMException
 
     def _log_progress(self) -> None:
         """Periodic progress lines from rank 0 when there is no progress bar (batch logs)."""
