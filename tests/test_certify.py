@@ -341,6 +341,10 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
     (run_dir / "certify.params.json").write_text(json.dumps({**params, "noise_scheme": "block100-v0"}))
     with pytest.raises(ConfigError, match=r"other settings \(noise_scheme: 'block100-v0' there"):
         run(run_dir, ckpt)
+    # issue 22: a damaged params file was a JSON traceback
+    (run_dir / "certify.params.json").write_text('{"n0": 100, ')
+    with pytest.raises(ConfigError, match=r"certify.params.json is damaged \(.*\): it says which settings"):
+        run(run_dir, ckpt)
 
 
 KILLED = ("max=6", "n=10000", "batch=1000")  # about 1.5 s per image: time to stop a real process mid-run
@@ -487,7 +491,7 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
     for key in ("model.head.weight", "model.head.bias"):
         state["state_dict"][key] = state["state_dict"][key][:5].clone()
     torch.save(state, five)
-    files = {"text": text, "five": five, "missing": folder / "missing.ckpt"}
+    files = {"text": text, "five": five, "missing": folder / "missing.ckpt", "directory": folder}
     for name, change in {
         "nan": lambda st: st["state_dict"]["model.head.weight"].view(-1).__setitem__(3, float("nan")),
         "pretrain": lambda st: st["hyper_parameters"].__setitem__("model_name", "dmae_vit_micro_patch4"),
@@ -534,6 +538,7 @@ def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, messag
         ("five", "classifies 5 classes but digits has 10"),
         ("text", "is not a loadable PyTorch checkpoint"),
         ("missing", "does not exist"),
+        ("directory", "does not exist or is not a file"),  # issue 22: was a traceback
         ("nan", "holds non-finite (NaN/Inf) weights in head.weight: a diverged or damaged model"),
         # first, not "add model=dmae_vit_micro_patch4" (following that advice would fail)
         ("pretrain", "holds the pre-training model dmae_vit_micro_patch4: certify a fine-tuned classifier"),

@@ -618,3 +618,16 @@ def test_resuming_another_model_s_checkpoint_is_one_line_before_work(overrides, 
     with pytest.raises(ConfigError, match=f"^cannot resume: {ckpt} {message}") as err:
         train(cfg)
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_a_requeued_run_s_newer_hpc_checkpoint_is_resumed_by_the_plain_command(two_epochs, tmp_path):
+    """A SLURM requeue leaves hpc_ckpt_<n>.ckpt in the run directory; with ckpt_path null Lightning takes it only
+    inside a SLURM job, and an explicit last.ckpt would take precedence over it: the newer one is resumed."""
+    run = copy_run(two_epochs / "run", tmp_path / "run")
+    cfg = compose(CONF, "train", [*TINY, "trainer.max_epochs=3"], output_dir=run)
+    assert resume_checkpoint(cfg) == str(run / "checkpoints" / "last.ckpt")  # interrupted: resumed, not redone
+    hpc = run / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes((run / "checkpoints" / "step00000004.ckpt").read_bytes())
+    assert resume_checkpoint(cfg) == str(hpc)
+    os.utime(hpc, (1, 1))  # older than last.ckpt
+    assert resume_checkpoint(cfg) == str(run / "checkpoints" / "last.ckpt")

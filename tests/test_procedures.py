@@ -272,10 +272,10 @@ GOOD = dict(x=torch.full((3, 4, 4), 0.5), n0=10, n=100, alpha=0.001, batch_size=
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(n0=0), "n0 must be an integer >= 1"),
-        (dict(n=0), "n must be an integer >= 1"),
-        (dict(n=10.0), "n must be an integer >= 1"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1"),
+        (dict(n0=0), "n0 must be an integer in \\[1, 10\\^12\\]"),
+        (dict(n=0), "n must be an integer in \\[1, 10\\^12\\]"),
+        (dict(n=10.0), "n must be an integer in \\[1, 10\\^12\\]"),
+        (dict(batch_size=0), "batch_size must be an integer in \\[1, 10\\^12\\]"),
         (dict(alpha=0.0), "alpha must lie strictly between 0 and 1"),
         (dict(alpha=1.0), "alpha must lie strictly between 0 and 1"),
         (dict(alpha=float("nan")), "alpha must lie strictly between 0 and 1"),

@@ -22,7 +22,7 @@ def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         f"hydra.run.dir={run_dir}",  # the reduced stage lists below would make a long directory name
         'quickstart.pretrain=["experiment=pretrain_digits","trainer.max_epochs=3"]',
         'quickstart.finetune=["experiment=finetune_digits","trainer.max_epochs=6"]',
-        'quickstart.certify=["data=digits","model=vit_micro_patch8","split=test","noise=sigma_0.25","n0=20","n=200","max=60","batch=220"]',
+        "n0=20", "n=200", "max=60", "batch=220",  # the certification stage's settings, by their certify.py names
         *extra,
     ]
     return subprocess.run(
@@ -43,13 +43,13 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
         run / "pretrain" / "checkpoints" / "last.ckpt",
         run / "pretrain" / "pictures" / "reconstruction_final.png",
         run / "finetune" / "checkpoints" / "last.ckpt",
-        run / "certify" / "certify.tsv",
-        run / "certify" / "summary.json",
-        run / "certify" / "certified_accuracy.png",
+        run / "certify" / "latest" / "certify.tsv",
+        run / "certify" / "latest" / "summary.json",
+        run / "certify" / "latest" / "certified_accuracy.png",
     ):
         assert path.is_file(), path
-    records = read_records(run / "certify" / "certify.tsv", CertifyRecord)
-    summary = json.loads((run / "certify" / "summary.json").read_text())
+    records = read_records(run / "certify" / "latest" / "certify.tsv", CertifyRecord)
+    summary = json.loads((run / "certify" / "latest" / "summary.json").read_text())
     assert [r.idx for r in records] == list(range(60)) and summary["num_images"] == 60
     # Certified accuracy at r = 0, recomputed from the per-image file, is far above chance (10%).
     acc0 = sum(r.correct == 1 and r.radius >= 0 for r in records) / len(records)
@@ -57,7 +57,7 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
     assert acc0 >= 0.5, acc0
     # The printed table and output paths.
     assert "| r=0 | r=0.25 | r=0.5 |" in proc.stdout and f"{100 * acc0:.1f}" in proc.stdout
-    assert str(run / "certify" / "certify.tsv") in proc.stdout
+    assert str((run / "certify" / "latest").resolve() / "certify.tsv") in proc.stdout
 
     # Running again does not redo finished stages: no file is rewritten.
     mtimes = {
@@ -75,23 +75,23 @@ def test_quickstart_without_pretraining_is_the_baseline(tmp_path):
     proc = run_quickstart(run, "pretrain=false", "noise=sigma_0.5", "logger=none", "trainer.max_epochs=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (run / "pretrain").exists()
-    assert (run / "certify" / "summary.json").is_file()
+    assert (run / "certify" / "latest" / "summary.json").is_file()
     assert "fine-tuning from scratch" in proc.stdout
     # The overrides typed after experiment=quickstart reached the stages (issue 14.2).
     saved = OmegaConf.load(run / "finetune" / ".hydra" / "config.yaml")
     assert saved.noise.sigma == 0.5 and not saved.get("logger") and saved.trainer.max_epochs == 4
-    assert json.loads((run / "certify" / "summary.json").read_text())["sigma"] == 0.5
+    assert json.loads((run / "certify" / "latest" / "summary.json").read_text())["sigma"] == 0.5
     assert not (run / "finetune" / "csv").exists()
 
 
 def quickstart_stages(typed: list[str]) -> dict:
     """Each stage's config as the quickstart composes it for ``python train.py experiment=quickstart <typed>``."""
     from dmae_lightning.config import compose
-    from dmae_lightning.quickstart import CONFIG_NAME, stage_overrides
+    from dmae_lightning.quickstart import CONFIG_NAME
+    from dmae_lightning.quickstart import quickstart_stages as place
 
     conf = REPO / "conf"
-    stages = compose(conf, "train", ["experiment=quickstart", *typed]).quickstart
-    overrides = stage_overrides(str(conf), stages, ["experiment=quickstart", *typed])
+    _, overrides = place(compose(conf, "train", ["experiment=quickstart", *typed]))
     return {name: compose(conf, CONFIG_NAME[name], overrides[name]) for name in overrides}
 
 
@@ -111,6 +111,10 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     assert all(not cfg.get("logger") for cfg in none.values())
     sequential = quickstart_stages(["procedure=certify_radii"])  # the sequential procedure, as an option
     assert (sequential["certify"].mode, sequential["certify"].n) == ("certify_radii", 1000)
+    # issue 22: the certification settings by their certify.py names, and the protocol group
+    certify = quickstart_stages(["n=300", "alpha=0.01", "split=train", "protocol=images500"])["certify"]
+    assert (certify.n, certify.max, certify.alpha, certify.split, certify.images) == (300, None, 0.01, "train", 500)
+    assert quickstart_stages(["max=20"])["certify"].max == 20
 
 
 @pytest.mark.parametrize(
@@ -120,6 +124,12 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
                               r"pre-training stage \(pretrain=false: from scratch\)\)"),
         ("ckpt_path=last", "quickstart: ckpt_path=last is not accepted"),
         ("+foo.bar=1", r"quickstart: \+foo.bar=1 applies to none of its stages \(pretrain, finetune, certify\)"),
+        # issue 22: refused before any stage runs (before: after training, or after a stage directory was made)
+        ("procedure=certfy_radii", "procedure must be one of certify | predict | certify_radii, got 'certfy_radii'"),
+        ("noise=discrete_gaussian_sigma_0.25", "quickstart: the certification stage would refuse its settings: "
+                                               "discrete noise needs 8-bit images"),
+        ("protocol=images500", "images=500, but the test split has only 360 images"),
+        ("n=0", "n must be an integer >= 1, got 0"),
     ],
 )
 def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
@@ -141,47 +151,64 @@ def test_another_procedure_reuses_the_trained_stages():
     assert key() != key("trainer.max_epochs=2")
 
 
+def finished(tmp_path: Path, typed: list[str]) -> tuple:
+    """A quickstart job whose three stages are recorded as finished in ``tmp_path`` (records older than identity
+    keys, which are taken as finished): (cfg, conf dir, overrides, certification directory)."""
+    from dmae_lightning.config import compose
+    from dmae_lightning.quickstart import DONE, certification_dir
+    from dmae_lightning.quickstart import quickstart_stages as place
+
+    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
+    conf, overrides = place(cfg)
+    checkpoint = f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
+    certified = certification_dir(tmp_path, cfg.procedure, conf, [*overrides["certify"], checkpoint])
+    for stage in (tmp_path / "pretrain", tmp_path / "finetune", certified):
+        stage.mkdir(parents=True)
+        (stage / DONE).write_text("{}")
+    summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
+               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25, "average_certified_radius": 0.1}
+    (certified / "summary.json").write_text(json.dumps(summary))
+    return cfg, conf, overrides, certified
+
+
 @pytest.mark.parametrize("logger", ["wandb", "none"])
 def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp_path, caplog, capsys):
     """logger=wandb on a finished quickstart (same run directory: the logger is not in its identity) skips every
     stage: one line per stage says nothing new was logged, and no W&B run is started (issue 17.4.6a)."""
-    from dmae_lightning.config import compose
-    from dmae_lightning.quickstart import DONE, STAGES, run_quickstart
+    from dmae_lightning.quickstart import run_quickstart
 
-    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", f"logger={logger}"], output_dir=tmp_path)
-    for stage in STAGES:
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / DONE).write_text("{}")
-    summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
-               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25, "average_certified_radius": 0.1}
-    (tmp_path / "certify" / "summary.json").write_text(json.dumps(summary))
+    cfg, conf, overrides, certified = finished(tmp_path, [f"logger={logger}"])
     with caplog.at_level("INFO", logger="dmae_lightning"):
-        run_quickstart(cfg, str(REPO / "conf"), {stage: [] for stage in STAGES})
+        run_quickstart(cfg, conf, overrides)
     lines = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
     note = "; nothing new logged to logger=wandb (it logged when the stage ran)" if logger == "wandb" else ""
-    assert lines == [f"quickstart: {name} already complete in {tmp_path / stage}, not redone{note}"
-                     for name, stage in zip(("pre-training", "fine-tuning", "certification"), STAGES)]
+    assert lines == [f"quickstart: {name} already complete in {stage}, not redone{note}" for name, stage in
+                     zip(("pre-training", "fine-tuning", "certification"),
+                         (tmp_path / "pretrain", tmp_path / "finetune", certified))]
     assert "| 50.0 | 25.0 | 12.5 | 0.100 |" in capsys.readouterr().out
     assert not any(tmp_path.rglob("wandb"))
+    assert (certified.parent / "latest").resolve() == certified
 
 
-def test_a_stage_finished_with_other_settings_is_refused_not_reused(tmp_path):
-    """The quickstart's certification settings are not in its run identity (another procedure reuses the trained
-    stages), so a finished certification stage records its overrides: new settings (quickstart.certify=[..n=2000..])
-    are refused in one line instead of silently reporting the old results."""
-    from dmae_lightning.config import compose
-    from dmae_lightning.errors import ConfigError
-    from dmae_lightning.quickstart import DONE, STAGES, run_quickstart
+def test_finished_stages_are_matched_by_identity_not_by_the_typed_settings(tmp_path, caplog):
+    """Issue 22: a finished quickstart rerun with data.num_workers=0 (the default) or logger=none, or after the
+    project folder was moved, was refused as "finished with other settings: remove that directory"; other
+    certification settings now get their own directory beside the finished one, and a certification whose
+    summary.json was cut in half is run again (the job rebuilds it) instead of a JSON traceback."""
+    from dmae_lightning.quickstart import DONE, certification_dir, run_quickstart
 
-    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", "logger=none"], output_dir=tmp_path)
-    overrides = {stage: list(cfg.quickstart[stage]) for stage in STAGES}
-    for stage in STAGES:
-        (tmp_path / stage).mkdir()
-    for stage in ("pretrain", "finetune"):
-        (tmp_path / stage / DONE).write_text("{}")  # a record without overrides (older runs): taken as finished
-    done_with = [o.replace("n=1000", "n=2000") for o in overrides["certify"]]
-    done_with.append(f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}")
-    (tmp_path / "certify" / DONE).write_text(json.dumps({"overrides": done_with}))
-    with pytest.raises(ConfigError, match=r"certify was finished with other settings \(n=1000, n=2000\)") as err:
-        run_quickstart(cfg, str(REPO / "conf"), overrides)
-    assert "\n" not in str(err.value)
+    cfg, conf, overrides, certified = finished(tmp_path, ["logger=none"])
+    moved = {stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch=500"]
+             for stage, typed in overrides.items()}
+    with caplog.at_level("INFO", logger="dmae_lightning"):
+        run_quickstart(cfg, conf, moved)
+    assert caplog.text.count("already complete") == 3
+
+    checkpoint = f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
+    other = certification_dir(tmp_path, "certify", conf, [*overrides["certify"], "n=2000", checkpoint])
+    assert other.parent == certified.parent and other != certified
+    # a stage recorded with another identity: one line, and no advice to delete it
+    (tmp_path / "finetune" / DONE).write_text(json.dumps({"key": "0badc0de"}))
+    with pytest.raises(Exception, match=r"finetune was finished with other settings: give these settings their "
+                                        r"own run, e.g. run_name=quickstart_2 \(the finished stage is kept\)"):
+        run_quickstart(cfg, conf, {stage: list(typed) for stage, typed in overrides.items()})

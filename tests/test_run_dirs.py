@@ -121,7 +121,8 @@ def test_sweep_over_initial_weights_gives_two_directories_and_a_latest_link(tmp_
     for d in dirs:
         assert "last.ckpt" in [p.name for p in (d / "checkpoints").iterdir()]  # each point its own checkpoints
         assert len((d / "csv" / "metrics.csv").read_text().splitlines()) > 1
-        assert proc.stdout.count(f"run directory: {d}") == 2  # at the start and at the end
+        assert proc.stdout.count(f"run directory: {d}") == 1  # at the start
+        assert proc.stdout.count(f"finished: {d} (also {home / 'latest'})") == 1
     assert (home / "latest").resolve() in dirs and (home / "latest" / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom, norm
 
+from dmae_lightning.certification import CertifyRadii
 from dmae_lightning.certification.sequential_test import (
     SequentialTest,
     Verdict,
@@ -262,3 +263,26 @@ def test_curtailment_saves_samples_and_loses_a_negligible_certified_fraction(rad
     assert not (curtailed.certified & ~plain.certified).any()  # it can only turn a YES into a NO
     lost = (plain.certified & ~curtailed.certified).mean(axis=0)  # [R]
     assert lost.max() <= 0.0005  # at most 5 of 10,000 images at any radius (measured: 0 to 1 of 20,000)
+
+
+def test_the_counts_needed_at_the_cap_of_any_size_against_scipy():
+    """Issue 22: CertifyRadii at n = 10^12 built a [n + 1] table (7.28 TiB) and died in numpy after work had
+    started. The bisection gives, for every radius, the fewest successes whose final-level Clopper-Pearson bound
+    (scipy's Beta quantile) clears the threshold, at caps from 1,000 to 10^12, in milliseconds."""
+    radii = (0.0, 0.25, 0.5, 0.75, 2.0)
+    for n_max in (1_000, 12_345, 10**12):
+        test = SequentialTest(radii=radii, noise=GaussianNoise(SIGMA), n_max=n_max, alpha=0.001, block=100)
+        final = test.lower_levels()[-1]
+        for r, needed in zip(radii, test.needed_at_cap()):
+            t = norm.cdf(r / SIGMA)
+
+            def clears(k, t=t, r=r, final=final, n_max=n_max):
+                bound = beta.ppf(final, k, n_max - k + 1) if k else 0.0
+                return bound > t if r == 0 else bound >= t
+
+            if needed == n_max + 1:
+                assert not clears(n_max)
+            else:
+                assert clears(needed) and (needed == 0 or not clears(needed - 1)), (n_max, r, needed)
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 10\^12\], got 1000000000001"):
+        CertifyRadii((0.0,), 10**12 + 1, 0.001)

@@ -83,6 +83,8 @@ def file_digest(path: str) -> str:
         st = os.stat(real)
     except OSError:
         return f"missing:{path}"  # the job itself stops with one line when it needs the file
+    if not os.path.isfile(real):  # a directory, say: the job says "not a file" in one line
+        return f"not-a-file:{path}"
     cache_key = (real, st.st_size, st.st_mtime_ns)
     if cache_key not in _FILE_DIGESTS:
         sha = hashlib.sha256()
@@ -286,6 +288,19 @@ def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir:
     return cfg
 
 
+@contextlib.contextmanager
+def keep_hydra_config():
+    """Compose other jobs' configs inside and get the running job's Hydra config back afterwards: ``compose``
+    sets Hydra's global config, which ``${hydra:...}`` interpolations of the job's own config (its run
+    directory among them) resolve against."""
+    instance = HydraConfig.instance()
+    saved = instance.cfg
+    try:
+        yield
+    finally:
+        instance.cfg = saved
+
+
 # ------------------------------------------------------------------------------------------ output
 # Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
 # Trainer of a process (the job logs its devices once), the stepping-batch estimate.
@@ -436,9 +451,13 @@ def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
 
 
 def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
-    """``logs/<run_name>/latest`` -> this run directory, replaced atomically; None where the run directory is
-    not below ``logs/<run_name>`` (an explicit hydra.run.dir, a quickstart stage)."""
-    home = Path(cfg.paths.log_dir, cfg.run_name).resolve()
+    """``logs/<run_name>/latest`` -> this run directory (:func:`point_latest`)."""
+    return point_latest(Path(cfg.paths.log_dir, cfg.run_name).resolve(), path)
+
+
+def point_latest(home: Path, path: Path) -> Path | None:
+    """``home/latest`` -> ``path``, replaced atomically; None where ``path`` is not below ``home`` (an explicit
+    hydra.run.dir, a quickstart stage) or a real directory is in the way."""
     if home not in path.parents:
         return None
     link = home / LATEST
@@ -550,7 +569,8 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     else:
         if global_rank() == 0:
             latest = _point_latest(path, cfg)
-            log.info("run directory: %s%s", path, f" (also {latest})" if latest else "")
+            if latest:  # (the directory itself was logged when the job started)
+                log.info("finished: %s (also %s)", path, latest)
         return result
     finally:
         if lock is not None:

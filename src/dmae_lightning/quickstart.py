@@ -3,7 +3,11 @@
 ``python train.py experiment=quickstart`` runs three stages in order, each the same job as running
 it alone (``train.py`` / ``certify.py`` with the stage's overrides), each reading the previous
 stage's checkpoint from its own sub-directory of the run directory. A stage that already finished
-is not run again; an interrupted one resumes.
+is not run again (the same stage identity as when it finished: settings that change no result, a moved
+project folder or another logger never make it "other"); an interrupted one resumes. The certification stage
+runs in ``<procedure>/<key>``, ``<key>`` its own identity, so other certification settings (``n=300``,
+``protocol=images500``, by their certify.py names) get their own directory beside the earlier ones, and
+``<procedure>/latest`` points at the newest.
 
 Every override typed after ``experiment=quickstart`` reaches each stage whose config has that key or
 config group (``hardware=gpu``, ``logger=wandb``, ``noise=sigma_0.5``, ``trainer.max_epochs=1``,
@@ -25,15 +29,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from .certification.job import certify, sample_saving
 from .certification.metrics import format_table
+from .certification.params import subset_indices, validate
+from .certification.procedures import PROCEDURES
 from .certification.records import read_json
-from .config import compose
-from .errors import ConfigError
+from .config import compose, identity_key, job_identity, keep_hydra_config, point_latest
+from .data import DigitsDataModule
+from .errors import ConfigError, one_line
+from .noise import noise_from_config
 from .train import train
 
 log = logging.getLogger(__name__)
 DONE = "stage_done.json"
+# The certification stage's settings, top-level keys of the quickstart by their certify.py names (and the protocol
+# group): passed to that stage by run_quickstart, whether typed or not.
+CERTIFY_SETTINGS = ("split", "n0", "n", "alpha", "skip", "max", "batch")
 # Keys of the quickstart job itself (not passed on), and keys each stage sets itself (refused).
-OWN = ("experiment", "pretrain", "procedure", "quickstart", "run_name", "hydra", "hydra/launcher")
+OWN = ("experiment", "pretrain", "procedure", "quickstart", "run_name", "hydra", "hydra/launcher", "protocol",
+       "images", *CERTIFY_SETTINGS)
 SET_BY_QUICKSTART = {
     "task": "each stage has its own task",
     "pretrained": "fine-tuning starts from the pre-training stage (pretrain=false: from scratch)",
@@ -85,16 +97,39 @@ def _main_config_dir() -> str:
     return next(s.path for s in sources if s.provider == "main")
 
 
+def _stage_key(conf_dir: str, config_name: str, overrides: list[str], stage_dir: Path) -> str:
+    """The identity key of a stage's job (what its results depend on: files by content, not by path)."""
+    with keep_hydra_config():
+        return identity_key(job_identity(compose(conf_dir, config_name, overrides, output_dir=stage_dir)))
+
+
+def _finished_key(stage_dir: Path, config_name: str) -> str | None:
+    """The identity key a stage finished with ("" for records older than keys), or None: not finished, or a
+    damaged record (the stage then runs again, and resumes or rebuilds what it had written)."""
+    try:
+        record = json.loads((stage_dir / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if config_name == "certify":
+        try:  # the stage's summary, which the table is read from: a damaged one is rebuilt by running again
+            read_json(stage_dir / "summary.json")
+        except (OSError, ValueError):
+            return None
+    return str(record.get("key", ""))
+
+
 def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Path, conf_dir: str,
                logger: str | None) -> None:
-    """Run one stage in ``stage_dir`` unless it finished there before; ``logger``: the job's logger choice (None:
-    logger=none), named when a finished stage logs nothing new."""
-    if (stage_dir / DONE).exists():
-        done_with = json.loads((stage_dir / DONE).read_text()).get("overrides", overrides)
-        if done_with != overrides:  # e.g. quickstart.certify=[...] changed: not in the run identity
-            changed = sorted(set(overrides) ^ set(done_with))
-            raise ConfigError(f"quickstart: {stage_dir} was finished with other settings ({', '.join(changed)}): "
-                              "remove that directory to redo the stage with the new ones")
+    """Run one stage in ``stage_dir`` unless it finished there before with the same identity; ``logger``: the
+    job's logger choice (None: logger=none), named when a finished stage logs nothing new."""
+    key = _stage_key(conf_dir, config_name, overrides, stage_dir)
+    done = _finished_key(stage_dir, config_name)
+    if done is not None:
+        if done not in ("", key):  # a trained stage whose identity changed under the same quickstart key
+            raise ConfigError(f"quickstart: {stage_dir} was finished with other settings: give these settings "
+                              "their own run, e.g. run_name=quickstart_2 (the finished stage is kept)")
         note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
         log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
         return
@@ -102,14 +137,44 @@ def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Pat
     cfg = compose(conf_dir, config_name, overrides, output_dir=stage_dir)  # an interrupted stage resumes by itself
     result = (train if config_name == "train" else certify)(cfg)
     record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
-    (stage_dir / DONE).write_text(json.dumps({**record, "overrides": overrides}))
+    (stage_dir / DONE).write_text(json.dumps({**record, "key": key}))
+
+
+def certification_dir(out: Path, procedure: str, conf_dir: str, overrides: list[str]) -> Path:
+    """``<out>/<procedure>/<key>``: one directory per procedure and certification settings (``<key>`` the
+    certify job's identity), beside the earlier ones, so that the trained stages are shared."""
+    return out / procedure / _stage_key(conf_dir, "certify", overrides, out / procedure)
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={'null' if value is None else value}"
+
+
+def certification_settings(cfg: DictConfig) -> list[str]:
+    """The certification stage's own settings: procedure, the certify.py keys and the protocol choice."""
+    settings = [f"mode={cfg.procedure}", *(_override(k, cfg[k]) for k in CERTIFY_SETTINGS if k in cfg)]
+    protocol = HydraConfig.get().runtime.choices.get("protocol")
+    return settings + ([f"protocol={protocol}"] if protocol and protocol != "null" else [])
 
 
 def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
     """The conf/ directory and each stage's overrides for this job: every typed override is placed or
-    refused here, before the run directory is recorded."""
+    refused here, and the certification stage's settings are checked, before anything is trained."""
+    if cfg.procedure not in PROCEDURES:
+        raise ConfigError(f"procedure must be one of {' | '.join(PROCEDURES)}, got {cfg.procedure!r}")
     conf_dir = _main_config_dir()
-    return conf_dir, stage_overrides(conf_dir, cfg.quickstart, list(HydraConfig.get().overrides.task))
+    overrides = stage_overrides(conf_dir, cfg.quickstart, list(HydraConfig.get().overrides.task))
+    overrides["certify"] += certification_settings(cfg)
+    with keep_hydra_config():
+        certify_cfg = compose(conf_dir, "certify", [*overrides["certify"], "ckpt_path=fine-tuned.ckpt"])
+    try:  # the certify job's own checks (n, alpha, max, protocol, noise) on the quickstart's data
+        params = validate(certify_cfg)
+        images = DigitsDataModule().dataset(str(certify_cfg.split))
+        subset_indices(len(images), params)
+        noise_from_config(certify_cfg.noise).check_input(images[0][0])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"quickstart: the certification stage would refuse its settings: {one_line(err)}") from None
+    return conf_dir, overrides
 
 
 def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str]]) -> dict:
@@ -124,8 +189,9 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
         overrides["finetune"].append("pretrained=null")
     _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir, logger)
     overrides["certify"].append(f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
-    certified = out / cfg.procedure  # one directory per procedure: the trained stages are shared
+    certified = certification_dir(out, cfg.procedure, conf_dir, overrides["certify"])
     _run_stage("certification", "certify", overrides["certify"], certified, conf_dir, logger)
+    point_latest(certified.parent, certified)
 
     summary = read_json(certified / "summary.json")
     radii = [float(r) for r in stages.report_radii]

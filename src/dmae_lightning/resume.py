@@ -91,7 +91,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ckpt_path = cfg.ckpt_path
     if not ckpt_path:
         folder = _checkpoint_folder(cfg)
-        if not _newest_first(folder):
+        newest = _newest_first(folder)
+        hpc = sorted(Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if hpc and (not newest or hpc[-1].stat().st_mtime >= newest[0].resolve().stat().st_mtime):
+            # a SLURM requeue's own checkpoint, newer than the epoch checkpoints: resume from it by path
+            # (Lightning itself takes it only inside a SLURM job, and only when ckpt_path is null)
+            check_resumable(hpc[-1])
+            _warn(f"resuming the requeued run from {hpc[-1]}")
+            return str(hpc[-1])
+        if not newest:
             return None
         _warn(f"{folder} holds the checkpoints of an interrupted run: resuming it (ckpt_path=last), not "
               "starting over; to train from step 0, change a setting of the run (a new run directory)")

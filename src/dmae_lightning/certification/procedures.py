@@ -51,10 +51,13 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     return clopper_pearson_lower(n_a, n, alpha)
 
 
+MAX_COUNT = 10**12  # noisy samples: a decade of a GPU's draws per image; beyond it float64 bounds lose their meaning
+
+
 def _check_counts(**counts: int) -> None:
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+            raise ValueError(f"{name} must be an integer in [1, 10^12], got {value!r}")
 
 
 def _check_alpha(alpha: float) -> None:

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .records import Record, atomic_write_text, merge_files, one_per_idx, read_records
 
 
@@ -50,7 +50,14 @@ def check_params(run_dir: Path, key: dict, mode: str) -> None:
     """Refuse to resume into a directory whose results came from other settings (reads only)."""
     path = _params_path(run_dir, mode)
     if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(previous, dict):
+                raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is damaged ({one_line(err)}): it says which settings the results in "
+                              f"{run_dir} came from, so they cannot be resumed safely; restore it, or choose "
+                              "another run_name (or hydra.run.dir) for a new run") from None
         differ = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in key.items() if previous.get(k) != v]
         if differ:
             raise ConfigError(

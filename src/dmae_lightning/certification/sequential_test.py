@@ -209,9 +209,21 @@ class SequentialTest:
 
     @cached_property
     def _needed_at_cap(self) -> tuple[int, ...]:
-        lower = clopper_pearson_lower(np.arange(self.n_max + 1), self.n_max, self.lower_levels()[-1])  # [n_max+1]
-        clears = self._clears(np.atleast_1d(lower))  # [n_max+1, R], monotone in the count
-        return tuple(int(c.argmax()) if c.any() else self.n_max + 1 for c in clears.T)
+        # The lower bound grows with the count: bisection per radius (about 40 bounds for any cap, where the
+        # whole [n_max + 1] table would take terabytes at n_max = 10^12).
+        level = self.lower_levels()[-1]
+
+        def clears(k: int) -> np.ndarray:  # [R]
+            return self._clears(np.atleast_1d(clopper_pearson_lower(k, self.n_max, level)))[0]
+
+        needed = []
+        for r in range(len(self.radii)):
+            low, high = 0, self.n_max + 1  # the answer lies in [low, high]; n_max + 1 means "no count certifies r"
+            while low < high:
+                middle = (low + high) // 2
+                low, high = (low, middle) if clears(middle)[r] else (middle + 1, high)
+            needed.append(low)
+        return tuple(needed)
 
     def curtailed(self, successes, trials: int) -> np.ndarray:
         """[..., R]: the radii stochastic curtailment answers NO after ``successes`` of ``trials`` draws.
