@@ -176,3 +176,24 @@ def test_runs_sharing_only_the_root_need_out(tmp_path, capsys):
     finally:
         shutil.rmtree(elsewhere)
     assert "the runs share no directory but /: name one with --out" in capsys.readouterr().err
+
+
+def test_damaged_summaries_and_an_unwritable_out_are_one_line(two_runs, tmp_path, capsys):
+    """Issue 22: summary.json holding a list, sigma="half" or cut in half, and --out unwritable."""
+    bad = {}
+    for name, text in (("list", "[1, 2]"), ("half", None), ("cut", None)):
+        run = make_run(tmp_path / name, 0.25, [(0.3, 1)])
+        summary = run / "summary.json"
+        if name == "half":
+            summary.write_text(summary.read_text().replace('"sigma": 0.25', '"sigma": "half"'))
+        else:
+            summary.write_text(text or summary.read_text()[:40])
+        bad[name] = summary
+    assert main([*map(str, two_runs), *(str(p.parent) for p in bad.values()), "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"analyze: skipping {bad['list']}: a JSON list, not a run summary" in err
+    assert f"analyze: skipping {bad['half']}: sigma must be a number > 0, got 'half'" in err
+    assert f"analyze: skipping {bad['cut']}: damaged (" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("")
+    assert main([str(two_runs[0]), "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "analyze: error: cannot write the tables to" in capsys.readouterr().err

@@ -106,8 +106,8 @@ def test_records_and_summary(sequential):
         f"{24 * 1010:,} (n0 + n per image): {saving:.1f}x fewer")
     expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
     assert summary["certified_accuracy"] == pytest.approx(expected)
-    # ACR of the grid answers: the largest certified grid radius, 0 where none
-    assert summary["average_certified_radius"] == pytest.approx(sum(r.radius or 0.0 for r in records) / 24)
+    # issue 22: no "ACR" of grid radii (0.467 beside CERTIFY's 0.580 on the quickstart: not comparable)
+    assert summary["average_certified_radius"] is None and "ACR" not in report(summary)
     assert read_json(out / "summary.json")["mode"] == "certify_radii"
     assert (out / "certified_accuracy.png").exists()
 

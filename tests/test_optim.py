@@ -77,7 +77,7 @@ def test_warmup_cosine_factor_closed_form():
     assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1 :]))
 
 
-def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, capsys):
+def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, caplog):
     """batch 16 x 1 device x 1 node x accumulation 2 = 32 per step; 128 images = 8 batches = 4 steps/epoch."""
     pl.seed_everything(0)
     opt = dict(OPT, base_lr=2e-3, warmup_epochs=1, min_lr=1e-5)
@@ -89,11 +89,12 @@ def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, cap
             seen.append((trainer.global_step, [g["lr"] for g in optimizer.param_groups]))
 
     trainer = make_trainer([LrAtStep()], max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0)
-    trainer.fit(module, make_digits(batch_size=16, subset_first=128))
+    with caplog.at_level("INFO", logger="dmae_lightning.optim"):
+        trainer.fit(module, make_digits(batch_size=16, subset_first=128))
     peak = 2e-3 * 16 * 1 * 1 * 2 / 256
     assert (
         f"lr {peak:.3e} (base 0.002 x effective batch 32 / 256), 4 warm-up of 12 steps"
-        in capsys.readouterr().out
+        in caplog.messages
     )
     assert [step for step, _ in seen] == list(range(12))
     for step, lrs in seen:
@@ -146,7 +147,7 @@ def _stub_trainer(batch, devices, nodes, accumulate, batches_per_epoch=100, epoc
 @pytest.mark.parametrize(
     "devices, nodes, accumulate", [(1, 1, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (2, 3, 4)]
 )
-def test_lr_scales_with_devices_nodes_and_accumulation(devices, nodes, accumulate, capsys):
+def test_lr_scales_with_devices_nodes_and_accumulation(devices, nodes, accumulate, caplog):
     batch, base_lr = 64, 1.5e-4
     eff = batch * devices * nodes * accumulate
     assert effective_batch_size(batch, devices, nodes, accumulate) == eff
@@ -154,7 +155,8 @@ def test_lr_scales_with_devices_nodes_and_accumulation(devices, nodes, accumulat
     module = micro_module()
     module.trainer = _stub_trainer(batch, devices, nodes, accumulate)  # what configure_optimizer reads
     opt = dict(OPT, base_lr=base_lr, warmup_epochs=2, min_lr=1e-6)
-    config = configure_optimizer(module, module.model, **opt)
+    with caplog.at_level("INFO", logger="dmae_lightning.optim"):
+        config = configure_optimizer(module, module.model, **opt)
     peak = base_lr * eff / 256
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
@@ -164,7 +166,7 @@ def test_lr_scales_with_devices_nodes_and_accumulation(devices, nodes, accumulat
     warmup, total = 2 * steps_per_epoch, 10 * steps_per_epoch
     assert (
         f"lr {peak:.3e} (base 0.00015 x effective batch {eff} / 256), {warmup} warm-up of {total} steps"
-        in (capsys.readouterr().out)
+        in caplog.messages
     )
     for step in (0, 1, warmup // 2, warmup - 1, warmup, warmup + 1, (warmup + total) // 2, total - 1, total):
         expected = _closed_form_lr(peak, step, warmup, total, 1e-6)

@@ -240,3 +240,39 @@ def test_damaged_records_links_and_files_in_the_way_are_one_line(tmp_path, caplo
     with pytest.raises(SystemExit, match=f"cannot create the run directory .*: {tmp_path / 'file'} is a file, not a "
                        "directory; choose another paths.log_dir"):
         hydra_run_dir(["experiment=pretrain_digits", f"paths.log_dir={tmp_path / 'file'}"])
+
+
+def test_a_job_refused_while_it_was_built_leaves_no_directory_even_with_a_log(tmp_path):
+    """Issue 22: certify.py with a discrete noise on digits refused in one line but left a run directory holding
+    certify.log (only an empty job log was removed)."""
+    from dmae_lightning.config import compose, run_in_dir
+    from dmae_lightning.errors import ConfigError
+
+    run = tmp_path / "logs" / "certify_x" / "key"
+    cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
+
+    def build():
+        (run / "certify.log").write_text("[INFO] loading the checkpoint\n")  # what Hydra's job log holds by then
+        raise ConfigError("noise discrete_sigma0.25 on digits: discrete noise needs 8-bit images")
+
+    with pytest.raises(ConfigError):
+        run_in_dir(cfg, build, lambda built: built, resume_hint="")
+    assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
+
+
+def test_a_full_disk_met_while_staging_elsewhere_names_the_run_directory(tmp_path):
+    """Issue 22: the one-line full-disk error named a staging file in $TMPDIR, not the run directory."""
+    import errno
+
+    from dmae_lightning.config import compose, run_in_dir
+    from dmae_lightning.errors import ConfigError
+
+    run = tmp_path / "run"
+    cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
+
+    def fill(built):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12cd/staged.ckpt")
+
+    with pytest.raises(ConfigError, match=rf"^no space left on the device of {run} \(while writing "
+                                          r"/tmp/tmpab12cd/staged.ckpt\): what was written before is kept"):
+        run_in_dir(cfg, lambda: None, fill, resume_hint="rerun the same command to resume")

@@ -476,7 +476,7 @@ def point_latest(home: Path, path: Path) -> Path | None:
 
 
 def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
-    """Undo Hydra's mkdir for a job that stopped with one line: before it was valid, only its empty job log and
+    """Undo Hydra's mkdir for a job that stopped with one line: before it was valid, only its job log and
     empty directories go; after its records were written (``recorded``: a quickstart stage refused), the whole
     directory goes as long as it holds no result (records, job log and empty folders); then the directories
     above it, up to the nearest directory that existed before the job."""
@@ -487,10 +487,8 @@ def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
         if _results_present(path):
             return
         shutil.rmtree(path, ignore_errors=True)
-    for name in _NOT_RESULTS:
-        log_file = path / name
-        if log_file.is_file() and log_file.stat().st_size == 0:
-            log_file.unlink()
+    for name in _NOT_RESULTS:  # the refused job's own log: its error was printed, nothing else is in it
+        (path / name).unlink(missing_ok=True)
     current = path
     while str(current) != existing and not (current.is_dir() and any(current.iterdir())):
         if current.is_dir():
@@ -562,8 +560,10 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        staged = err.filename and path not in Path(str(err.filename)).resolve().parents
+        where = f"{path} (while writing {err.filename})" if staged else (err.filename or path)
         raise ConfigError(
-            f"no space left on the device of {err.filename or path}: what was written before is kept; "
+            f"no space left on the device of {where}: what was written before is kept; "
             f"free some space, then {resume_hint}"
         ) from None
     else:

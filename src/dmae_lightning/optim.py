@@ -116,7 +116,9 @@ def configure_optimizer(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, warmup, total, min_ratio)
     )
-    module.print(f"lr {peak:.3e} (base {base_lr:g} x effective batch {eff} / 256), {warmup} warm-up of {total} steps")
+    if trainer.is_global_zero:  # a log line like every other (module.print bypasses the log format)
+        log.info("lr %.3e (base %g x effective batch %d / 256), %d warm-up of %d steps", peak, base_lr, eff, warmup,
+                 total)
     if warmup >= total and trainer.is_global_zero:
         log.warning("the warm-up (%d steps, warmup_epochs=%g) is not shorter than the run (%d steps): the lr never "
                     "reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs",

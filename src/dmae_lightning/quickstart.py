@@ -208,7 +208,8 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
         f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
         f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
         format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})",
-                     acr={label: summary["average_certified_radius"]}),
+                     acr=None if summary.get("average_certified_radius") is None
+                     else {label: summary["average_certified_radius"]}),
         *filter(None, [sample_saving(summary)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]

@@ -66,10 +66,21 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Record]]:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a finished certification run (no summary.json)")
-    summary = read_json(summary_path)
+    try:
+        summary = read_json(summary_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{summary_path}: damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                         "python certify.py with the run's command rebuilds it from the per-image file") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_path}: a JSON {type(summary).__name__}, not a run summary")
     procedure = PROCEDURES.get(summary.get("mode", "certify"))
     if procedure is None or "certified_accuracy" not in summary or "sigma" not in summary:
         raise ValueError(f"{run_dir}: no certified radii in this run (mode {summary.get('mode')!r})")
+    sigma = summary["sigma"]
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{summary_path}: sigma must be a number > 0, got {sigma!r}")
+    if not isinstance(summary["certified_accuracy"], dict):
+        raise ValueError(f"{summary_path}: certified_accuracy is not a table of radii")
     tsv = run_dir / f"{procedure.name}.tsv"
     if not tsv.is_file():
         raise FileNotFoundError(f"{run_dir}: {tsv.name} is missing")
@@ -141,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and out == Path(out.anchor):
         print(f"analyze: error: the runs share no directory but {out}: name one with --out", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out} is not writable")
+    except OSError as err:
+        print(f"analyze: error: cannot write the tables to {out} ({err.strerror or err}): choose another --out",
+              file=sys.stderr)
+        return 2
 
     markdown, latex = [], []
     for number, (key, members) in enumerate(sorted(groups.items()), start=1):
@@ -154,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             label = labels[run_dir]
             limit = summary.get("max_certifiable_radius", math.inf)
             rows[label] = within_reach(certified_accuracy(records, radii), limit)
-            acr[label] = average_certified_radius(records)
+            if first["mode"] != GRID_MODE:  # grid radii give no ACR comparable with CERTIFY's
+                acr[label] = average_certified_radius(records)
             bounds[f"{label} lower bound"] = within_reach(
                 certified_accuracy_lower_bound(records, radii, summary["alpha"], rho), limit
             )
@@ -169,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         note = bound_note(rho, false_certificates_allowed(num_images, first["alpha"], rho), num_images)
         title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
                 f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, acr=acr)}\n\n{note}" + "".join(c for c in costs if c))
-        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', acr=acr)}")
+        markdown.append(f"### {title}\n\n{format_table(rows, radii, acr=acr or None)}\n\n{note}" + "".join(c for c in costs if c))
+        latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', acr=acr or None)}")
         png = out / ("analysis.png" if len(groups) == 1 else f"analysis_{number}.png")
         grid = first["radii"] if first["mode"] == GRID_MODE else None
         plot_certified_accuracy(curves, png, title=title, limits=limits, grid=grid)

@@ -276,7 +276,8 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         limit = summary["max_certifiable_radius"]  # beyond it: null, not a 0 that only says n was too small
         summary.update(
             certified_accuracy=within_reach(summary["certified_accuracy"], limit),
-            average_certified_radius=average_certified_radius(subset),
+            # certify_radii's records hold grid radii: their mean is no ACR comparable with CERTIFY's
+            average_certified_radius=None if procedure.name == GRID_MODE else average_certified_radius(subset),
             rho=params.rho,
             false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
             certified_accuracy_lower_bound=within_reach(
@@ -317,7 +318,8 @@ def report(summary: dict) -> str:
         )
     label = f"{summary['sigma']:g}"
     rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
-    table = format_table(rows, summary["radii"], acr={label: summary["average_certified_radius"]})
+    acr = summary.get("average_certified_radius")
+    table = format_table(rows, summary["radii"], acr=None if acr is None else {label: acr})
     table += "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
     extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
     if "abstain_rate" in summary:
@@ -341,7 +343,8 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
     plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
     if "certified_accuracy" in summary:
         metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
-        metrics["cert/acr"] = summary["average_certified_radius"]
+        if summary.get("average_certified_radius") is not None:
+            metrics["cert/acr"] = summary["average_certified_radius"]
     else:
         metrics = {f"{summary['mode']}/accuracy": summary["accuracy"]}
     if summary.get("abstain_rate") is not None:

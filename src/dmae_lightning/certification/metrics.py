@@ -90,8 +90,8 @@ def certified_accuracy_lower_bound(
 
 
 def average_certified_radius(records: Iterable[Record]) -> float:
-    """ACR: mean certified radius, wrong and abstained images counting as radius 0 (for certify_radii the
-    largest certified grid radius, so a lower bound on the ACR a finer grid would give)."""
+    """ACR: mean certified radius, wrong and abstained images counting as radius 0. (For certify_radii it would
+    be the mean of grid radii, not comparable with CERTIFY's ACR: the jobs and tables leave it out there.)"""
     records = _require(records)
     return sum(rec.certified_correct_radius or 0.0 for rec in records) / len(records)
 
