@@ -631,3 +631,17 @@ def test_a_requeued_run_s_newer_hpc_checkpoint_is_resumed_by_the_plain_command(t
     assert resume_checkpoint(cfg) == str(hpc)
     os.utime(hpc, (1, 1))  # older than last.ckpt
     assert resume_checkpoint(cfg) == str(run / "checkpoints" / "last.ckpt")
+
+
+def test_resuming_with_another_worker_count_says_so(two_epochs, tmp_path, caplog):
+    """Issue 22: a run killed after epoch 3 and resumed with data.num_workers=1 (0 before) ended with other weights
+    than the uninterrupted run, silently; the resume now says so in one line (the count is not in the identity)."""
+    from dmae_lightning.train import prepare
+
+    run = copy_run(two_epochs / "run", tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        prepare(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "data.num_workers=0"], output_dir=run))
+        assert "num_workers" not in caplog.text
+        prepare(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "data.num_workers=1"], output_dir=run))
+    (line,) = [r.getMessage() for r in caplog.records if "num_workers" in r.getMessage()]
+    assert line.startswith("resuming with data.num_workers=1 where the run so far used 0") and "\n" not in line

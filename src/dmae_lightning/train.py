@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -141,7 +142,24 @@ def prepare(cfg: DictConfig) -> tuple[str | None, pl.LightningDataModule, pl.Lig
             check_matches(ckpt_path, module)
         except BAD_INPUT as err:
             raise ConfigError(f"cannot resume: {one_line(err)}") from None
+        _warn_on_other_workers(cfg)
     return ckpt_path, datamodule, module, trainer
+
+
+def _warn_on_other_workers(cfg: DictConfig) -> None:
+    """One line when a resumed run loads its data with another worker count than the attempt before it (recorded
+    in .hydra/config.yaml): each worker seeds its own augmentations, so the weights would silently differ from an
+    uninterrupted run's (the count is not part of the run identity: it changes no result when kept)."""
+    recorded = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    try:
+        before = OmegaConf.select(OmegaConf.load(recorded), "data.num_workers")
+    except (OSError, ValueError, yaml.YAMLError):
+        return
+    now = OmegaConf.select(cfg, "data.num_workers")
+    if before is not None and before != now:
+        log.warning("resuming with data.num_workers=%s where the run so far used %s: the rest of the run draws "
+                    "other augmentations than an uninterrupted run would (pass data.num_workers=%s to keep it exact)",
+                    now, before, before)
 
 
 def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
