@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import socket
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,14 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from torchvision import transforms
 
 import dmae_lightning.data as data_module
-from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
+from dmae_lightning.data import (
+    BrokenImageError,
+    CIFAR10DataModule,
+    DataError,
+    DigitsDataModule,
+    ImageNetDataModule,
+)
+from dmae_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
@@ -133,6 +143,82 @@ def test_imagenet_num_classes_mismatch_and_differing_splits(imagenet_root: Path)
         ImageNetDataModule(imagenet_root, batch_size=2).setup("fit")
 
 
+# Issue 22: damaged ImageNet folders are refused in one line naming the file, also from a DataLoader worker.
+@pytest.mark.parametrize("pipeline", ["pil", "tensor", "device"])
+def test_empty_train_jpeg_read_by_a_worker_is_one_line_naming_it(
+    tmp_path: Path, pipeline: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A zero-byte JPEG read in a DataLoader worker reached the job as PyTorch's re-raise: an 80-line
+    RuntimeError carrying the worker's traceback. It arrives as the BrokenImageError (a DataError, which the
+    entry points print as ``error: <message>``) with its one line, path and index."""
+    write_imagenet(tmp_path, splits=("train",), per_class=1)  # 3 images
+    broken = tmp_path / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"
+    broken.write_bytes(b"")
+    dm = ImageNetDataModule(tmp_path, batch_size=3, pipeline=pipeline, num_workers=1)
+    batches = iter(dm.train_dataloader())
+    with pytest.raises(BrokenImageError) as info:
+        next(batches)  # one batch of all three: the broken one is in it
+    error = info.value.with_traceback(None)  # its frames hold the loader's iterator
+    del info
+    assert str(error) == f"image 1 ({broken}) cannot be decoded: the file is empty (0 bytes)"
+    assert (error.path, error.index) == (str(broken), 1) and isinstance(error, DataError)
+    # A worker that raised does not leave by itself: PyTorch stops it after waiting 5 s, here 0.2 s.
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    del batches
+    gc.collect()  # (the loader and its iterator may refer to each other)
+
+
+def test_data_error_raised_in_a_worker_keeps_its_line():
+    """PyTorch rebuilds a worker's exception in the main process from its type and formatted traceback
+    (ExceptionWrapper): a DataError keeps its one line; BrokenImageError its fields too."""
+    from torch._utils import ExceptionWrapper
+
+    for raised in (DataError("streaming shards /s: item 3 cannot be decoded: bad"),
+                   BrokenImageError("/data/train/n01/x (1).JPEG", 7, "image file is truncated (2 bytes not processed)")):
+        try:
+            raise raised
+        except DataError:
+            wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+        with pytest.raises(type(raised)) as info:
+            wrapper.reraise()
+        assert str(info.value) == str(raised) and "\n" not in str(info.value)
+        assert getattr(info.value, "path", None) == getattr(raised, "path", None)
+        assert getattr(info.value, "index", None) == getattr(raised, "index", None)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path):
+    """ImageFolder's complaint about a class folder without images used to become "<root>/val is missing or
+    empty", blaming the whole split instead of the one class folder."""
+    write_imagenet(tmp_path, per_class=2)
+    empty = tmp_path / "val" / WNIDS[2]
+    for image in empty.iterdir():
+        image.unlink()
+    (empty / "README.txt").write_text("not an image\n")
+    dm = ImageNetDataModule(tmp_path, batch_size=2)
+    with pytest.raises(FileNotFoundError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"ImageNet class folder {empty} has no image files") and "\n" not in message
+    with pytest.raises(FileNotFoundError, match=f"^ImageNet class folder {empty} has no image files"):
+        dm.dataset("test")  # what certification reads
+
+
+@pytest.mark.parametrize(("split", "pipeline"), [("train", "pil"), ("train", "tensor"), ("val", "pil")])
+def test_decompression_bomb_is_one_line_naming_the_file(tmp_path: Path, split: str, pipeline: str):
+    """A 15000x15000 PNG (225 megapixels, PIL's DecompressionBombError) ended in an 83-line traceback: it is
+    refused like a broken image. A 1-bit image keeps writing it fast and the file tiny."""
+    write_imagenet(tmp_path, per_class=1)
+    bomb = tmp_path / split / WNIDS[0] / "bomb.png"
+    Image.new("1", (15000, 15000)).save(bomb)
+    dataset = ImageNetDataModule(tmp_path, batch_size=2, pipeline=pipeline).dataset(split)
+    index = [path for path, _ in dataset.samples].index(str(bomb))
+    with pytest.raises(BrokenImageError) as info:
+        dataset[index]
+    message = str(info.value)
+    assert message.startswith(f"image {index} ({bomb}) cannot be decoded: Image size (225000000 pixels) exceeds")
+    assert "\n" not in message
+
+
 # ---------------------------------------------------------------- CIFAR-10
 
 
@@ -220,6 +306,24 @@ def test_cifar_download_fetches_the_published_archive_only_when_a_file_is_missin
     dm.prepare_data()
     tv = torchvision.datasets.CIFAR10
     assert fetched == [((tv.url, str(tmp_path)), {"filename": tv.filename, "md5": tv.tgz_md5})]
+
+
+def test_cifar_download_without_network_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """data.download=true on a machine without network ended in an 87-line URLError traceback."""
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(data_module, "download_and_extract_archive", offline)
+    dm = CIFAR10DataModule(tmp_path, batch_size=2, download=True)
+    expected = (
+        "cannot download CIFAR-10 ([Errno -3] Temporary failure in name resolution): put the files in "
+        f"{tmp_path / 'cifar-10-batches-py'} as the python batches"
+    )
+    for step in (dm.prepare_data, lambda: dm.setup("fit")):  # Lightning's prepare_data; the training job's setup
+        with pytest.raises(DataError) as info:
+            step()
+        assert str(info.value) == expected
 
 
 def test_cifar_missing_damaged_and_mismatch(tmp_path: Path):
@@ -349,6 +453,14 @@ def test_loader_settings(digits: DigitsDataModule):
     )
     with pytest.raises(ValueError, match="digits train split has 10 images, fewer than batch_size=16"):
         DigitsDataModule(batch_size=16, subset_first=10).train_dataloader()
+
+
+def test_batch_size_larger_than_the_train_split_is_refused_by_setup():
+    """data.batch_size=5000 on 64 images was refused only by train_dataloader, after the run directory, model
+    and trainer existed; the training job calls setup("fit") first. Evaluation alone does not need it."""
+    with pytest.raises(ConfigError, match=r"^digits train split has 64 images, fewer than batch_size=5000"):
+        DigitsDataModule(batch_size=5000, subset_first=64).setup("fit")
+    DigitsDataModule(batch_size=5000, subset_first=64).setup("test")
 
 
 @pytest.mark.parametrize(

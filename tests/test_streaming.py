@@ -4,7 +4,10 @@ stop with one line. Exact mid-epoch resume is tested in test_pretrain.py::test_r
 
 from __future__ import annotations
 
+import gc
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,11 @@ import torchvision.datasets.cifar
 from helpers.cifar import write_cifar, write_hostile
 from test_data import write_imagenet
 
-from dmae_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
+from dmae_lightning.errors import ConfigError
+from dmae_lightning.pipelines import open_rgb
 from dmae_lightning.streaming import main as prepare_main
+from dmae_lightning.streaming import streaming_loader
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,7 +41,7 @@ def imagenet(tmp_path_factory) -> tuple[Path, Path]:
     return root, out
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2 worker processes: ~30 s
+@pytest.mark.parametrize("workers", [0, 2])
 def test_streamed_imagenet_epoch_is_the_folder_once_each(imagenet, workers: int):
     root, out = imagenet
     folder = ImageNetDataModule(root, batch_size=4, augment="none").dataset("train")
@@ -87,6 +93,73 @@ def test_prepare_and_streaming_options_fail_with_one_line(tmp_path: Path, capsys
     with pytest.raises(ValueError, match="subset_every / subset_first do not apply"):
         ImageNetDataModule(tmp_path, streaming=str(tmp_path), subset_first=10)
 
+
+def damage_truncated_chunk(shards: Path) -> str:
+    chunk = shards / "chunk-0-0.bin"
+    chunk.write_bytes(chunk.read_bytes()[:1000])
+    return rf"chunk {re.escape(str(chunk))} has 1000 bytes, not the \d+ that index\.json records"
+
+
+def damage_deleted_chunk(shards: Path) -> str:
+    (shards / "chunk-0-0.bin").unlink()
+    return f"chunk {re.escape(str(shards / 'chunk-0-0.bin'))} is missing"
+
+
+def damage_garbage_index(shards: Path) -> str:
+    (shards / "index.json").write_bytes(b"\x00garbage{")
+    return rf"{re.escape(str(shards / 'index.json'))} is not a litdata index \(.+\)"
+
+
+def damage_index_without_chunks(shards: Path) -> str:  # what an interrupted prepare.py can leave
+    (shards / "index.json").write_text(json.dumps({"chunks": [], "config": None}))
+    return rf"{re.escape(str(shards / 'index.json'))} lists no chunks"
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_truncated_chunk, damage_deleted_chunk, damage_garbage_index, damage_index_without_chunks]
+)
+def test_damaged_shards_are_refused_up_front_with_one_line(imagenet, tmp_path: Path, damage):
+    """Issue 22: a truncated or deleted chunk ended, once training read it, in a 92-line litdata
+    ChunkWaitTimeoutError, a garbage index.json in 88 lines. The shards are checked when the data module is
+    built: one line naming the file and the command that writes them again."""
+    root, out = imagenet
+    shards = shutil.copytree(out, tmp_path / "shards")
+    what = damage(shards)
+    with pytest.raises(DataError) as info:
+        ImageNetDataModule(root, batch_size=4, streaming=str(shards))
+    message = str(info.value)
+    rebuild = f"python prepare.py imagenet --root {root} --out {shards}"
+    assert re.fullmatch(rf"streaming shards {re.escape(str(shards))}: {what}: rebuild them with {re.escape(rebuild)}", message)
+
+
+def test_batch_size_larger_than_the_shards_is_refused_up_front(imagenet):
+    root, out = imagenet
+    with pytest.raises(ConfigError, match=rf"^streaming shards {re.escape(str(out))} hold 12 images, fewer than batch_size=5000"):
+        ImageNetDataModule(root, batch_size=5000, streaming=str(out))
+
+
+def decode_half(data: bytes):
+    """The training decode of a stored JPEG cut short, as prepare.py stores a truncated file's bytes."""
+    return open_rgb(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_stored_image_is_one_line(imagenet, workers: int, monkeypatch: pytest.MonkeyPatch):
+    """prepare.py stores the files' bytes without decoding them: a broken one in the shards stops training
+    with one line (a DataError, also out of a loader worker) instead of PyTorch's re-raise of the worker's
+    traceback."""
+    _, out = imagenet
+    batches = iter(streaming_loader(str(out), decode_half, batch_size=4, num_workers=workers, seed=0))
+    with pytest.raises(DataError) as info:
+        next(batches)
+    error = info.value.with_traceback(None)  # its frames hold the loader's iterator
+    del info
+    assert re.fullmatch(rf"item \d+ of streaming shards {re.escape(str(out))} cannot be decoded: .+", str(error))
+    assert "\n" not in str(error)
+    # A worker that raised does not leave by itself: PyTorch stops it after waiting 5 s, here 0.2 s.
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    del batches
+    gc.collect()  # (the loader and its iterator refer to each other)
 
 def test_prepare_refuses_a_hostile_cifar_batch_without_running_it(tmp_path: Path, relax_cifar_md5):
     """A batch that passes the md5 check (relaxed here) but is no CIFAR-10 batch: one line, its code never runs."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shlex
+import tarfile
+import urllib.error
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -44,8 +48,33 @@ SPLITS = ("train", "val", "test")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
+def _raised_in_worker(text: str, error_type: type) -> str:
+    """The message a DataLoader worker raised, out of PyTorch's re-raise of it; other texts as they are.
+
+    A worker's exception does not travel itself: the main process gets its type and its formatted traceback,
+    and raises ``error_type("Caught <type> in DataLoader worker process <n>.\nOriginal Traceback (most recent
+    call last):\n ... \n<module>.<type>: <message>\n")`` (torch.utils._utils.ExceptionWrapper.reraise). The
+    last line that starts with the type's qualified name holds the message (ours are one line).
+    """
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    prefix = f"{error_type.__module__}.{error_type.__qualname__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return text
+
+
 class DataError(ConfigError):
-    """Missing, damaged or unreadable data files: one line, which the entry points print wherever it is raised."""
+    """Missing, damaged or unreadable data files: one line, which the entry points print wherever it is raised.
+
+    Raised in a DataLoader worker, it reaches the main process as PyTorch rebuilds it there, from its type and
+    the worker's traceback: the constructor keeps the one line of the original (``_raised_in_worker``), so a
+    training job still prints ``error: <message>`` and not the worker's traceback.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(_raised_in_worker(message, type(self)))
 
 
 class BrokenImageError(DataError):
@@ -53,14 +82,25 @@ class BrokenImageError(DataError):
 
     Raised per item, not when the folder is scanned (decoding a million JPEGs up front would take hours),
     so a job meets it at that image; ``path`` and ``index`` let the caller record the image as failed.
+    ``BrokenImageError(text)`` alone is PyTorch rebuilding one raised in a DataLoader worker (see DataError):
+    the fields are read back from the message.
     """
 
-    def __init__(self, path: str, index: int, reason: str):
-        super().__init__(f"image {index} ({path}) cannot be decoded: {reason}")
+    _MESSAGE = re.compile(r"image (-?\d+) \((.*?)\) cannot be decoded: (.*)", re.DOTALL)
+
+    def __init__(self, path: str, index: int | None = None, reason: str | None = None):
+        if index is None:  # rebuilt from a worker's message
+            message = _raised_in_worker(path, type(self))
+            match = self._MESSAGE.fullmatch(message)
+            path, index, reason = (match[2], int(match[1]), match[3]) if match else (None, None, message)
+        else:
+            message = f"image {index} ({path}) cannot be decoded: {reason}"
+        super().__init__(message)
         self.path, self.index, self.reason = path, index, reason
 
     def __reduce__(self):  # pickled with its three fields (the default would call it with the message alone)
-        return type(self), (self.path, self.index, self.reason)
+        fields = (self.path, self.index, self.reason) if self.index is not None else (str(self),)
+        return type(self), fields
 
 
 class _ImageDataModule(pl.LightningDataModule):
@@ -73,7 +113,8 @@ class _ImageDataModule(pl.LightningDataModule):
     ``num_classes`` may be given (so configs can interpolate ``${data.num_classes}``); it must match.
     ``streaming``: a folder or object-store URL of training shards written by ``prepare.py``; the training
     loader then streams them (streaming.py, shuffled and augmented with ``seed``) while val/test and
-    ``dataset(split)`` keep reading the source files. Subclasses that support it set ``STREAMS`` and
+    ``dataset(split)`` keep reading the source files. Shards in a folder are checked when the module is built
+    (``streaming.check_shards``: index, chunk files and sizes, at least one batch). Subclasses that support it set ``STREAMS`` and
     implement ``_stream_decode()``, the training transform of one stored image.
     """
 
@@ -109,8 +150,6 @@ class _ImageDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"unknown augment {augment!r} for {self.name}: choose one of {list(self.AUGMENTS)}"
             )
-        if streaming is not None:
-            self._check_streaming(streaming, subset_every, subset_first)
         self.save_hyperparameters()
         self.streaming = streaming
         self.seed = seed
@@ -126,16 +165,32 @@ class _ImageDataModule(pl.LightningDataModule):
         self.subset_first = subset_first
         self._expected_classes = num_classes
         self._datasets: dict[str, Dataset] = {}
+        if streaming is not None:
+            self._check_streaming(streaming, subset_every, subset_first)
 
     def _check_streaming(self, streaming: str, subset_every: int, subset_first: int | None) -> None:
+        """Options first, then (local folders only) the shards themselves: their index and chunk files, and
+        that they hold a batch, so damaged shards stop the job here instead of deep inside litdata's reader."""
         if not self.STREAMS:
             raise ValueError(f"{self.name} has no streaming shards: set data.streaming=null")
         if subset_every != 1 or subset_first is not None:
             raise ValueError("subset_every / subset_first do not apply to streaming shards: prepare a smaller set")
-        if "://" not in streaming and not (Path(streaming) / "index.json").is_file():
-            raise FileNotFoundError(
-                f"streaming shards {streaming} are missing (no index.json): write them with python prepare.py"
-            )
+        if "://" in streaming:  # an object store: litdata reads the index when the loader is built
+            return
+        from dmae_lightning.streaming import check_shards  # litdata: imported only when streaming
+
+        command = self._prepare_command(streaming)
+        if not (Path(streaming) / "index.json").is_file():
+            raise FileNotFoundError(f"streaming shards {streaming} are missing (no index.json): write them with {command}")
+        count = check_shards(streaming, command)
+        if count < self.batch_size:
+            raise ConfigError(f"streaming shards {streaming} hold {count} images, fewer than "
+                              f"batch_size={self.batch_size}: lower data.batch_size")
+
+    def _prepare_command(self, out: str) -> str:
+        """The prepare.py command that writes this data set's shards to ``out`` (subclasses set ``root``
+        before the base constructor's checks, whose messages give it)."""
+        return shlex.join(["python", "prepare.py", self.name, "--root", str(self.root), "--out", str(out)])
 
     def _stream_decode(self) -> Callable:
         raise NotImplementedError
@@ -163,10 +218,23 @@ class _ImageDataModule(pl.LightningDataModule):
         return self._datasets[source]
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds (and so checks) the splits the stage needs before any training work starts."""
+        """Builds (and so checks) the splits the stage needs before any training work starts; the training
+        split must hold a batch (the training job calls ``setup("fit")`` before it builds the model)."""
         for split in _STAGE_SPLITS.get(stage, SPLITS):
             if not (split == "train" and self.streaming):  # streamed: the source files may be elsewhere
                 self.dataset(split)
+                if split == "train":
+                    self._check_train_size()
+
+    def _check_train_size(self) -> None:
+        """With drop_last a training split smaller than a batch gives empty epochs: training would silently
+        do nothing. (Streaming shards are counted when the module is built.)"""
+        n = len(self.dataset("train"))
+        if n < self.batch_size:
+            raise ConfigError(
+                f"{self.name} train split has {n} images, fewer than batch_size={self.batch_size}: lower "
+                "data.batch_size"
+            )
 
     def _collate(self, split: str) -> Callable | None:
         """The loader's collate_fn for ``split`` (None: PyTorch's default)."""
@@ -196,12 +264,7 @@ class _ImageDataModule(pl.LightningDataModule):
                 self._stream_loader.load_state_dict(self._stream_state)
                 self._stream_state = None
             return self._stream_loader
-        n = len(self.dataset("train"))
-        if n < self.batch_size:
-            # With drop_last the epoch would be empty and training would silently do nothing.
-            raise ValueError(
-                f"{self.name} train split has {n} images, fewer than batch_size={self.batch_size}"
-            )
+        self._check_train_size()  # again: setup may not have run
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -220,6 +283,22 @@ class _ImageDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
 
+# PIL: truncated or unidentified files (OSError), bad headers (SyntaxError), images over its pixel limit
+# (DecompressionBombError; the warning between 1x and 2x the limit too, where warnings are errors);
+# RuntimeError: torchvision's JPEG decoder (the tensor pipeline).
+UNDECODABLE = (OSError, SyntaxError, RuntimeError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _why_undecodable(path: str, err: BaseException) -> str:
+    """One line on why ``path`` cannot be decoded (PIL says "cannot identify image file" of an empty file)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass  # gone since the folder was scanned: the error says so
+    return one_line(err)
+
+
 class _CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder whose items that cannot be decoded raise BrokenImageError (file and index, one line) instead
     of PIL's OSError, which names neither."""
@@ -227,10 +306,18 @@ class _CheckedImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
             return super().__getitem__(index)
-        # PIL: truncated or unidentified files; SyntaxError: bad headers; RuntimeError: torchvision's
-        # JPEG decoder (the tensor pipeline)
-        except (OSError, SyntaxError, RuntimeError) as err:
-            raise BrokenImageError(self.samples[index][0], index, str(err).splitlines()[0]) from None
+        except UNDECODABLE as err:
+            path = self.samples[index][0]
+            raise BrokenImageError(path, index, _why_undecodable(path, err)) from None
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether ImageFolder finds an image in ``folder`` (it searches subfolders too, following links)."""
+    return any(
+        datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
+        for _, _, names in os.walk(folder, followlinks=True)
+        for name in names
+    )
 
 
 class ImageNetDataModule(_ImageDataModule):
@@ -260,13 +347,13 @@ class ImageNetDataModule(_ImageDataModule):
         pipeline: str = "pil",
         **kwargs,
     ):
+        self.root = Path(root)  # before the base's checks: a streaming refusal gives the prepare.py command
         super().__init__(batch_size=batch_size, augment=augment, **kwargs)
         if pipeline not in PIPELINES:
             raise ValueError(f"unknown pipeline {pipeline!r} for imagenet: choose one of {list(PIPELINES)}")
         if pipeline == "device" and augment != "flip":
             raise ValueError(f"pipeline='device' does augment='flip' only, got augment={augment!r}")
         self.pipeline = pipeline
-        self.root = Path(root)
         self._classes: list[str] | None = None
 
     @property
@@ -283,6 +370,19 @@ class ImageNetDataModule(_ImageDataModule):
             f"ImageNet folder {folder} is missing or empty: expected {self.root}/train/<wnid>/<image>.JPEG "
             f"(and {self.root}/val/<wnid>/<image>.JPEG)"
         )
+
+    def _without_images(self, folder: Path) -> FileNotFoundError:
+        """The refusal of a split with class folders that hold no image: the folder itself if none holds one
+        (a split never filled in), else the empty class folders by name."""
+        classes = datasets.folder.find_classes(folder)[0]
+        empty = [wnid for wnid in classes if not _has_images(folder / wnid)]
+        if len(empty) < len(classes):
+            more = f" (nor do {', '.join(empty[1:4])}{', ...' if len(empty) > 4 else ''})" if len(empty) > 1 else ""
+            return FileNotFoundError(
+                f"ImageNet class folder {folder / empty[0]} has no image files{more}: expected "
+                f"{folder / empty[0]}/<image>.JPEG"
+            )
+        return self._missing(folder)
 
     def _folder(self, source: str) -> Path:
         """``root/<source>``, which must hold at least one class folder."""
@@ -359,7 +459,7 @@ class ImageNetDataModule(_ImageDataModule):
         try:
             data = _CheckedImageFolder(folder, transform=transform, loader=loader)
         except FileNotFoundError:  # ImageFolder's complaint about a class folder without images
-            raise self._missing(folder) from None
+            raise self._without_images(folder) from None
         self._check_num_classes(len(data.classes), str(folder))
         if self._classes is None:
             self._classes = data.classes
@@ -500,9 +600,9 @@ class CIFAR10DataModule(_ImageDataModule):
         augment: str = "flip",
         **kwargs,
     ):
+        self.root = Path(root)  # before the base's checks: a streaming refusal gives the prepare.py command
         super().__init__(batch_size=batch_size, augment=augment, **kwargs)
         self._check_num_classes(self.num_classes, "CIFAR-10")
-        self.root = Path(root)
         self.download = download
         self.folder = self.root / CIFAR10_FOLDER
         if not download and not self.folder.is_dir():
@@ -518,7 +618,18 @@ class CIFAR10DataModule(_ImageDataModule):
         """Downloads and unpacks the published archive (md5-checked by torchvision) unless every file is intact."""
         if cifar10_problem(self.folder) is not None:
             tv = datasets.CIFAR10
-            download_and_extract_archive(tv.url, str(self.root), filename=tv.filename, md5=tv.tgz_md5)
+            try:
+                download_and_extract_archive(tv.url, str(self.root), filename=tv.filename, md5=tv.tgz_md5)
+            # URLError (no network, refused; an OSError), HTTPError (a URLError), a full disk (OSError), a
+            # download whose md5 differs (torchvision's RuntimeError), an archive that does not unpack
+            except (OSError, RuntimeError, tarfile.TarError, EOFError) as err:
+                if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError):
+                    reason = one_line(err.reason) if isinstance(err.reason, BaseException) else str(err.reason)
+                else:
+                    reason = one_line(err)
+                raise DataError(
+                    f"cannot download CIFAR-10 ({reason}): put the files in {self.folder} as the python batches"
+                ) from None
 
     def _source(self, split: str) -> str:
         return "train" if split == "train" else "test"

@@ -49,7 +49,10 @@ def open_rgb(data: bytes) -> Image.Image:
 
 
 def bytes_tensor(data: bytes) -> torch.Tensor:
-    """The encoded file as uint8 [N], what the device pipeline ships to the training device."""
+    """The encoded file as uint8 [N], what the device pipeline ships to the training device. An empty file is
+    an OSError, as PIL's for a file it cannot read (torch.frombuffer would raise a ValueError)."""
+    if not data:
+        raise OSError("empty file: nothing to decode")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

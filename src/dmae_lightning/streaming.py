@@ -12,6 +12,9 @@ so a run resumed mid-epoch draws the same batches, crops and flips as the uninte
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 from torchvision import datasets
 
-from .data import CIFAR10_FOLDER, DataError, cifar10_problem, read_cifar10_batch
+from .data import CIFAR10_FOLDER, UNDECODABLE, DataError, cifar10_problem, read_cifar10_batch
+from .errors import one_line
 from .pipelines import read_file
 from .rng import derive_seed
 
@@ -35,10 +39,16 @@ def _imagenet_item(sample: tuple[str, int]) -> dict:
 
 
 def _write(fn: Callable, inputs: list, out: Path | str, workers: int) -> None:
-    optimize(
-        fn=fn, inputs=inputs, output_dir=str(out), chunk_bytes=CHUNK_BYTES, num_workers=workers,
-        mode="overwrite", verbose=False,
-    )
+    # litdata's optimize sets the process-wide start method to "spawn" and leaves it: every DataLoader of the
+    # process (a test session's) would then start its workers by re-importing everything, seconds each.
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        optimize(
+            fn=fn, inputs=inputs, output_dir=str(out), chunk_bytes=CHUNK_BYTES, num_workers=workers,
+            mode="overwrite", verbose=False,
+        )
+    finally:
+        multiprocessing.set_start_method(start_method, force=True)
 
 
 def prepare_imagenet(root: str | Path, out: str | Path, workers: int = 4) -> int:
@@ -82,6 +92,46 @@ def prepare_cifar10(root: str | Path, out: str | Path, workers: int = 1) -> int:
 
 
 # --- reading shards --------------------------------------------------------------------------------
+def check_shards(input_dir: str | Path, rebuild: str) -> int:
+    """The number of items in the local shards ``input_dir``, after checking what litdata would otherwise
+    trip over mid-epoch with a long traceback (a chunk that is missing or cut short: a timeout waiting for it
+    to "arrive"; an index that does not parse): ``index.json`` parses, lists chunks, and every chunk file
+    exists with the size the index records (when the chunks are not compressed: then it records the
+    unpacked size). DataError naming the file and ``rebuild``, the command that writes the shards again.
+    """
+    folder = Path(input_dir)
+    index = folder / "index.json"
+
+    def refuse(problem: str) -> DataError:
+        return DataError(f"streaming shards {input_dir}: {problem}: rebuild them with {rebuild}")
+
+    try:
+        meta = json.loads(index.read_bytes())
+        chunks, config = meta["chunks"], meta["config"]
+        if not isinstance(chunks, list) or not all(isinstance(c, dict) and isinstance(c.get("filename"), str)
+                                                   for c in chunks):
+            raise ValueError('"chunks" is not a list of chunks with file names')
+        compressed = bool(config.get("compression")) if isinstance(config, dict) else False
+        count = sum(int(c.get("chunk_size") or 0) for c in chunks)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, or not litdata's layout
+        reason = f"no {err} entry" if isinstance(err, KeyError) else one_line(err)
+        raise refuse(f"{index} is not a litdata index ({reason})") from None
+    if not chunks:
+        raise refuse(f"{index} lists no chunks")
+    for chunk in chunks:
+        path = folder / chunk["filename"]
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise refuse(f"chunk {path} is missing") from None
+        except OSError as err:
+            raise refuse(f"chunk {path} cannot be read ({one_line(err)})") from None
+        expected = chunk.get("chunk_bytes")
+        if not compressed and isinstance(expected, int) and size != expected:
+            raise refuse(f"chunk {path} has {size} bytes, not the {expected} that index.json records")
+    return count
+
+
 class SeededStreamingImages(StreamingDataset):
     """``(decode(item["image"]), label)`` with the decode (augmentation) seeded per sample.
 
@@ -92,14 +142,20 @@ class SeededStreamingImages(StreamingDataset):
 
     def __init__(self, input_dir: str, decode: Callable, seed: int, **kwargs):
         super().__init__(input_dir, shuffle=True, drop_last=True, seed=seed, **kwargs)
-        self.decode, self.augment_seed = decode, seed
+        self.decode, self.augment_seed, self.source = decode, seed, input_dir
 
     def __getitem__(self, index):
         item = super().__getitem__(index)
         key = getattr(index, "index", index)  # litdata passes a ChunkedIndex while iterating
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.augment_seed, AUGMENT_STREAM, self.current_epoch, int(key)))
-            return self.decode(item["image"]), item["label"]
+            try:
+                return self.decode(item["image"]), item["label"]
+            except UNDECODABLE as err:  # prepare.py stores the files' bytes as they are, broken ones too
+                empty = isinstance(item["image"], bytes) and not item["image"]
+                reason = "the stored file is empty (0 bytes)" if empty else one_line(err)
+                # a DataError: one line, also from a loader worker (see data.DataError)
+                raise DataError(f"item {int(key)} of streaming shards {self.source} cannot be decoded: {reason}") from None
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
