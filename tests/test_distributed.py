@@ -61,12 +61,12 @@ def check_one_run(logs: Path, out: str) -> Path:
     """One run directory, one .hydra, one job log (rank 0's), one CSV run, one checkpoint set."""
     run_dir = single_run_dir(logs)
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
-        "config.yaml", "hydra.yaml", "identity.json", "overrides.yaml"]
+        "config.yaml", "hydra.yaml", "identity.json", "overrides.yaml", "run.lock"]
     logs_written = sorted(p.name for p in logs.rglob("*.log"))
     assert logs_written == ["train.log"], logs_written  # not train_ddp_process_1.log
     text = (run_dir / "train.log").read_text()
     assert text.count("probe log global_rank=0") == 1 and "probe log global_rank=1" not in text, text
-    assert text.count("run directory:") == 2, text  # printed at the start and at the end
+    assert text.count("run directory:") == 1 and text.count("finished:") == 1, text  # at the start, at the end
     metrics = list(logs.rglob("metrics.csv"))
     assert metrics == [run_dir / "csv" / "metrics.csv"], metrics
     assert not list(logs.rglob("version_*")), "a second logger version"
