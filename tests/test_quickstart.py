@@ -125,7 +125,8 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
         ("ckpt_path=last", "quickstart: ckpt_path=last is not accepted"),
         ("+foo.bar=1", r"quickstart: \+foo.bar=1 applies to none of its stages \(pretrain, finetune, certify\)"),
         # issue 22: refused before any stage runs (before: after training, or after a stage directory was made)
-        ("procedure=certfy_radii", "procedure must be one of certify | predict | certify_radii, got 'certfy_radii'"),
+        ("procedure=certfy_radii", "procedure must be one of certify | certify_radii, got 'certfy_radii'"),
+        ("procedure=predict", "procedure must be one of certify | certify_radii, got 'predict'"),  # no radii to tabulate
         ("noise=discrete_gaussian_sigma_0.25", "quickstart: the certification stage would refuse its settings: "
                                                "discrete noise needs 8-bit images"),
         ("protocol=images500", "images=500, but the test split has only 360 images"),
