@@ -102,8 +102,10 @@ def test_analysis_groups_by_grid_and_never_overwrites_a_runs_plot(tmp_path):
     assert main([str(coarse), str(fine), "--out", str(tmp_path / "report")]) == 0
     tables = (tmp_path / "report" / "analysis.md").read_text().split("### ")[1:]
     assert len(tables) == 2  # two grids: never one table, one envelope or one curve
-    assert tables[0].startswith("grid=[0.0, 0.25, 0.5]") and "| 0.5 | 100.0 | 66.7 | 0.0 | 0.167 |" in tables[0]
-    assert tables[1].startswith("grid=[0.0, 0.5]") and "| 0.25 | 66.7 | 33.3 | 0.167 |" in tables[1]
+    # no ACR column: grid radii give no ACR comparable with CERTIFY's (issue 22)
+    assert tables[0].startswith("grid=[0.0, 0.25, 0.5]") and "| 0.5 | 100.0 | 66.7 | 0.0 |\n" in tables[0]
+    assert tables[1].startswith("grid=[0.0, 0.5]") and "| 0.25 | 66.7 | 33.3 |\n" in tables[1]
+    assert "ACR" not in "".join(tables)
     assert "best" not in "".join(tables) and "cap n=1000" in tables[0]
     assert {p.name for p in (tmp_path / "report").glob("*.png")} == {"analysis_1.png", "analysis_2.png"}
     # CERTIFY's radii are only table columns: runs with other radii= still share a table and its envelope
