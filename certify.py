@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from dmae_lightning.certification.job import certify
 from dmae_lightning.errors import ConfigError
+from dmae_lightning.jobs.certify.job import certify
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="certify")

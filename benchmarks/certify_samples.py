@@ -19,11 +19,11 @@ import torch
 from common import environment, synchronize, write_results
 
 from dmae_lightning.certification import Certify, CertifyRadii, Smooth
-from dmae_lightning.certification.job import trained_noise_of
 from dmae_lightning.certification.metrics import certified_accuracy, radius_key
-from dmae_lightning.checkpoints import load_weights, read_checkpoint
 from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.jobs.certify.job import trained_noise_of
 from dmae_lightning.models import create_model
+from dmae_lightning.models.weights import load_weights, read_checkpoint
 from dmae_lightning.noise import Noise
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-import dmae_lightning.finetune as finetune_mod
+import dmae_lightning.training.finetune as finetune_mod
 
 NUM_VALUES = 16  # first values of the flattened noise tensor kept per step
 

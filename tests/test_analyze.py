@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dmae_lightning.certification.analyze import main
 from dmae_lightning.certification.metrics import certified_accuracy
 from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, ShardWriter, write_json
+from dmae_lightning.jobs.analyze import main
 
 RADII = (0.0, 0.25, 0.5, 1.0)
 
@@ -131,7 +131,7 @@ def test_another_noise_distribution_is_another_table(two_runs, tmp_path):
 
 def test_runs_as_a_module(two_runs, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dmae_lightning.certification.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
+        [sys.executable, "-m", "dmae_lightning.jobs.analyze", *map(str, two_runs), "--radii", "0", "0.5"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
     assert "| best | 80.0 | 40.0 |  |" in result.stdout

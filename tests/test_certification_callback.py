@@ -15,8 +15,8 @@ from test_certify import make_classifier_checkpoint, one_thread  # noqa: F401  (
 from dmae_lightning.certification import Smooth
 from dmae_lightning.certification.callback import CertificationCallback
 from dmae_lightning.data import DigitsDataModule
-from dmae_lightning.finetune import SmoothedClassifierModule
 from dmae_lightning.noise import GaussianNoise
+from dmae_lightning.training.finetune import SmoothedClassifierModule
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
 SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
@@ -130,8 +130,8 @@ def test_ranks_split_the_images_and_sum_the_counts(fitted):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(every_n_epochs=0), "every_n_epochs must be an integer >= 1"),
-        (dict(n=0), "n must be an integer >= 1"),
+        (dict(every_n_epochs=0), r"every_n_epochs must be an integer in \[1, 10\^12\]"),
+        (dict(n=0), r"n must be an integer in \[1, 10\^12\]"),
         (dict(alpha=1.0), "alpha must lie strictly between 0 and 1"),
         (dict(radii=[-0.5]), "radii must be null or numbers >= 0"),
     ],

@@ -21,17 +21,17 @@ from scipy.stats import beta, binom, binomtest, norm
 from test_procedures import reference_noise
 
 from dmae_lightning.certification import PROCEDURES, CertifyRecord, PredictRecord, Smooth
-from dmae_lightning.certification.job import certify
-from dmae_lightning.certification.params import validate
-from dmae_lightning.certification.predictor import SmoothingPredictor
 from dmae_lightning.certification.records import read_json, read_records
-from dmae_lightning.checkpoints import load_weights
-from dmae_lightning.config import compose
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.errors import ConfigError
-from dmae_lightning.finetune import SmoothedClassifierModule
+from dmae_lightning.jobs.certify.job import certify
+from dmae_lightning.jobs.certify.params import validate
+from dmae_lightning.jobs.certify.predictor import SmoothingPredictor
+from dmae_lightning.jobs.compose import compose
 from dmae_lightning.models import create_model
+from dmae_lightning.models.weights import load_weights
 from dmae_lightning.noise import GaussianNoise
+from dmae_lightning.training.finetune import SmoothedClassifierModule
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
@@ -506,14 +506,14 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["n0=0"], "n0 must be an integer >= 1, got 0"),
-        (["n=0"], "n must be an integer >= 1, got 0"),
+        (["n0=0"], "n0 must be an integer in [1, 10^12], got 0"),
+        (["n=0"], "n must be an integer in [1, 10^12], got 0"),
         (["alpha=0"], "alpha must lie strictly between 0 and 1, got 0"),
         (["alpha=1"], "alpha must lie strictly between 0 and 1, got 1"),
         (["rho=0"], "rho must lie strictly between 0 and 1, got 0"),
         (["noise.sigma=-1"], "noise.sigma must be a finite number > 0, got -1"),
         (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
-        (["batch=0"], "batch must be an integer >= 1, got 0"),
+        (["batch=0"], "batch must be an integer in [1, 10^12], got 0"),
         (["skip=0"], "skip must be an integer >= 1, got 0"),
         (["max=0"], "max must be an integer >= 1 or null, got 0"),
         (["precision=fp64"], "precision must be one of auto|fp32|bf16|fp16, got 'fp64'"),

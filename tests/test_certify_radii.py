@@ -18,9 +18,9 @@ from test_certify import ckpt, finish, one_thread, overrides_with, run, script  
 from torch import nn
 
 from dmae_lightning.certification import CertifyRadii, Smooth
-from dmae_lightning.certification.job import report
+from dmae_lightning.certification.confidence import SequentialTest
 from dmae_lightning.certification.records import RadiiRecord, read_json, read_records
-from dmae_lightning.certification.sequential_test import SequentialTest
+from dmae_lightning.jobs.certify.job import report
 from dmae_lightning.noise import GaussianNoise
 
 SIGMA = 0.25

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from dmae_lightning.checkpoints import load_weights, read_checkpoint
 from dmae_lightning.models import create_model
+from dmae_lightning.models.weights import load_weights, read_checkpoint
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -446,7 +446,7 @@ def test_pretrain_checkpoint_needs_its_decoder(tmp_path):
 
 def test_load_report_is_one_short_line():
     """An official pre-training file drops two dozen decoder keys: the log line counts them (issue 14.6)."""
-    from dmae_lightning.checkpoints import LoadReport
+    from dmae_lightning.models.weights import LoadReport
 
     dropped = [f"decoder_blocks.{i}.weight" for i in range(23)]
     report = LoadReport(layout="official", reinitialised=["head"], dropped=dropped)

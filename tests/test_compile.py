@@ -10,11 +10,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from dmae_lightning.checkpoints import load_weights
-from dmae_lightning.config import compose
-from dmae_lightning.finetune import SmoothedClassifierModule
+from dmae_lightning.jobs.compose import compose
 from dmae_lightning.models import create_model
-from dmae_lightning.pretrain import DMAEPretrainModule
+from dmae_lightning.models.weights import load_weights
+from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"

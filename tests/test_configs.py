@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmae_lightning.config import compose, run_dir
-from dmae_lightning.train import ConfigError, build, train
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.rundir import run_dir
+from dmae_lightning.jobs.train import ConfigError, build, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

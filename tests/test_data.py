@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import RandomSampler, SequentialSampler
 from torchvision import transforms
 
-import dmae_lightning.data as data_module
+import dmae_lightning.data.cifar10 as data_module
 from dmae_lightning.data import (
     BrokenImageError,
     CIFAR10DataModule,

@@ -10,9 +10,9 @@ import torch
 import torchvision
 from test_data import WNIDS, write_cifar, write_imagenet
 
-from dmae_lightning.config import compose
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.train import train
 from dmae_lightning.models import create_model
-from dmae_lightning.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 QUICK = [

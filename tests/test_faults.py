@@ -21,12 +21,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from dmae_lightning.config import RunDirLock, compose
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
 from dmae_lightning.errors import ConfigError
-from dmae_lightning.resume import resume_checkpoint
-from dmae_lightning.tracking import ResumableCSVLogger
-from dmae_lightning.train import build, train
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.rundir import RunDirLock
+from dmae_lightning.jobs.tracking import ResumableCSVLogger
+from dmae_lightning.jobs.train import build, train
+from dmae_lightning.training.resume import resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -185,7 +186,7 @@ def test_a_second_job_on_a_running_run_directory_is_refused_and_ctrl_c_says_how_
 
 def test_a_killed_job_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dmae_lightning.config import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dmae_lightning.jobs.rundir import "
          "RunDirLock; RunDirLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=subprocess_env(),
     )
@@ -255,7 +256,7 @@ class Crash(RuntimeError):
 def crash_at_epoch(monkeypatch):
     """``crash_at_epoch(e)``: the next training run raises Crash when epoch e starts (once). A resume is the
     same command with ckpt_path=last: the run directory's configuration must not change (issue 14.1)."""
-    from dmae_lightning.pretrain import DMAEPretrainModule
+    from dmae_lightning.training.pretrain import DMAEPretrainModule
 
     def arm(epoch: int) -> None:
         def hook(module):
@@ -405,7 +406,7 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_missing_ckpt_path_is_one_line_before_anything_is_built(tmp_path, monkeypatch):
-    import dmae_lightning.train as train_mod
+    import dmae_lightning.jobs.train as train_mod
 
     def no_build(cfg):
         raise AssertionError("build() ran")
@@ -475,7 +476,7 @@ def test_a_weights_file_is_not_a_resumable_checkpoint(tmp_path):
 def two_epochs(tmp_path_factory, single_thread):
     """A 3-epoch run that died when its third epoch started (checkpoints at steps 4 and 8) and an
     uninterrupted 3-epoch run to compare with."""
-    from dmae_lightning.pretrain import DMAEPretrainModule
+    from dmae_lightning.training.pretrain import DMAEPretrainModule
 
     root = tmp_path_factory.mktemp("two_epochs")
     with pytest.MonkeyPatch.context() as mp:
@@ -636,7 +637,7 @@ def test_a_requeued_run_s_newer_hpc_checkpoint_is_resumed_by_the_plain_command(t
 def test_resuming_with_another_worker_count_says_so(two_epochs, tmp_path, caplog):
     """Issue 22: a run killed after epoch 3 and resumed with data.num_workers=1 (0 before) ended with other weights
     than the uninterrupted run, silently; the resume now says so in one line (the count is not in the identity)."""
-    from dmae_lightning.train import prepare
+    from dmae_lightning.jobs.train import prepare
 
     run = copy_run(two_epochs / "run", tmp_path / "run")
     with caplog.at_level("WARNING"):

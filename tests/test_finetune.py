@@ -16,16 +16,16 @@ import torch
 from hydra.utils import instantiate
 from timm.optim import Lars
 
-from dmae_lightning.config import compose
-from dmae_lightning.finetune import (
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.train import train
+from dmae_lightning.noise import GaussianNoise
+from dmae_lightning.rng import seeded_generator
+from dmae_lightning.training.finetune import (
     SmoothedClassifierModule,
     consistency_terms,
     mix_then_noise,
     smoothed_one_hot,
 )
-from dmae_lightning.noise import GaussianNoise
-from dmae_lightning.rng import seeded_generator
-from dmae_lightning.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy.stats import norm
 
-from dmae_lightning.config import compose
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.train import build
 from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
-from dmae_lightning.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -13,16 +13,16 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from dmae_lightning.finetune import SmoothedClassifierModule
 from dmae_lightning.models import create_model
-from dmae_lightning.optim import (
+from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.optim import (
     configure_optimizer,
     effective_batch_size,
     parameter_groups,
     scaled_lr,
     warmup_cosine_factor,
 )
-from dmae_lightning.pretrain import DMAEPretrainModule
+from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 OPT = dict(name="adamw", base_lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=1, min_lr=0.0)
@@ -89,7 +89,7 @@ def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, cap
             seen.append((trainer.global_step, [g["lr"] for g in optimizer.param_groups]))
 
     trainer = make_trainer([LrAtStep()], max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0)
-    with caplog.at_level("INFO", logger="dmae_lightning.optim"):
+    with caplog.at_level("INFO", logger="dmae_lightning.training.optim"):
         trainer.fit(module, make_digits(batch_size=16, subset_first=128))
     peak = 2e-3 * 16 * 1 * 1 * 2 / 256
     assert (
@@ -155,7 +155,7 @@ def test_lr_scales_with_devices_nodes_and_accumulation(devices, nodes, accumulat
     module = micro_module()
     module.trainer = _stub_trainer(batch, devices, nodes, accumulate)  # what configure_optimizer reads
     opt = dict(OPT, base_lr=base_lr, warmup_epochs=2, min_lr=1e-6)
-    with caplog.at_level("INFO", logger="dmae_lightning.optim"):
+    with caplog.at_level("INFO", logger="dmae_lightning.training.optim"):
         config = configure_optimizer(module, module.model, **opt)
     peak = base_lr * eff / 256
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]

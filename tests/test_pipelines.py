@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms
 
 from dmae_lightning.data import ImageNetDataModule
-from dmae_lightning.pipelines import DraftResizedCropFlip, draft_factor
+from dmae_lightning.data.pipelines import DraftResizedCropFlip, draft_factor
 
 
 def smooth_photo(rng: np.random.Generator, width: int, height: int) -> np.ndarray:

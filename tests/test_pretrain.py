@@ -18,12 +18,12 @@ import torchvision.datasets.cifar
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from dmae_lightning import pretrain as pretrain_mod
-from dmae_lightning.callbacks import RNGState
-from dmae_lightning.config import compose
-from dmae_lightning.pretrain import DMAEPretrainModule
+from dmae_lightning.training import pretrain as pretrain_mod
+from dmae_lightning.jobs.compose import compose
+from dmae_lightning.jobs.train import train
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
-from dmae_lightning.train import train
+from dmae_lightning.training.callbacks import RNGState
+from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -309,7 +309,7 @@ def make_streaming(tmp_path, monkeypatch):
     from test_data import write_cifar
 
     from dmae_lightning.data import CIFAR10DataModule
-    from dmae_lightning.streaming import prepare_cifar10
+    from dmae_lightning.data.streaming import prepare_cifar10
 
     write_cifar(tmp_path / "cifar", per_batch=13)
     monkeypatch.setattr(  # the written files cannot match torchvision's md5 of the real ones
@@ -459,7 +459,7 @@ def test_reconstruction_picture_title_and_file_name_name_the_epoch_just_finished
 ):
     """2 epochs of 2 steps (64 images, batch 32): after epoch e (step 2e) the file reconstruction_epoch000e.png
     is titled "epoch e, step 2e", and the final picture "epoch 2, step 4" (not epoch 3)."""
-    from dmae_lightning import callbacks
+    from dmae_lightning.training import callbacks
 
     titles = []
     drawn = callbacks.labelled_picture

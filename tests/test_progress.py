@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dmae_lightning.progress import ProgressLog
+from dmae_lightning.training.progress import ProgressLog
 
 LINE = re.compile(
     r"epoch (\d+)/(\d+) done \| step (\d+)/(\d+) \| loss ([\d.]+) \| ([\d.]+) images/s \| elapsed [\d:]+ \| ETA ([\d:]+)"
@@ -42,9 +42,9 @@ def fit(make_trainer, progress_bar: bool) -> Regression:
 
 
 def test_one_line_per_epoch_with_mean_loss_and_eta(make_trainer, caplog):
-    with caplog.at_level(logging.INFO, logger="dmae_lightning.progress"):
+    with caplog.at_level(logging.INFO, logger="dmae_lightning.training.progress"):
         module = fit(make_trainer, progress_bar=False)
-    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "dmae_lightning.progress"]
+    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "dmae_lightning.training.progress"]
     assert len(lines) == 3 and all(lines), [r.getMessage() for r in caplog.records]
     for epoch, match in enumerate(lines):
         assert [int(match.group(i)) for i in (1, 2, 3, 4)] == [epoch + 1, 3, 5 * (epoch + 1), 15]
@@ -54,6 +54,6 @@ def test_one_line_per_epoch_with_mean_loss_and_eta(make_trainer, caplog):
 
 
 def test_silent_when_a_progress_bar_is_shown(make_trainer, caplog):
-    with caplog.at_level(logging.INFO, logger="dmae_lightning.progress"):
+    with caplog.at_level(logging.INFO, logger="dmae_lightning.training.progress"):
         fit(make_trainer, progress_bar=True)
-    assert not [r for r in caplog.records if r.name == "dmae_lightning.progress"]
+    assert not [r for r in caplog.records if r.name == "dmae_lightning.training.progress"]

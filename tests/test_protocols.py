@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dmae_lightning.certification.params import subset_indices, validate
-from dmae_lightning.config import compose
 from dmae_lightning.errors import ConfigError
+from dmae_lightning.jobs.certify.params import subset_indices, validate
+from dmae_lightning.jobs.compose import compose
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -86,9 +86,9 @@ def test_quickstart_without_pretraining_is_the_baseline(tmp_path):
 
 def quickstart_stages(typed: list[str]) -> dict:
     """Each stage's config as the quickstart composes it for ``python train.py experiment=quickstart <typed>``."""
-    from dmae_lightning.config import compose
-    from dmae_lightning.quickstart import CONFIG_NAME
-    from dmae_lightning.quickstart import quickstart_stages as place
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.quickstart import CONFIG_NAME
+    from dmae_lightning.jobs.quickstart import quickstart_stages as place
 
     conf = REPO / "conf"
     _, overrides = place(compose(conf, "train", ["experiment=quickstart", *typed]))
@@ -130,11 +130,11 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
         ("noise=discrete_gaussian_sigma_0.25", "quickstart: the certification stage would refuse its settings: "
                                                "discrete noise needs 8-bit images"),
         ("protocol=images500", "images=500, but the test split has only 360 images"),
-        ("n=0", "n must be an integer >= 1, got 0"),
+        ("n=0", r"n must be an integer in \[1, 10\^12\], got 0"),
     ],
 )
 def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
-    from dmae_lightning.config import ConfigError
+    from dmae_lightning.jobs.rundir import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         quickstart_stages([typed])
@@ -143,7 +143,8 @@ def test_quickstart_refuses_overrides_no_stage_takes(typed, message):
 def test_another_procedure_reuses_the_trained_stages():
     """procedure=certify_radii (or another certification list) must not change the quickstart's run directory,
     where the finished training stages are (issue 17.4.5); a training setting must."""
-    from dmae_lightning.config import compose, identity_key, job_identity
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.rundir import identity_key, job_identity
 
     def key(*typed):
         return identity_key(job_identity(compose(REPO / "conf", "train", ["experiment=quickstart", *typed])))
@@ -155,9 +156,9 @@ def test_another_procedure_reuses_the_trained_stages():
 def finished(tmp_path: Path, typed: list[str]) -> tuple:
     """A quickstart job whose three stages are recorded as finished in ``tmp_path`` (records older than identity
     keys, which are taken as finished): (cfg, conf dir, overrides, certification directory)."""
-    from dmae_lightning.config import compose
-    from dmae_lightning.quickstart import DONE, certification_dir
-    from dmae_lightning.quickstart import quickstart_stages as place
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.quickstart import DONE, certification_dir
+    from dmae_lightning.jobs.quickstart import quickstart_stages as place
 
     cfg = compose(REPO / "conf", "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
     conf, overrides = place(cfg)
@@ -176,7 +177,7 @@ def finished(tmp_path: Path, typed: list[str]) -> tuple:
 def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp_path, caplog, capsys):
     """logger=wandb on a finished quickstart (same run directory: the logger is not in its identity) skips every
     stage: one line per stage says nothing new was logged, and no W&B run is started (issue 17.4.6a)."""
-    from dmae_lightning.quickstart import run_quickstart
+    from dmae_lightning.jobs.quickstart import run_quickstart
 
     cfg, conf, overrides, certified = finished(tmp_path, [f"logger={logger}"])
     with caplog.at_level("INFO", logger="dmae_lightning"):
@@ -196,7 +197,7 @@ def test_finished_stages_are_matched_by_identity_not_by_the_typed_settings(tmp_p
     project folder was moved, was refused as "finished with other settings: remove that directory"; other
     certification settings now get their own directory beside the finished one, and a certification whose
     summary.json was cut in half is run again (the job rebuilds it) instead of a JSON traceback."""
-    from dmae_lightning.quickstart import DONE, certification_dir, run_quickstart
+    from dmae_lightning.jobs.quickstart import DONE, certification_dir, run_quickstart
 
     cfg, conf, overrides, certified = finished(tmp_path, ["logger=none"])
     moved = {stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch=500"]

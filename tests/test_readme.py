@@ -20,7 +20,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from dmae_lightning.config import compose
+from dmae_lightning.jobs.compose import compose
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_ON_A_CPU = ("/data/", "hardware=", "hydra/launcher", "logger=wandb", "...", "<", "experiment=quickstart")

@@ -12,10 +12,11 @@ from pytorch_lightning.loggers import CSVLogger
 from scipy.stats import norm
 from test_analyze import make_run
 
-from dmae_lightning.certification.analyze import main
-from dmae_lightning.certification.job import _log_to_loggers, plot_title, report
-from dmae_lightning.certification.metrics import BEYOND, max_certifiable_radius, plot_certified_accuracy
+from dmae_lightning.certification.metrics import max_certifiable_radius
 from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord, ShardWriter, write_json
+from dmae_lightning.certification.report import BEYOND, plot_certified_accuracy
+from dmae_lightning.jobs.analyze import main
+from dmae_lightning.jobs.certify.job import _log_to_loggers, plot_title, report
 from dmae_lightning.noise import GaussianNoise
 
 SIGMA = 0.25

@@ -10,16 +10,13 @@ import pytest
 from scipy.stats import beta, norm
 
 from dmae_lightning.certification.metrics import (
-    BEYOND,
     CIFAR10_RADII,
     IMAGENET_RADII,
     abstain_rate,
     average_certified_radius,
     best_over_sigma,
     certified_accuracy,
-    format_table,
     max_certifiable_radius,
-    plot_certified_accuracy,
     radius_key,
     within_reach,
 )
@@ -33,7 +30,8 @@ from dmae_lightning.certification.records import (
     write_json,
 )
 from dmae_lightning.certification.records import read_records as read_any
-from dmae_lightning.config import file_digest
+from dmae_lightning.certification.report import BEYOND, format_table, plot_certified_accuracy
+from dmae_lightning.jobs.rundir import file_digest
 from dmae_lightning.noise import GaussianNoise
 
 HEADER = CertifyRecord.header()

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from dmae_lightning.config import run_dir
+from dmae_lightning.jobs.rundir import run_dir
 from dmae_lightning.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
                                        ["noise=sigma_0.5", "consistency.eta=1"]])
 def test_top_level_keys_of_groups_and_dotted_additions_are_not_refused(overrides, tmp_path):
     """The noise and task groups put ``consistency`` at the top level; dotted additions are Hydra's."""
-    from dmae_lightning.config import _refuse_unread_additions
+    from dmae_lightning.jobs.rundir import _refuse_unread_additions
 
     hydra_run_dir(["experiment=finetune_digits", *overrides])  # composes and sets HydraConfig
     _refuse_unread_additions()
@@ -214,9 +214,9 @@ def test_damaged_records_links_and_files_in_the_way_are_one_line(tmp_path, caplo
     """Issue 22: a garbage .hydra/identity.json (JSON traceback), a read-only metrics.csv on resume (112 lines),
     logs/<run>/latest being a user's real directory (traceback, and a .latest.tmp link left) and paths.log_dir
     being a file (traceback from Hydra's mkdir)."""
-    from dmae_lightning.config import compose
     from dmae_lightning.errors import ConfigError
-    from dmae_lightning.train import train
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.train import train
 
     overrides = ["experiment=pretrain_digits", *TINY, f"paths.log_dir={tmp_path / 'logs'}", "run_name=r"]
     run = tmp_path / "logs" / "r" / "key"
@@ -245,8 +245,9 @@ def test_damaged_records_links_and_files_in_the_way_are_one_line(tmp_path, caplo
 def test_a_job_refused_while_it_was_built_leaves_no_directory_even_with_a_log(tmp_path):
     """Issue 22: certify.py with a discrete noise on digits refused in one line but left a run directory holding
     certify.log (only an empty job log was removed)."""
-    from dmae_lightning.config import compose, run_in_dir
     from dmae_lightning.errors import ConfigError
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.rundir import run_in_dir
 
     run = tmp_path / "logs" / "certify_x" / "key"
     cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
@@ -264,8 +265,9 @@ def test_a_full_disk_met_while_staging_elsewhere_names_the_run_directory(tmp_pat
     """Issue 22: the one-line full-disk error named a staging file in $TMPDIR, not the run directory."""
     import errno
 
-    from dmae_lightning.config import compose, run_in_dir
     from dmae_lightning.errors import ConfigError
+    from dmae_lightning.jobs.compose import compose
+    from dmae_lightning.jobs.rundir import run_in_dir
 
     run = tmp_path / "run"
     cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)

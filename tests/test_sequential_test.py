@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import beta, binom, norm
 
 from dmae_lightning.certification import CertifyRadii
-from dmae_lightning.certification.sequential_test import (
+from dmae_lightning.certification.confidence import (
     SequentialTest,
     Verdict,
     clopper_pearson_lower,

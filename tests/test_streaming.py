@@ -18,10 +18,10 @@ from helpers.cifar import write_cifar, write_hostile
 from test_data import write_imagenet
 
 from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
+from dmae_lightning.data.pipelines import open_rgb
+from dmae_lightning.data.streaming import main as prepare_main
+from dmae_lightning.data.streaming import streaming_loader
 from dmae_lightning.errors import ConfigError
-from dmae_lightning.pipelines import open_rgb
-from dmae_lightning.streaming import main as prepare_main
-from dmae_lightning.streaming import streaming_loader
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

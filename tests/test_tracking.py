@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dmae_lightning import tracking
+from dmae_lightning.jobs import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

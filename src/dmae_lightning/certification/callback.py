@@ -18,8 +18,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from ..noise import Noise
-from .metrics import (
+from dmae_lightning.certification.checks import check_alpha, check_counts, check_precision
+from dmae_lightning.certification.metrics import (
     abstain_rate,
     average_certified_radius,
     certified_accuracy,
@@ -27,9 +27,10 @@ from .metrics import (
     max_certifiable_radius,
     within_reach,
 )
-from .procedures import Certify, Smooth
-from .records import CertifyRecord
-from .sampler import PRECISIONS
+from dmae_lightning.certification.procedures import Certify
+from dmae_lightning.certification.records import CertifyRecord
+from dmae_lightning.certification.smooth import Smooth
+from dmae_lightning.noise import Noise
 
 
 class CertificationCallback(pl.Callback):
@@ -51,21 +52,14 @@ class CertificationCallback(pl.Callback):
         seed: int = 0,
         precision: str = "auto",
     ):
-        for name, value in (
-            ("every_n_epochs", every_n_epochs),
-            ("num_images", num_images),
-            ("n0", n0),
-            ("n", n),
-            ("batch", batch),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CertificationCallback: {name} must be an integer >= 1, got {value!r}")
-        if not 0 < alpha < 1:
-            raise ValueError(f"CertificationCallback: alpha must lie strictly between 0 and 1, got {alpha!r}")
+        try:
+            check_counts(every_n_epochs=every_n_epochs, num_images=num_images, n0=n0, n=n, batch=batch)
+            check_alpha(alpha)
+            check_precision(precision)
+        except ValueError as err:
+            raise ValueError(f"CertificationCallback: {err}") from None
         if radii is not None and (not radii or any(not math.isfinite(r) or r < 0 for r in radii)):
             raise ValueError(f"CertificationCallback: radii must be null or numbers >= 0, got {radii!r}")
-        if precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"CertificationCallback: precision must be one of auto|{'|'.join(PRECISIONS)}")
         if seed < 0:
             raise ValueError(f"CertificationCallback: seed must be >= 0, got {seed}")
         self.every_n_epochs, self.num_images, self.n0, self.n = every_n_epochs, num_images, n0, n

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..noise import Noise
-from .records import Record
+from dmae_lightning.certification.records import Record
+from dmae_lightning.noise import Noise
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import atomic_write_text, fsync_dir
+from dmae_lightning.files import atomic_write_text, fsync_dir
 
 ABSTAIN = -1  # the ``predict`` value of an abstention
 

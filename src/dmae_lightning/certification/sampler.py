@@ -36,10 +36,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..noise import Noise
-from ..rng import CERTIFY_STREAM, seeded_generator
-from .protocol import Draw, Procedure, Run
-from .records import Record
+from dmae_lightning.certification.checks import check_precision
+from dmae_lightning.certification.protocol import Draw, Procedure, Run
+from dmae_lightning.certification.records import Record
+from dmae_lightning.noise import Noise
+from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 
 NOISE_BLOCK = 100  # samples per seeded noise block
 NOISE_SCHEME = f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
@@ -49,10 +50,9 @@ PIXEL_TOLERANCE = 1e-4  # images may leave [0,1] by this much through rounding i
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto``: bf16 autocast on CUDA, fp32 elsewhere (a CPU's bf16 is slow or emulated)."""
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto|{'|'.join(PRECISIONS)}, got {precision!r}")
     return precision
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 
-from .dmae import DMAEViT
-from .vit import VisionTransformerClassifier
+from dmae_lightning.models.dmae import DMAEViT
+from dmae_lightning.models.vit import VisionTransformerClassifier
 
 # Encoder sizes; the pre-training variants add the decoder.
 _ENCODERS: dict[str, dict] = {

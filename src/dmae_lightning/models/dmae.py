@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..noise import DEFAULT_NOISE, Noise, noise_from_config
-from .layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
+from dmae_lightning.models.layers import ViTEncoderBase, sincos_pos_embed_2d, transformer_blocks
+from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
 
 
 class DMAEViT(ViTEncoderBase):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ViTEncoderBase
+from dmae_lightning.models.layers import ViTEncoderBase
 
 
 class VisionTransformerClassifier(ViTEncoderBase):

@@ -21,7 +21,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .models import DMAEViT, VisionTransformerClassifier
+from dmae_lightning.models import DMAEViT, VisionTransformerClassifier
 
 # Prefixes that wrappers put in front of parameter names: the LightningModule attribute,
 # DistributedDataParallel and torch.compile.

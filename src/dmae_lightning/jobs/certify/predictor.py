@@ -20,10 +20,10 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError
-from .procedures import Procedure
-from .records import ShardWriter
-from .sampler import Sampler
+from dmae_lightning.certification.procedures import Procedure
+from dmae_lightning.certification.records import ShardWriter
+from dmae_lightning.certification.sampler import Sampler
+from dmae_lightning.data import DataError
 
 log = logging.getLogger(__name__)
 

@@ -25,31 +25,39 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from .. import config
-from ..checkpoints import checkpoint_state_dict, load_weights, read_checkpoint
-from ..errors import ConfigError, one_line
-from ..models import create_model
-from ..noise import GaussianNoise, Noise, noise_from_config
-from .metrics import (
-    BEYOND,
+from dmae_lightning.certification.metrics import (
     GRID_MODE,
     average_certified_radius,
-    bound_note,
     certified_accuracy_lower_bound,
     default_radii,
     false_certificates_allowed,
-    format_table,
-    plot_certified_accuracy,
     radius_key,
-    sample_budget,
     within_reach,
 )
-from .params import JobParams, subset_indices, validate
-from .predictor import ImageProgressBar, SmoothingPredictor
-from .procedures import PROCEDURES, Procedure
-from .records import write_json
-from .rundir import check_params, done_records, merge_results, record_params, results_path
-from .sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
+from dmae_lightning.certification.procedures import PROCEDURES, Procedure
+from dmae_lightning.certification.records import write_json
+from dmae_lightning.certification.report import (
+    BEYOND,
+    bound_note,
+    format_table,
+    plot_certified_accuracy,
+    sample_budget,
+)
+from dmae_lightning.certification.sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
+from dmae_lightning.errors import ConfigError, one_line
+from dmae_lightning.jobs.certify.params import JobParams, subset_indices, validate
+from dmae_lightning.jobs.certify.predictor import ImageProgressBar, SmoothingPredictor
+from dmae_lightning.jobs.certify.shards import (
+    check_params,
+    done_records,
+    merge_results,
+    record_params,
+    results_path,
+)
+from dmae_lightning.jobs.rundir import file_digest, run_in_dir
+from dmae_lightning.models import create_model
+from dmae_lightning.models.weights import checkpoint_state_dict, load_weights, read_checkpoint
+from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +163,10 @@ class Prepared:
 def certify(cfg: DictConfig) -> dict:
     """Run the job described by ``cfg`` (conf/certify.yaml) and return the summary (rank 0; {} elsewhere).
 
-    It runs in the run directory's lifecycle (``config.run_in_dir``): checked before anything is loaded,
+    It runs in the run directory's lifecycle (``run_in_dir``): checked before anything is loaded,
     everything validated and loaded by :func:`prepare` before anything is written.
     """
-    return config.run_in_dir(
+    return run_in_dir(
         cfg, lambda: prepare(cfg), lambda job: run(cfg, job),
         resume_hint="run the same command again to resume",  # the images already done are kept
     )
@@ -208,7 +216,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         "split": params.split,
         "data_subset": {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")},
         # the run directory's identity hashed it already (cached): the same digest, computed once
-        "checkpoint_sha256": config.file_digest(str(params.ckpt_path)).removeprefix("sha256:"),
+        "checkpoint_sha256": file_digest(str(params.ckpt_path)).removeprefix("sha256:"),
     }
     check_params(run_dir, key, procedure.name)
     try:

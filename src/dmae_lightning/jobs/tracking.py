@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from .config import slurm_job_tag
+from dmae_lightning.jobs.cluster import slurm_job_tag
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +177,31 @@ def keep_logged_metrics(loggers: list) -> None:
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
             logger.append = True
+
+
+# ------------------------------------------------------------------------------------------ output
+# Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
+# Trainer of a process (the job logs its devices once), the stepping-batch estimate.
+_LIGHTNING_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:",
+                      "Loading `train_dataloader` to estimate")
+
+
+class _DropLightningChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
+
+
+def quiet_lightning() -> None:
+    """Silence, by name, what Lightning prints that is no news about this run; every other warning stays.
+
+    Lightning has no switch for these lines. Its ``srun`` hint fires on any machine with Slurm installed;
+    it is dropped only outside a Slurm job (inside one it catches a forgotten ``srun``). The LeafSpec
+    deprecation comes from Lightning's own code calling torch's pytree, not from ours.
+    """
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if slurm_job_tag() is None:
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")

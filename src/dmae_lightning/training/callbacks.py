@@ -15,9 +15,9 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
-from .models import DMAEViT
-from .models.layers import IMAGENET_MEAN, IMAGENET_STD
-from .rng import seeded_generator
+from dmae_lightning.models import DMAEViT
+from dmae_lightning.models.layers import IMAGENET_MEAN, IMAGENET_STD
+from dmae_lightning.rng import seeded_generator
 
 
 class RNGState(pl.Callback):

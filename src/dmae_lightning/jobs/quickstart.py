@@ -27,16 +27,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .certification.job import certify, sample_saving
-from .certification.metrics import format_table
-from .certification.params import subset_indices, validate
-from .certification.procedures import PROCEDURES
-from .certification.records import read_json
-from .config import compose, identity_key, job_identity, keep_hydra_config, point_latest
-from .data import DigitsDataModule
-from .errors import ConfigError, one_line
-from .noise import noise_from_config
-from .train import train
+from dmae_lightning.certification.procedures import PROCEDURES
+from dmae_lightning.certification.records import read_json
+from dmae_lightning.certification.report import format_table
+from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.errors import ConfigError, one_line
+from dmae_lightning.jobs.certify.job import certify, sample_saving
+from dmae_lightning.jobs.certify.params import subset_indices, validate
+from dmae_lightning.jobs.compose import compose, keep_hydra_config
+from dmae_lightning.jobs.rundir import identity_key, job_identity, point_latest, run_in_dir
+from dmae_lightning.jobs.train import train
+from dmae_lightning.noise import noise_from_config
 
 log = logging.getLogger(__name__)
 DONE = "stage_done.json"
@@ -176,6 +177,12 @@ def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"quickstart: the certification stage would refuse its settings: {one_line(err)}") from None
     return conf_dir, overrides
+
+
+def quickstart(cfg: DictConfig) -> dict:
+    """The whole pipeline in its run directory's lifecycle (as :func:`~dmae_lightning.jobs.train.train`)."""
+    return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
+                      resume_hint="rerun the same command to resume (finished stages are kept)")
 
 
 def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str]]) -> dict:

@@ -1,6 +1,6 @@
 """Certified-accuracy tables and plots from certification run directories.
 
-    python -m dmae_lightning.certification.analyze RUN_DIR... [--radii 0 0.25 0.5] [--out DIR]
+    python -m dmae_lightning.jobs.analyze RUN_DIR... [--radii 0 0.25 0.5] [--out DIR]
 
 Runs are grouped by everything but sigma that their numbers depend on (procedure, model, data set,
 split, image subset, n, alpha, precision, and for certify_radii its radius grid); each group gets its own
@@ -19,23 +19,25 @@ import os
 import sys
 from pathlib import Path
 
-from .metrics import (
+from dmae_lightning.certification.metrics import (
     DEFAULT_RHO,
     GRID_MODE,
     average_certified_radius,
     best_over_sigma,
-    bound_note,
     certified_accuracy,
     certified_accuracy_lower_bound,
     default_radii,
     false_certificates_allowed,
+    within_reach,
+)
+from dmae_lightning.certification.procedures import PROCEDURES
+from dmae_lightning.certification.records import Record, read_json, read_records
+from dmae_lightning.certification.report import (
+    bound_note,
     format_table,
     plot_certified_accuracy,
     sample_budget,
-    within_reach,
 )
-from .procedures import PROCEDURES
-from .records import Record, read_json, read_records
 
 # What a run's numbers depend on besides sigma: runs differing in any of these never share a table
 # ("noise" is the distribution's class: Gaussian and discrete-Gaussian runs are not rows of one table).
@@ -120,7 +122,7 @@ def sample_cost(label: str, summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dmae_lightning.certification.analyze", description=__doc__.split("\n")[0]
+        prog="python -m dmae_lightning.jobs.analyze", description=__doc__.split("\n")[0]
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="certification run directories")
     parser.add_argument("--radii", nargs="+", type=float, help="table columns (default: the runs' own radii)")

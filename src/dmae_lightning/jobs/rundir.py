@@ -23,43 +23,34 @@ import json
 import logging
 import os
 import shutil
-import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .errors import ConfigError, one_line
-from .files import atomic_write_text
-from .noise import noise_from_config
+from dmae_lightning.errors import ConfigError, one_line
+from dmae_lightning.files import atomic_write_text
+from dmae_lightning.jobs.cluster import global_rank, slurm_job_tag
+from dmae_lightning.jobs.tracking import quiet_lightning
 
 log = logging.getLogger(__name__)
+
+
 T = TypeVar("T")
+
+
 IDENTITY_FILE = "identity.json"  # in <run dir>/.hydra/, next to the resolved config.yaml
+
+
 LOCK_FILE = "run.lock"  # in <run dir>/.hydra/: held by the job running there (rank 0)
+
+
 LATEST = "latest"  # logs/<run_name>/latest -> the run directory of the newest finished job of that name
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used (not writable, or another configuration's results): one line."""
-
-
-def slurm_job_tag() -> str | None:
-    """``slurm-<job>`` (``slurm-<array job>_<task>`` for arrays) inside a SLURM job, else None."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"slurm-{array_job}_{array_task}"
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job else None
 
 
 def run_dir(base: str, key: str = "") -> str:
@@ -149,15 +140,15 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 # Hydra resolves hydra.run.dir (and a sweep's dir and subdir) before it creates the directory, and again
 # when anything asks for it later: directories that did not exist at the first resolution were made for
 # this job, with the nearest directory that did exist, so that an invalid job can remove them again.
-_MADE_FOR_JOB: dict[str, str] = {}
+MADE_FOR_JOB: dict[str, str] = {}
 
 
-def _note_new_dir(path: str) -> str:
+def note_new_dir(path: str) -> str:
     """Record a directory Hydra is about to create for this job; stop (one line) if it cannot be created:
     Hydra's own mkdir would fail with a traceback. SystemExit, because Hydra reports any Exception raised
     while it resolves the directory with a traceback."""
     absolute = Path(path).resolve()
-    if str(absolute) not in _MADE_FOR_JOB and not absolute.is_dir():
+    if str(absolute) not in MADE_FOR_JOB and not absolute.is_dir():
         existing = absolute
         while not existing.is_dir():
             if existing.exists() or existing.is_symlink():  # a file (or a dangling link) where a folder must go
@@ -167,170 +158,14 @@ def _note_new_dir(path: str) -> str:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is not writable "
                              "(permissions or a read-only file system); choose another paths.log_dir")
-        _MADE_FOR_JOB[str(absolute)] = str(existing)
+        MADE_FOR_JOB[str(absolute)] = str(existing)
     return path
-
-
-def _key_or_invalid(root: DictConfig) -> str:
-    """The identity key; a config that does not resolve gets ``invalid``: the job then stops with its one-line
-    error (``run_in_dir``) and removes the directory again, instead of Hydra printing a traceback."""
-    try:
-        return identity_key(job_identity(root))
-    except Exception:  # noqa: BLE001 (any resolution error is reported by the job itself)
-        return "invalid"
-
-
-def _hydra_dir(root: DictConfig, sweep: bool) -> str:
-    """``${run_dir:}`` / ``${sweep_dir:}``: logs/<run_name>[/multirun][/slurm-<id>][/<key>]."""
-    log_dir, name = OmegaConf.select(root, "paths.log_dir"), OmegaConf.select(root, "run_name")
-    if log_dir is None or name is None:  # `--cfg hydra` prints the hydra node alone
-        return "<paths.log_dir>/<run_name>/<key>: decided when the job runs"
-    if sweep:
-        return _note_new_dir(run_dir(f"{log_dir}/{name}/multirun"))
-    return _note_new_dir(run_dir(f"{log_dir}/{name}", _key_or_invalid(root)))
-
-
-def _run_dir_resolver(*, _root_: DictConfig) -> str:
-    return _hydra_dir(_root_, sweep=False)
-
-
-def _sweep_dir_resolver(*, _root_: DictConfig) -> str:
-    return _hydra_dir(_root_, sweep=True)
-
-
-def _sweep_subdir_resolver(*, _root_: DictConfig) -> str:
-    base = _hydra_dir(_root_, sweep=True)
-    key = _key_or_invalid(_root_)
-    _note_new_dir(f"{base}/{key}")
-    return key
-
-
-def global_rank() -> int:
-    """The process rank as the launchers set it (SLURM, torchrun, Lightning's own subprocesses)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 0
-
-
-def rank_zero_only_value(value, otherwise=None):
-    """``value`` on rank 0, ``otherwise`` elsewhere: only rank 0 writes Hydra's ``.hydra`` folder and log."""
-    return value if global_rank() == 0 else otherwise
-
-
-def stderr_is_terminal() -> bool:
-    """Progress bars only for a person at a terminal: no bar spam in batch logs."""
-    return sys.stderr.isatty()
-
-
-def require(key: str):
-    """``key: ${require:key}`` in an experiment: the command line must set it.
-
-    (OmegaConf merges skip ``???`` values, so an experiment cannot mark a key mandatory that way.)
-    """
-    raise ValueError(f"this experiment needs {key}=... on the command line")
-
-
-def group_choice(group: str, *, _root_) -> str:
-    """``${group_choice:data}``: the option chosen for a config group, e.g. "digits".
-
-    ``${hydra:runtime.choices.data}`` only resolves inside a job (HydraConfig set), but a -m sweep
-    resolves run_name for its sweep directory before that; there the config still holds the hydra node.
-    """
-    choice = OmegaConf.select(_root_, f"hydra.runtime.choices.{group}", default=None)
-    if choice is None:
-        choice = HydraConfig.get().runtime.choices[group]
-    return str(choice)
-
-
-def noise_tag(*, _root_) -> str:
-    """``${noise_tag:}``: the job's noise in its run name, e.g. ``sigma0.25`` or ``discrete_sigma0.25``; an
-    invalid noise gets ``invalid-noise`` (Hydra names the directory before the job can report the error)."""
-    try:
-        return noise_from_config(_root_.noise).tag
-    except (ValueError, TypeError):
-        return "invalid-noise"
-
-
-def register_resolvers() -> None:
-    resolvers = (
-        ("run_dir", _run_dir_resolver),
-        ("sweep_dir", _sweep_dir_resolver),
-        ("run_key", _sweep_subdir_resolver),
-        ("rank_zero_only", rank_zero_only_value),
-        ("is_terminal", stderr_is_terminal),
-        ("require", require),
-        ("group_choice", group_choice),
-        ("noise_tag", noise_tag),
-    )
-    for name, fn in resolvers:
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
-
-register_resolvers()
-
-
-def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir: str | None = None):
-    """Compose a job config outside ``@hydra.main`` (tests, notebooks), as the command line would.
-
-    ``${hydra:...}`` interpolations resolve against the composed Hydra config; ``output_dir``
-    stands in for the run directory Hydra would create.
-    """
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    if output_dir is not None:
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-@contextlib.contextmanager
-def keep_hydra_config():
-    """Compose other jobs' configs inside and get the running job's Hydra config back afterwards: ``compose``
-    sets Hydra's global config, which ``${hydra:...}`` interpolations of the job's own config (its run
-    directory among them) resolve against."""
-    instance = HydraConfig.instance()
-    saved = instance.cfg
-    try:
-        yield
-    finally:
-        instance.cfg = saved
-
-
-# ------------------------------------------------------------------------------------------ output
-# Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
-# Trainer of a process (the job logs its devices once), the stepping-batch estimate.
-_LIGHTNING_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:",
-                      "Loading `train_dataloader` to estimate")
-
-
-class _DropLightningChatter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
-
-
-def quiet_lightning() -> None:
-    """Silence, by name, what Lightning prints that is no news about this run; every other warning stays.
-
-    Lightning has no switch for these lines. Its ``srun`` hint fires on any machine with Slurm installed;
-    it is dropped only outside a Slurm job (inside one it catches a forgotten ``srun``). The LeafSpec
-    deprecation comes from Lightning's own code calling torch's pytree, not from ours.
-    """
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
-            logger.addFilter(_DropLightningChatter())
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    if slurm_job_tag() is None:
-        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
 R = TypeVar("R")
+
+
 # Nothing else may be in a directory before its job writes identity.json (Hydra's job log aside).
 _NOT_RESULTS = ("train.log", "certify.log")
 
@@ -480,7 +315,7 @@ def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
     empty directories go; after its records were written (``recorded``: a quickstart stage refused), the whole
     directory goes as long as it holds no result (records, job log and empty folders); then the directories
     above it, up to the nearest directory that existed before the job."""
-    existing = _MADE_FOR_JOB.get(str(path))
+    existing = MADE_FOR_JOB.get(str(path))
     if existing is None:
         return
     if recorded:
@@ -523,7 +358,7 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             raise ConfigError(one_line(err)) from None
         _check_run_dir(path, identity)
         if global_rank() == 0:
-            _note_new_dir(str(path))  # made here when Hydra did not make it (compose): removed again on refusal
+            note_new_dir(str(path))  # made here when Hydra did not make it (compose): removed again on refusal
             lock = RunDirLock(path)
         done = finished(path) if finished is not None else None
         if done is not None:

@@ -11,12 +11,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..data import SPLITS
-from ..errors import ConfigError
-from ..noise import Noise, noise_from_config
-from .metrics import DEFAULT_RHO
-from .procedures import PROCEDURES
-from .sampler import PRECISIONS
+from dmae_lightning.certification.checks import check_alpha, check_counts, check_precision
+from dmae_lightning.certification.metrics import DEFAULT_RHO
+from dmae_lightning.certification.procedures import PROCEDURES
+from dmae_lightning.data import SPLITS
+from dmae_lightning.errors import ConfigError
+from dmae_lightning.noise import Noise, noise_from_config
 
 _TRAINER_PRECISIONS = ("32-true", "32", 32)
 
@@ -80,7 +80,14 @@ def validate(cfg: DictConfig) -> JobParams:
         ckpt_path = None
     if not ckpt_path:
         raise ConfigError("ckpt_path is required: python certify.py ckpt_path=PATH ...")
-    for key, minimum in (("n0", 1), ("n", 1), ("batch", 1), ("skip", 1), ("seed", 0)):
+    try:  # the library's own range rules (certification.checks)
+        check_counts(n0=cfg.get("n0"), n=cfg.get("n"), batch=cfg.get("batch"))
+        check_alpha(cfg.alpha)
+        check_alpha(cfg.get("rho", DEFAULT_RHO), "rho")
+        check_precision(cfg.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key, minimum in (("skip", 1), ("seed", 0)):
         value = cfg.get(key)
         if not _is_int(value) or value < minimum:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
@@ -95,17 +102,10 @@ def validate(cfg: DictConfig) -> JobParams:
                 f"images={images} (protocol=images{images}) picks evenly spaced images itself: leave skip and max "
                 f"at their defaults (got skip={cfg.skip}, max={cfg.max})"
             )
-    if not _is_number(cfg.alpha) or not 0 < cfg.alpha < 1:
-        raise ConfigError(f"alpha must lie strictly between 0 and 1, got {cfg.alpha!r}")
-    rho = cfg.get("rho", DEFAULT_RHO)
-    if not _is_number(rho) or not 0 < rho < 1:
-        raise ConfigError(f"rho must lie strictly between 0 and 1, got {rho!r}")
     try:
         noise = noise_from_config(cfg.noise)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    if cfg.precision not in ("auto", *PRECISIONS):
-        raise ConfigError(f"precision must be one of auto|{'|'.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.mode not in PROCEDURES:
         raise ConfigError(f"mode must be one of {'|'.join(PROCEDURES)}, got {cfg.mode!r}")
     if cfg.split not in SPLITS:
@@ -131,7 +131,7 @@ def validate(cfg: DictConfig) -> JobParams:
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
-        rho=float(rho),
+        rho=float(cfg.get("rho", DEFAULT_RHO)),
         noise=noise,
         batch=cfg.batch,
         seed=cfg.seed,

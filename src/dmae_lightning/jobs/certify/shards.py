@@ -12,8 +12,14 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ConfigError, one_line
-from .records import Record, atomic_write_text, merge_files, one_per_idx, read_records
+from dmae_lightning.certification.records import (
+    Record,
+    atomic_write_text,
+    merge_files,
+    one_per_idx,
+    read_records,
+)
+from dmae_lightning.errors import ConfigError, one_line
 
 
 def shard_paths(run_dir: Path, mode: str) -> list[Path]:

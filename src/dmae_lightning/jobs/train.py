@@ -16,13 +16,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
-from .certification.callback import CertificationCallback
-from .config import run_in_dir
-from .errors import BAD_INPUT, ConfigError, one_line
-from .files import atomic_write_text
-from .noise import noise_from_config
-from .resume import check_matches, resume_checkpoint
-from .tracking import finish_runs, keep_logged_metrics
+from dmae_lightning.certification.callback import CertificationCallback
+from dmae_lightning.errors import BAD_INPUT, ConfigError, one_line
+from dmae_lightning.files import atomic_write_text
+from dmae_lightning.jobs.rundir import run_in_dir
+from dmae_lightning.jobs.tracking import finish_runs, keep_logged_metrics
+from dmae_lightning.noise import noise_from_config
+from dmae_lightning.training.resume import check_matches, resume_checkpoint
 
 log = logging.getLogger(__name__)
 FINISHED = "finished.json"  # in the run directory of a training run that ran to its end: its final metrics
@@ -91,19 +91,14 @@ def check_run_settings(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit and return the final logged metrics (floats); ``task=quickstart`` runs the whole pipeline.
-
-    Either way the job runs in its run directory's lifecycle (``config.run_in_dir``): checked before anything
-    is loaded, recorded once the job is valid, linked as ``logs/<run_name>/latest`` when it has finished.
+    """Fit and return the final logged metrics (floats). The job runs in its run directory's lifecycle
+    (:func:`~dmae_lightning.jobs.rundir.run_in_dir`): checked before anything is loaded, recorded once the job
+    is valid, linked as ``logs/<run_name>/latest`` when it has finished. (``task=quickstart`` is the
+    pipeline of :func:`~dmae_lightning.jobs.quickstart.quickstart`, which ``train.py`` dispatches to.)
     """
     if cfg.task.name == "quickstart":
-        from .quickstart import (  # here: the pipeline calls back into train()
-            quickstart_stages,
-            run_quickstart,
-        )
-
-        return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
-                          resume_hint="rerun the same command to resume (finished stages are kept)")
+        raise ConfigError("task=quickstart is the whole pipeline: run it with python train.py experiment=quickstart "
+                          "or dmae_lightning.jobs.quickstart.quickstart(cfg)")
     return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared),
                       resume_hint="rerun the same command to resume", finished=finished_run)
 

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 import torch
 
-from .checkpoints import LoadReport, load_weights
-from .models import DMAEViT, create_model
-from .noise import DEFAULT_NOISE, Noise, noise_from_config
-from .optim import check_optimizer_config, configure_optimizer
-from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
+from dmae_lightning.models import DMAEViT, create_model
+from dmae_lightning.models.weights import LoadReport, load_weights
+from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
+from dmae_lightning.rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
+from dmae_lightning.training.optim import check_optimizer_config, configure_optimizer
 
 
 def compile_in_place(model: torch.nn.Module, compile: bool | dict) -> None:

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from torchmetrics.classification import MulticlassAccuracy
 
-from .checkpoints import LoadReport, load_weights
-from .models import VisionTransformerClassifier, create_model
-from .noise import DEFAULT_NOISE, Noise, noise_from_config
-from .optim import check_optimizer_config, configure_optimizer
-from .pretrain import check_finite, compile_in_place
-from .rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
+from dmae_lightning.models import VisionTransformerClassifier, create_model
+from dmae_lightning.models.weights import LoadReport, load_weights
+from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
+from dmae_lightning.rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
+from dmae_lightning.training.optim import check_optimizer_config, configure_optimizer
+from dmae_lightning.training.pretrain import check_finite, compile_in_place
 
 log = logging.getLogger(__name__)
 # A validation accuracy below 2 / num_classes at the end of fine-tuning: (near) chance level. The README's plain-RS

@@ -31,7 +31,7 @@ from functools import cached_property
 import numpy as np
 from scipy.stats import beta, binom
 
-from ..noise import Noise
+from dmae_lightning.noise import Noise
 
 
 def clopper_pearson_lower(successes, trials: int, level: float):

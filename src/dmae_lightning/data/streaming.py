@@ -23,10 +23,10 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 from torchvision import datasets
 
-from .data import CIFAR10_FOLDER, UNDECODABLE, DataError, cifar10_problem, read_cifar10_batch
-from .errors import one_line
-from .pipelines import read_file
-from .rng import derive_seed
+from dmae_lightning.data import CIFAR10_FOLDER, UNDECODABLE, DataError, cifar10_problem, read_cifar10_batch
+from dmae_lightning.data.pipelines import read_file
+from dmae_lightning.errors import one_line
+from dmae_lightning.rng import derive_seed
 
 AUGMENT_STREAM = 3  # keeps the streaming augmentation seeds apart from rng.py's noise streams
 CHUNK_BYTES = "64MB"

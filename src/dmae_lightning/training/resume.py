@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from .checkpoints import read_checkpoint
+from dmae_lightning.models.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
