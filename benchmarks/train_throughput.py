@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
-from dmae_lightning.training.finetune import SmoothedClassifierModule, mix_then_noise
+from dmae_lightning.training.finetune import BaseClassifierModule, mix_then_noise
 from dmae_lightning.training.optim import parameter_groups, warmup_cosine_factor
 from dmae_lightning.training.pretrain import DMAEPretrainModule, compile_in_place
 
@@ -71,7 +71,7 @@ def build_module(task: str, model: str, img_size: int) -> pl.LightningModule:
     if task == "pretrain":
         return DMAEPretrainModule(f"dmae_{model}", **kwargs)
     # The fine-tuning step: noise and plain cross-entropy (no mixup, no consistency copies).
-    return SmoothedClassifierModule(model, num_classes=1000, mixup=None, label_smoothing=0.0, **kwargs)
+    return BaseClassifierModule(model, num_classes=1000, mixup=None, label_smoothing=0.0, **kwargs)
 
 
 def plain_loss(task: str, module: pl.LightningModule, imgs: torch.Tensor, labels: torch.Tensor, step: int):

@@ -16,7 +16,7 @@ from dmae_lightning.certification import Smooth
 from dmae_lightning.certification.callback import CertificationCallback
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.noise import GaussianNoise
-from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.finetune import BaseClassifierModule
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
 SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
@@ -49,7 +49,7 @@ def fitted(tmp_path_factory):
     start = make_classifier_checkpoint(out / "start.ckpt")
     pl.seed_everything(0)
     datamodule = DigitsDataModule(batch_size=32, subset_first=64, num_classes=10)
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         model_name="vit_micro_patch8",
         model_kwargs={"img_size": 32},
         num_classes=10,

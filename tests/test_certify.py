@@ -31,7 +31,7 @@ from dmae_lightning.jobs.compose import compose
 from dmae_lightning.models import create_model
 from dmae_lightning.models.weights import load_weights
 from dmae_lightning.noise import GaussianNoise
-from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.finetune import BaseClassifierModule
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
@@ -56,7 +56,7 @@ def make_classifier_checkpoint(path: Path, steps: int = 40) -> Path:
     """
     torch.manual_seed(0)
     datamodule = DigitsDataModule(batch_size=64)
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         model_name="vit_micro_patch8",
         model_kwargs={"img_size": 32},
         num_classes=10,

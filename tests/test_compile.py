@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from dmae_lightning.jobs.compose import compose
 from dmae_lightning.models import create_model
 from dmae_lightning.models.weights import load_weights
-from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.finetune import BaseClassifierModule
 from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -78,7 +78,7 @@ def test_compiled_finetuning_steps_match_eager(make_trainer, make_digits, tmp_pa
     mix-then-noise step with consistency regularisation traces to the eager numbers."""
 
     def build(compiled):
-        return SmoothedClassifierModule(
+        return BaseClassifierModule(
             "vit_micro_patch4",
             num_classes=10,
             consistency=dict(enabled=True, m=2, lbd=2.0, eta=0.5),

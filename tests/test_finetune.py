@@ -21,7 +21,7 @@ from dmae_lightning.jobs.train import train
 from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import seeded_generator
 from dmae_lightning.training.finetune import (
-    SmoothedClassifierModule,
+    BaseClassifierModule,
     consistency_terms,
     mix_then_noise,
     smoothed_one_hot,
@@ -72,7 +72,7 @@ def test_consistency_terms_match_a_float64_hand_computation(m):
 def test_training_step_loss_is_ce_plus_weighted_consistency(make_digits, make_trainer):
     lbd, eta, m, smoothing = 3.0, 0.25, 2, 0.1
     pl.seed_everything(0)
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         "vit_micro_patch4",
         num_classes=10,
         noise=GaussianNoise(0.5),
@@ -153,7 +153,7 @@ def _classify_mix(values, mixed, lam):
 
 def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
     b, m, sigma, classes, smoothing = 256, 2, 0.25, 10, 0.1
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         "vit_micro_patch4", num_classes=classes, noise=GaussianNoise(sigma), mixup=MIXUP, label_smoothing=smoothing
     )
     values = torch.linspace(0.05, 0.95, b)[torch.randperm(b, generator=torch.Generator().manual_seed(0))]
@@ -381,12 +381,12 @@ def test_finetune_checkpoint_is_plain_data(finetune_run):
         hparams["model_name"] == "vit_micro_patch8" and hparams["noise"] == GaussianNoise(0.25).config() and hparams["mixup"] is None
     )
     assert hparams["optimizer"]["layer_decay"] == 0.75 and hparams["optimizer"]["betas"] == [0.9, 0.999]
-    module = SmoothedClassifierModule(**hparams)
+    module = BaseClassifierModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
 
 
 def test_plain_rs_finetuning_logs_no_consistency_terms(make_digits, make_trainer):
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         "vit_micro_patch4",
         num_classes=10,
         consistency=dict(enabled=False),
@@ -406,7 +406,7 @@ def test_plain_rs_finetuning_logs_no_consistency_terms(make_digits, make_trainer
 def test_a_run_that_ends_at_chance_level_says_so(make_digits, make_trainer, caplog, limit_val_batches):
     """A zero head and lr 0: every image gets class 0, so both accuracies are the share of 0 among the
     validation labels (about 1/10 < 1.5/10): one warning line with those numbers; without validation none."""
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         "vit_micro_patch4", num_classes=10, optimizer=dict(base_lr=0.0, weight_decay=0.0, warmup_epochs=0)
     )
     torch.nn.init.zeros_(module.model.head.weight)
@@ -432,7 +432,7 @@ def test_chance_level_margin_is_twice_chance(acc, warns, caplog):
     """0.1722: the noisy accuracy that the README's plain-RS digits command ended at (issue 17.4.4)."""
     from types import SimpleNamespace
 
-    module = SmoothedClassifierModule("vit_micro_patch4", num_classes=10)
+    module = BaseClassifierModule("vit_micro_patch4", num_classes=10)
     metrics = {"val/acc_noisy": torch.tensor(acc), "val/acc_clean": torch.tensor(acc)}
     module._trainer = SimpleNamespace(callback_metrics=metrics, is_global_zero=True)
     with caplog.at_level(logging.WARNING, logger="dmae_lightning"):

@@ -14,7 +14,7 @@ from timm.optim import Lars
 from torch import nn
 
 from dmae_lightning.models import create_model
-from dmae_lightning.training.finetune import SmoothedClassifierModule
+from dmae_lightning.training.finetune import BaseClassifierModule
 from dmae_lightning.training.optim import (
     configure_optimizer,
     effective_batch_size,
@@ -256,7 +256,7 @@ def test_layer_decay_scales(pool):
     }
     assert head_scales == {1.0}
     # Through configure_optimizer: each group's lr is the peak lr times its scale.
-    module = SmoothedClassifierModule("vit_micro_patch4", num_classes=10, model_kwargs=dict(global_pool=pool))
+    module = BaseClassifierModule("vit_micro_patch4", num_classes=10, model_kwargs=dict(global_pool=pool))
     module.trainer = _stub_trainer(128, 2, 1, 1)  # effective batch 256
     optimizer = configure_optimizer(
         module, module.model, base_lr=5e-4, weight_decay=0.05, warmup_epochs=1, layer_decay=decay
@@ -272,7 +272,7 @@ def test_layer_decay_scales(pool):
 
 def test_lars_adapts_weight_matrices_only_and_unknown_names_fail():
     """MAE's LARS: the trust ratio on every >1-d parameter (also with weight decay 0), never on 1-d ones."""
-    module = SmoothedClassifierModule(
+    module = BaseClassifierModule(
         "vit_micro_patch4",
         num_classes=10,
         freeze_encoder=True,

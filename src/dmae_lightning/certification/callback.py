@@ -73,7 +73,7 @@ class CertificationCallback(pl.Callback):
         if datamodule is None or not hasattr(datamodule, "dataset"):
             raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
         if not isinstance(noise, Noise):
-            raise ValueError("CertificationCallback needs a module with a noise (SmoothedClassifierModule)")
+            raise ValueError("CertificationCallback needs a module with a noise (BaseClassifierModule)")
         dataset = datamodule.dataset(self.split)
         if len(dataset):
             try:
@@ -86,7 +86,7 @@ class CertificationCallback(pl.Callback):
         if stage != "fit":
             return
         if "num_classes" not in getattr(pl_module, "hparams", {}):
-            raise ValueError("CertificationCallback needs a module with hparams num_classes (SmoothedClassifierModule)")
+            raise ValueError("CertificationCallback needs a module with hparams num_classes (BaseClassifierModule)")
         self.check(trainer.datamodule, getattr(pl_module, "noise", None))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -67,7 +67,7 @@ def mix_then_noise(
     return noise.perturb(imgs, generator), soft_targets.repeat(m, 1)
 
 
-class SmoothedClassifierModule(pl.LightningModule):
+class BaseClassifierModule(pl.LightningModule):
     """Noisy fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
 
     def __init__(
