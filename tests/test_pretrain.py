@@ -18,10 +18,10 @@ import torchvision.datasets.cifar
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from dmae_lightning.training import pretrain as pretrain_mod
 from dmae_lightning.jobs.compose import compose
 from dmae_lightning.jobs.train import train
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
+from dmae_lightning.training import pretrain as pretrain_mod
 from dmae_lightning.training.callbacks import RNGState
 from dmae_lightning.training.pretrain import DMAEPretrainModule
 
@@ -309,7 +309,7 @@ def make_streaming(tmp_path, monkeypatch):
     from test_data import write_cifar
 
     from dmae_lightning.data import CIFAR10DataModule
-    from dmae_lightning.data.streaming import prepare_cifar10
+    from dmae_lightning.data.prepare import prepare_cifar10
 
     write_cifar(tmp_path / "cifar", per_batch=13)
     monkeypatch.setattr(  # the written files cannot match torchvision's md5 of the real ones

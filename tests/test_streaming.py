@@ -19,7 +19,7 @@ from test_data import write_imagenet
 
 from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
 from dmae_lightning.data.pipelines import open_rgb
-from dmae_lightning.data.streaming import main as prepare_main
+from dmae_lightning.data.prepare import main as prepare_main
 from dmae_lightning.data.streaming import streaming_loader
 from dmae_lightning.errors import ConfigError
 

@@ -13,7 +13,7 @@ A new data set is one module here (a subclass of ``ImageDataModule`` with ``data
 nothing from models, training, certification or jobs.
 """
 
-from dmae_lightning.data.base import SPLITS, UNDECODABLE, BrokenImageError, DataError, ImageDataModule
+from dmae_lightning.data.base import SPLITS, ImageDataModule
 from dmae_lightning.data.cifar10 import (
     CIFAR10_FOLDER,
     CIFAR10Batches,
@@ -22,6 +22,7 @@ from dmae_lightning.data.cifar10 import (
     read_cifar10_batch,
 )
 from dmae_lightning.data.digits import DigitsDataModule
+from dmae_lightning.data.errors import UNDECODABLE, BrokenImageError, DataError
 from dmae_lightning.data.imagenet import ImageNetDataModule
 
 __all__ = [

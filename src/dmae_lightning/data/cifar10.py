@@ -16,10 +16,8 @@ from torchvision import datasets, transforms
 from torchvision.datasets import cifar as torchvision_cifar
 from torchvision.datasets.utils import download_and_extract_archive
 
-from dmae_lightning.data.base import (
-    DataError,
-    ImageDataModule,
-)
+from dmae_lightning.data.base import ImageDataModule
+from dmae_lightning.data.errors import DataError
 from dmae_lightning.errors import one_line
 
 # --- CIFAR-10 python batches ----------------------------------------------------------------------------

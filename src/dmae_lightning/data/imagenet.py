@@ -14,12 +14,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from dmae_lightning.data.base import (
-    UNDECODABLE,
-    BrokenImageError,
-    ImageDataModule,
-    _why_undecodable,
-)
+from dmae_lightning.data.base import ImageDataModule
+from dmae_lightning.data.errors import UNDECODABLE, BrokenImageError, _why_undecodable
 from dmae_lightning.data.pipelines import (
     PIPELINES,
     bytes_tensor,

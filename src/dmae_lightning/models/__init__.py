@@ -1,19 +1,30 @@
-"""Model factory: ``create_model(name, **overrides)``, names and overrides in timm's style.
+"""Models, registered by name with one config each (timm's style): ``create_model(name, **overrides)``.
 
-``dmae_*`` names build the pre-training model (:class:`DMAEViT`), the others the classifier
-(:class:`VisionTransformerClassifier`) with the same encoder, so a ``dmae_X`` checkpoint
-initialises a ``X`` classifier.
+- :mod:`.layers`   the shared ViT encoder parts (patch embedding, sin-cos positions, [0,1] pixel input)
+- :mod:`.dmae`     ``DMAEViT``: the denoising masked autoencoder of pre-training
+- :mod:`.vit`      ``VisionTransformerClassifier``: the encoder as the base classifier f of the smoothed g
+- :mod:`.weights`  loading official DMAE/MAE files, fine-tuned releases and our checkpoints (weights_only)
+
+``dmae_<encoder>`` names build the pre-training model, ``<encoder>`` the classifier with the same encoder, so
+a ``dmae_X`` checkpoint initialises an ``X`` classifier. The classifiers are registered in timm's own
+registry too: after ``import dmae_lightning.models``, ``timm.create_model("vit_micro_patch8", num_classes=10)``
+builds one. A new size is one entry of ``ENCODERS`` (and of ``DECODERS``) plus ``conf/model/<name>.yaml``.
+Imports: torch, timm, and from this package only :mod:`dmae_lightning.noise`.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
+
+from timm.models import register_model
 
 from dmae_lightning.models.dmae import DMAEViT
 from dmae_lightning.models.vit import VisionTransformerClassifier
 
-# Encoder sizes; the pre-training variants add the decoder.
-_ENCODERS: dict[str, dict] = {
+PRETRAIN_PREFIX = "dmae_"
+# The one config of each encoder; the pre-training variants add DECODERS[encoder].
+ENCODERS: dict[str, dict[str, Any]] = {
     "vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     # Small variants for 32x32 inputs that train in seconds to minutes on a CPU.
@@ -24,33 +35,57 @@ _ENCODERS: dict[str, dict] = {
 }
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 _SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
-_DECODERS = {
+_MICRO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+DECODERS: dict[str, dict[str, Any]] = {
     "vit_base_patch16": _PAPER_DECODER,
     "vit_large_patch16": _PAPER_DECODER,
     "vit_tiny_patch4": _SMALL_DECODER,
     "vit_tiny_patch8": _SMALL_DECODER,
-    "vit_micro_patch4": dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
-    "vit_micro_patch8": dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+    "vit_micro_patch4": _MICRO_DECODER,
+    "vit_micro_patch8": _MICRO_DECODER,
 }
 
 
-def list_models() -> list[str]:
-    return sorted([*_ENCODERS, *(f"dmae_{name}" for name in _ENCODERS)])
-
-
-def create_model(name: str, **overrides) -> DMAEViT | VisionTransformerClassifier:
-    """Build a model by name; ``overrides`` use the constructor's (timm-style) argument names."""
-    is_pretrain = name.startswith("dmae_")
-    encoder = name.removeprefix("dmae_")
-    if encoder not in _ENCODERS:
+def model_config(name: str) -> tuple[type[DMAEViT] | type[VisionTransformerClassifier], dict[str, Any]]:
+    """The class and the constructor arguments registered under ``name``."""
+    encoder = name.removeprefix(PRETRAIN_PREFIX)
+    if encoder not in ENCODERS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    kwargs = dict(_ENCODERS[encoder], **(_DECODERS[encoder] if is_pretrain else {}))
-    cls = DMAEViT if is_pretrain else VisionTransformerClassifier
+    if name.startswith(PRETRAIN_PREFIX):
+        return DMAEViT, {**ENCODERS[encoder], **DECODERS[encoder]}
+    return VisionTransformerClassifier, dict(ENCODERS[encoder])
+
+
+def list_models() -> list[str]:
+    return sorted([*ENCODERS, *(f"{PRETRAIN_PREFIX}{name}" for name in ENCODERS)])
+
+
+def create_model(name: str, **overrides: Any) -> DMAEViT | VisionTransformerClassifier:
+    """Build a model by name; ``overrides`` use the constructor's (timm-style) argument names."""
+    cls, kwargs = model_config(name)
     unknown = sorted(set(overrides) - set(inspect.signature(cls).parameters))
     if unknown:
         raise ValueError(f"{name!r} takes no argument(s) {', '.join(unknown)}")
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return cls(**{**kwargs, **overrides})
 
 
-__all__ = ["DMAEViT", "VisionTransformerClassifier", "create_model", "list_models"]
+def _timm_entry(name: str):
+    """timm's registry calls ``fn(pretrained=..., pretrained_cfg=..., pretrained_cfg_overlay=..., cache_dir=...,
+    **kwargs)``; the download options mean nothing here."""
+
+    def build(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+              **overrides: Any):
+        if pretrained:  # timm would download; the DMAE releases are loaded with models.weights.load_weights
+            raise ValueError(f"{name}: no weights to download; build it and load_weights(model, 'dmae_base.pth')")
+        return create_model(name, **overrides)
+
+    build.__name__ = build.__qualname__ = name
+    build.__module__ = __name__
+    return build
+
+
+for _name in ENCODERS:  # the classifiers (timm's registry holds classifiers, not pre-training models)
+    register_model(_timm_entry(_name))
+
+__all__ = ["DECODERS", "ENCODERS", "DMAEViT", "VisionTransformerClassifier", "create_model", "list_models",
+           "model_config"]
