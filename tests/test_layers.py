@@ -71,3 +71,21 @@ def test_no_import_cycle():
     for module in edges:
         if module not in state:
             visit(module, [])
+
+
+def test_global_rank_follows_lightning_s_order(monkeypatch):
+    """Issue 23: inside a SLURM allocation Lightning's launcher starts its processes with SLURM_PROCID=0 inherited;
+    LOCAL_RANK decides (as in Lightning's rank_zero), and a NODE_RANK > 0 node's first process is not rank 0."""
+    from dmae_lightning.jobs.cluster import global_rank
+
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert global_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert global_rank() == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert global_rank() != 0
+    monkeypatch.setenv("RANK", "0")  # torchrun's global rank is the rank
+    assert global_rank() == 0

@@ -19,8 +19,16 @@ def slurm_job_tag() -> str | None:
 
 
 def global_rank() -> int:
-    """The process rank as the launchers set it (SLURM, torchrun, Lightning's own subprocesses)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """The process rank as the launchers set it (torchrun, Lightning's own subprocesses, SLURM), in Lightning's
+    order: SLURM_PROCID is inherited by the processes Lightning's launcher starts inside an allocation (all of
+    them would read 0), so LOCAL_RANK comes first. With Lightning's launcher on several nodes the first process of
+    another node has no rank variable yet, only its NODE_RANK: it is not the job's rank 0 either."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         if os.environ.get(var):
-            return int(os.environ[var])
-    return 0
+            rank = int(os.environ[var])
+            break
+    else:
+        rank = 0
+    if rank == 0 and var != "RANK" and int(os.environ.get("NODE_RANK") or 0) > 0:
+        return 1  # a node's first process, not the job's
+    return rank
