@@ -23,7 +23,7 @@ BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, Interpolation
              MisconfigurationException)
 
 
-def one_line(err: Exception) -> str:
+def one_line(err: BaseException) -> str:
     """The first line of an error's message (a resolver's own message for a failed interpolation)."""
     if isinstance(err, InterpolationResolutionError) and err.__cause__ is not None:
         err = err.__cause__  # a resolver's own message, e.g. ${require:pretrained}

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Real
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import mpmath
 import torch
@@ -42,6 +42,9 @@ class Noise(ABC):
 
     sigma: float  # the scale every distribution here is parametrised by (run names, the paper's eta per sigma)
     tag_prefix: ClassVar[str]  # run names: <tag_prefix>sigma<sigma>
+    # Set by @dataclass on every concrete subclass (config() and noise_from_config() read the fields);
+    # declared here so that the type checker knows a Noise is a dataclass instance.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -83,7 +86,7 @@ class Noise(ABC):
 
 
 def _check_sigma(sigma) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not (math.isfinite(sigma) and sigma > 0):
+    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not (math.isfinite(sigma) and float(sigma) > 0):
         raise ValueError(f"noise.sigma must be a finite number > 0, got {sigma!r}")
 
 

@@ -28,7 +28,7 @@ from dmae_lightning.certification.metrics import (
     within_reach,
 )
 from dmae_lightning.certification.procedures import Certify
-from dmae_lightning.certification.records import CertifyRecord
+from dmae_lightning.certification.records import CertifyRecord, of_type
 from dmae_lightning.certification.smooth import Smooth
 from dmae_lightning.noise import Noise
 
@@ -66,7 +66,7 @@ class CertificationCallback(pl.Callback):
         self.alpha, self.batch, self.split, self.seed, self.precision = alpha, batch, split, seed, precision
         self.radii = tuple(float(r) for r in radii) if radii is not None else None
 
-    def check(self, datamodule, noise: Noise) -> None:
+    def check(self, datamodule, noise: Noise | None) -> None:
         """ValueError (one line) unless the callback can certify ``datamodule``'s split with ``noise``: the
         training job calls it before the first step (a discrete noise refuses images off the 8-bit grid, such
         as the bundled digits), ``setup`` again for a Trainer built by hand."""
@@ -87,7 +87,8 @@ class CertificationCallback(pl.Callback):
             return
         if "num_classes" not in getattr(pl_module, "hparams", {}):
             raise ValueError("CertificationCallback needs a module with hparams num_classes (BaseClassifierModule)")
-        self.check(trainer.datamodule, getattr(pl_module, "noise", None))
+        # Lightning sets Trainer.datamodule at run time; its class does not declare it
+        self.check(trainer.datamodule, getattr(pl_module, "noise", None))  # type: ignore[attr-defined]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -102,10 +103,14 @@ class CertificationCallback(pl.Callback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics over all ranks' images (every rank returns the same values)."""
-        dataset = trainer.datamodule.dataset(self.split)
-        radii = self.radii or default_radii(getattr(trainer.datamodule, "name", ""))
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at run time, undeclared
+        dataset = datamodule.dataset(self.split)
+        radii = self.radii or default_radii(getattr(datamodule, "name", ""))
         model = getattr(pl_module, "model", pl_module)
-        smooth = Smooth(model, int(pl_module.hparams.num_classes), pl_module.noise, self.precision)
+        noise = getattr(pl_module, "noise", None)
+        if not isinstance(noise, Noise):
+            raise ValueError("CertificationCallback needs a module with a noise (BaseClassifierModule)")
+        smooth = Smooth(model, int(pl_module.hparams["num_classes"]), noise, self.precision)
         procedure = Certify(self.n0, self.n, self.alpha)
         mine = self.indices(len(dataset))[trainer.global_rank :: trainer.world_size]
         images = [(idx, *dataset[idx]) for idx in mine]
@@ -113,11 +118,11 @@ class CertificationCallback(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            records = smooth.run(procedure, images, self.batch, self.seed)
+            mine_records = of_type(smooth.run(procedure, images, self.batch, self.seed), CertifyRecord)
         finally:
             model.train(was_training)
-        records = self._gather(trainer, records, pl_module.device)
-        reach = max_certifiable_radius(pl_module.noise, self.n, self.alpha)
+        records = self._gather(trainer, mine_records, pl_module.device)
+        reach = max_certifiable_radius(noise, self.n, self.alpha)
         accuracy = within_reach(certified_accuracy(records, radii), reach)  # beyond reach: not logged, never 0.0
         metrics = {f"cert/acc@{key}": value for key, value in accuracy.items() if value is not None}
         metrics["cert/acr"] = average_certified_radius(records)

@@ -8,14 +8,16 @@ for its type), so the analysis CLI starts fast.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from scipy.stats import binom
 
-from dmae_lightning.certification.records import ABSTAIN, Record
+from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, PredictRecord, Record
 
 if TYPE_CHECKING:
     from dmae_lightning.noise import Noise
+
+R = TypeVar("R", bound=Record)
 
 IMAGENET_RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 CIFAR10_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -40,11 +42,11 @@ def max_certifiable_radius(noise: Noise, n: int, alpha: float) -> float:
     return noise.radius(alpha ** (1.0 / n))
 
 
-def _require(records: Iterable[Record]) -> list[Record]:
-    records = list(records)
-    if not records:
+def _require(records: Iterable[R]) -> list[R]:
+    checked = list(records)
+    if not checked:
         raise ValueError("no certification records")
-    return records
+    return checked
 
 
 def certified_counts(records: Iterable[Record], radii: Iterable[float]) -> dict[str, int]:
@@ -103,9 +105,10 @@ def abstain_rate(records: Iterable[Record]) -> float:
     return sum(rec.predict == ABSTAIN for rec in records) / len(records)
 
 
-def accuracy(records: Iterable[Record]) -> float:
-    records = _require(records)
-    return sum(rec.correct for rec in records) / len(records)
+def accuracy(records: Iterable[CertifyRecord | PredictRecord]) -> float:
+    """Fraction of images whose prediction is their label (the record types with a ``correct`` column)."""
+    checked = _require(records)
+    return sum(rec.correct for rec in checked) / len(checked)
 
 
 def within_reach(values: Mapping[str, float], limit: float) -> dict[str, float | None]:
@@ -118,6 +121,6 @@ def best_over_sigma(rows: Mapping[str, Mapping[str, float | None]]) -> dict[str,
     """Envelope of several certified-accuracy dicts: the best value per radius, as papers report it (None
     where no row reaches the radius)."""
     first, *_ = rows.values()
-    return {key: max((row[key] for row in rows.values() if row[key] is not None), default=None) for key in first}
+    return {key: max((v for row in rows.values() if (v := row[key]) is not None), default=None) for key in first}
 
 

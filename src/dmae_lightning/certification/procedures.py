@@ -41,7 +41,14 @@ from dmae_lightning.certification.metrics import (
     max_certifiable_radius,
 )
 from dmae_lightning.certification.protocol import Draw, Procedure, Run
-from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, PredictRecord, RadiiRecord, Record
+from dmae_lightning.certification.records import (
+    ABSTAIN,
+    CertifyRecord,
+    PredictRecord,
+    RadiiRecord,
+    Record,
+    of_type,
+)
 from dmae_lightning.certification.sampler import NOISE_BLOCK
 from dmae_lightning.noise import Noise
 
@@ -89,14 +96,15 @@ class Certify(Procedure):
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "skip_wrong_guess": self.skip_wrong_guess}
 
     def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+        certified = of_type(records, CertifyRecord)
         return {
             "radii": list(radii),
-            "num_images": len(records),
-            "certified_accuracy": certified_accuracy(records, radii),
+            "num_images": len(certified),
+            "certified_accuracy": certified_accuracy(certified, radii),
             # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
-            "abstain_rate": None if self.skip_wrong_guess else abstain_rate(records),
+            "abstain_rate": None if self.skip_wrong_guess else abstain_rate(certified),
             "max_certifiable_radius": max_certifiable_radius(noise, self.n, self.alpha),
-            "samples": sum(self.n0 + r.n for r in records),
+            "samples": sum(self.n0 + r.n for r in certified),
         }
 
     @classmethod
@@ -129,11 +137,12 @@ class Predict(Procedure):
         return {"n": self.n, "alpha": self.alpha}
 
     def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+        predicted = of_type(records, PredictRecord)
         return {
-            "num_images": len(records),
-            "accuracy": accuracy(records),
-            "abstain_rate": abstain_rate(records),
-            "samples": self.n * len(records),
+            "num_images": len(predicted),
+            "accuracy": accuracy(predicted),
+            "abstain_rate": abstain_rate(predicted),
+            "samples": self.n * len(predicted),
         }
 
     @classmethod
@@ -193,15 +202,16 @@ class CertifyRadii(Procedure):
                 "curtailment": SequentialTest.curtailment, "noise_stage": self.stage}
 
     def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
-        samples = sum(r.n for r in records)
-        fixed = (self.n0 + self.n) * len(records)
+        tested = of_type(records, RadiiRecord)
+        samples = sum(r.n for r in tested)
+        fixed = (self.n0 + self.n) * len(tested)
         return {
             "radii": list(self.radii),
-            "num_images": len(records),
-            "certified_accuracy": certified_accuracy(records, self.radii),
+            "num_images": len(tested),
+            "certified_accuracy": certified_accuracy(tested, self.radii),
             "max_certifiable_radius": self.test(noise).max_radius(),
             "samples": samples,
-            "samples_at_cap": sum(r.n == self.n for r in records),
+            "samples_at_cap": sum(r.n == self.n for r in tested),
             "fixed_n_samples": fixed,
             "saving_vs_fixed_n": fixed / samples if samples else None,
         }

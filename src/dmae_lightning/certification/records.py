@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dmae_lightning.files import atomic_write_text, fsync_dir
 
@@ -37,12 +38,37 @@ def _optional_float(text: str) -> float | None:
 
 
 # Column parsers by the field annotation (the annotations are strings: ``from __future__ import annotations``).
-_PARSERS = {"int": int, "float": float, "float | None": _optional_float}
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "float | None": _optional_float}
+
+
+R = TypeVar("R", bound="Record")
 
 
 @dataclass(frozen=True)
 class Record:
-    """Base of the record types: ``idx`` (index in the data split) first, ``time`` (seconds) last."""
+    """Base of the record types: ``idx`` (index in the data split) first, ``time`` (seconds) last.
+
+    Every record type has the columns ``idx`` and ``label`` first (declared here; a subclass may repeat
+    them, which keeps their place), a ``predict`` (a column, or derived from the others) and ``time`` as
+    its last column. The other columns differ: ``radius`` and ``n`` are :class:`CertifyRecord`'s and
+    :class:`RadiiRecord`'s only, ``correct`` :class:`CertifyRecord`'s and :class:`PredictRecord`'s; code
+    that reads them narrows a list of records with :func:`of_type` first.
+    """
+
+    idx: int
+    label: int
+
+    if TYPE_CHECKING:  # columns of every subclass that cannot be fields here: fields keep the base's order
+
+        @property
+        def predict(self) -> int:
+            """The predicted class, or ABSTAIN."""
+            ...
+
+        @property
+        def time(self) -> float:
+            """Seconds spent on the image (the last column)."""
+            ...
 
     def to_line(self) -> str:
         """One TSV line (no newline)."""
@@ -64,7 +90,7 @@ class Record:
         if len(values) != len(fields):
             raise ValueError(f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}")
         try:
-            return cls(*(_PARSERS[f.type](v) for f, v in zip(fields, values)))
+            return cls(*(_PARSERS[str(f.type)](v) for f, v in zip(fields, values)))
         except ValueError as err:
             raise ValueError(f"{where}: malformed record {line!r} ({err})") from None
 
@@ -72,6 +98,16 @@ class Record:
     def certified_correct_radius(self) -> float | None:
         """The radius at which this image is certified correctly classified, None if it is not."""
         return None
+
+    def timed(self: R, seconds: float) -> R:
+        """This record with its ``time`` column (the last, on every record type) set to ``seconds``."""
+        changes: dict[str, Any] = {"time": seconds}  # a column of the subclasses: not a field of this base
+        return dataclasses.replace(self, **changes)
+
+    def result(self) -> tuple:
+        """The record's type and columns without ``time`` (a measurement, not a result): equal for two
+        records of the same image exactly when they report the same result."""
+        return (type(self), *(getattr(self, name) for name in self.columns() if name != "time"))
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,17 @@ class RadiiRecord(Record):
     @property
     def predict(self) -> int:  # the label when certified at some radius, else no claim (ABSTAIN)
         return self.label if self.radius is not None else ABSTAIN
+
+
+def of_type(records: Iterable[Record], record_type: type[R]) -> list[R]:
+    """``records`` as a list of ``record_type``'s; a TypeError names the first record of another type
+    (e.g. a procedure handed another procedure's records)."""
+    checked = []
+    for record in records:
+        if not isinstance(record, record_type):
+            raise TypeError(f"expected {record_type.__name__} records, got a {type(record).__name__}: {record}")
+        checked.append(record)
+    return checked
 
 
 def read_records(path: str | os.PathLike, record_type: type[Record]) -> list[Record]:
@@ -207,7 +254,7 @@ def one_per_idx(records: Iterable[tuple[Record, object]]) -> list[Record]:
     merged: dict[int, tuple[Record, object]] = {}
     for record, source in records:
         first, first_source = merged.setdefault(record.idx, (record, source))
-        if dataclasses.replace(first, time=0.0) != dataclasses.replace(record, time=0.0):
+        if first.result() != record.result():
             raise ValueError(
                 f"conflicting records for idx {record.idx}: {first} in {first_source} vs {record} in {source}"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from dmae_lightning.certification.metrics import GRID_MODE, radius_key
 from dmae_lightning.certification.records import Record
@@ -37,11 +38,13 @@ def format_table(
     def cell(value: float | None) -> str:
         return BEYOND if value is None else f"{100 * value:.1f}"
 
+    def acr_cells(label: str) -> list[str]:  # the ACR column's cell of a row, if the table has the column
+        if acr is None:
+            return []
+        return [f"{acr[label]:.3f}" if label in acr else ""]
+
     extra = [] if acr is None else ["ACR"]
-    body = [
-        [label, *(cell(row[k]) for k in keys), *([f"{acr[label]:.3f}" if label in acr else ""] if extra else [])]
-        for label, row in rows.items()
-    ]
+    body = [[label, *(cell(row[k]) for k in keys), *acr_cells(label)] for label, row in rows.items()]
     beyond = any(BEYOND in cells for cells in body)
     if fmt == "markdown":
         lines = [[label_header, *(f"r={key}" for key in keys), *extra], ["---", *("---:" for _ in keys + extra)], *body]
@@ -50,7 +53,7 @@ def format_table(
         return text + (note if beyond else "")
     if fmt == "latex":
         header = [_latex_escape(label_header), *(f"$r={key}$" for key in keys), *extra]
-        lines = [
+        tex = [
             "\\begin{tabular}{l" + "r" * len(keys + extra) + "}",
             "\\toprule",
             " & ".join(header) + " \\\\",
@@ -59,7 +62,7 @@ def format_table(
             "\\bottomrule",
             "\\end{tabular}",
         ]
-        return "\n".join(lines)
+        return "\n".join(tex)
     raise ValueError(f"unknown table format {fmt!r}, expected 'markdown' or 'latex'")
 
 
@@ -102,7 +105,7 @@ def plot_certified_accuracy(
     finite = [limit for limit in limits.values() if math.isfinite(limit)]
     right = max(largest, *finite, *(grid or ()), 0.24) * 1.05
     xs = np.asarray(grid, dtype=float) if grid is not None else np.linspace(0.0, right, 1000)  # [G]
-    style = {"marker": "o", "linestyle": "none"} if grid is not None else {}
+    style: dict[str, Any] = {"marker": "o", "linestyle": "none"} if grid is not None else {}
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     accuracies = []

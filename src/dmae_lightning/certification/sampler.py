@@ -81,12 +81,19 @@ class _Image:
         self.drawn: dict[int, int] = {}  # stage -> samples of its stream used so far
         self.cache: tuple[int, int, torch.Tensor] | None = None  # (stage, block, noisy copies [NOISE_BLOCK,C,H,W]) in use
         self.started = time.perf_counter()
-        self.request: Draw | None = None
+        self._request: Draw | None = None  # set by the first ask() that does not finish the run
         self.assigned = 0  # rows of the request put into forward batches so far
         self.counts = torch.zeros(num_classes, dtype=torch.long, device=image.device)  # [K]
         self.nonfinite = torch.zeros((), dtype=torch.long, device=image.device)
 
-    def ask(self, counts: torch.Tensor | None):
+    @property
+    def request(self) -> Draw:
+        """The pending request (every image in flight has one)."""
+        if self._request is None:
+            raise RuntimeError(f"image {self.idx}: its procedure run has not made a request yet")
+        return self._request
+
+    def ask(self, counts: torch.Tensor | None) -> Record | None:
         """Advance the procedure: the next request (kept), or the finished record (returned)."""
         try:
             request = next(self.run) if counts is None else self.run.send(counts)
@@ -94,7 +101,7 @@ class _Image:
             return stop.value
         if not isinstance(request, Draw) or request.num < 1:
             raise ValueError(f"a procedure must yield Draw(stage, num >= 1), got {request!r}")
-        self.request, self.assigned = request, 0
+        self._request, self.assigned = request, 0
         self.counts.zero_()
         return None
 
@@ -155,7 +162,7 @@ class Sampler:
         image = check_image(image).to(self.device)
         self._noise.check_input(image)
         if self.buffer is None or self.buffer.shape[1:] != image.shape:
-            if self.images:
+            if self.images and self.buffer is not None:
                 raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
                                  f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size")
             self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
@@ -193,21 +200,24 @@ class Sampler:
     def step(self) -> Iterator[tuple[int, Record]]:
         """One forward batch over the oldest pending requests; yields the (idx, record) of each image it
         finished."""
+        buffer = self.buffer
+        if buffer is None:  # set by add() with the first image's shape
+            raise RuntimeError("sampler: no image has been added (call submit() first)")
         segments: list[tuple[_Image, int]] = []  # (image, rows) in batch order
         rows = 0
         for item in self.images:
             take = min(item.request.num - item.assigned, self.batch_size - rows)
             if take > 0:
-                self._fill(item, take, self.buffer[rows : rows + take])
+                self._fill(item, take, buffer[rows : rows + take])
                 segments.append((item, take))
                 rows += take
             if rows == self.batch_size:
                 break
         if not segments:  # images in flight but nothing to draw: a request was left by an aborted call
             raise RuntimeError("sampler: images in flight have no pending samples (call reset() after an error)")
-        batch = self.buffer if self.compile else self.buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
+        batch = buffer if self.compile else buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
         if self.compile and rows < self.batch_size:
-            self.buffer[rows:].zero_()
+            buffer[rows:].zero_()
         dtype = PRECISIONS[self.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
@@ -245,9 +255,9 @@ class Sampler:
                 self.images.remove(item)
                 yield self._finish(item, record)  # at once: a later image's error must not lose it
 
-    def _finish(self, item: _Image, record) -> tuple[int, Record]:
+    def _finish(self, item: _Image, record: Record) -> tuple[int, Record]:
         if dataclasses.is_dataclass(record) and hasattr(record, "time"):
-            record = dataclasses.replace(record, time=time.perf_counter() - item.started)
+            record = record.timed(time.perf_counter() - item.started)
         return item.idx, record
 
     def submit(

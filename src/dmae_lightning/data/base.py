@@ -9,17 +9,29 @@ resize and normalise inside, so noise and certified radii live in pixel space (d
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dmae_lightning.errors import ConfigError
 
+if TYPE_CHECKING:
+    from dmae_lightning.data.streaming import ResumableStreamingDataLoader
+
 SPLITS = ("train", "val", "test")
 # The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """The number of items of a map-style dataset (every split of these modules is one); TypeError for a
+    dataset without a length (an iterable-style one)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: the data modules need map-style datasets")
+    return len(dataset)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -39,9 +51,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     name: str
     image_size: int
-    num_classes: int
     AUGMENTS: tuple[str, ...]
     STREAMS = False
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes: a class constant where it is fixed (CIFAR-10, digits), found in the data
+        otherwise (ImageNet's class folders)."""
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -72,7 +89,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.streaming = streaming
         self.seed = seed
-        self._stream_loader = None  # the training loader over the shards, once built
+        self._stream_loader: ResumableStreamingDataLoader | None = None  # over the shards, once built
         self._stream_state: dict | None = None  # its position from a checkpoint, applied when it is built
         self.batch_size = batch_size
         self.augment = augment
@@ -109,7 +126,10 @@ class ImageDataModule(pl.LightningDataModule):
     def _prepare_command(self, out: str) -> str:
         """The prepare.py command that writes this data set's shards to ``out`` (subclasses set ``root``
         before the base constructor's checks, whose messages give it)."""
-        return shlex.join(["python", "prepare.py", self.name, "--root", str(self.root), "--out", str(out)])
+        root = getattr(self, "root", None)
+        if root is None:
+            raise NotImplementedError(f"{type(self).__name__} sets STREAMS but no root to prepare shards from")
+        return shlex.join(["python", "prepare.py", self.name, "--root", str(root), "--out", str(out)])
 
     def _stream_decode(self) -> Callable:
         raise NotImplementedError
@@ -132,8 +152,9 @@ class ImageDataModule(pl.LightningDataModule):
         source = self._source(split)
         if source not in self._datasets:
             full = self._build(source)
-            keep = list(range(0, len(full), self.subset_every))[: self.subset_first]
-            self._datasets[source] = full if len(keep) == len(full) else Subset(full, keep)
+            size = dataset_size(full)
+            keep = list(range(0, size, self.subset_every))[: self.subset_first]
+            self._datasets[source] = full if len(keep) == size else Subset(full, keep)
         return self._datasets[source]
 
     def setup(self, stage: str | None = None) -> None:
@@ -148,7 +169,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _check_train_size(self) -> None:
         """With drop_last a training split smaller than a batch gives empty epochs: training would silently
         do nothing. (Streaming shards are counted when the module is built.)"""
-        n = len(self.dataset("train"))
+        n = dataset_size(self.dataset("train"))
         if n < self.batch_size:
             raise ConfigError(
                 f"{self.name} train split has {n} images, fewer than batch_size={self.batch_size}: lower "
@@ -177,14 +198,15 @@ class ImageDataModule(pl.LightningDataModule):
                 streaming_loader,  # litdata: imported only when streaming
             )
 
-            self._stream_loader = streaming_loader(
+            loader = streaming_loader(
                 self.streaming, self._stream_decode(), self.batch_size, self.num_workers, self.seed,
                 collate_fn=self._collate("train"), pin_memory=self.pin_memory,
             )
             if self._stream_state is not None:
-                self._stream_loader.load_state_dict(self._stream_state)
+                loader.load_state_dict(self._stream_state)
                 self._stream_state = None
-            return self._stream_loader
+            self._stream_loader = loader
+            return loader
         self._check_train_size()  # again: setup may not have run
         return self._loader("train", train=True)
 

@@ -25,10 +25,10 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 
 try:  # numpy >= 2 (numpy.core is a deprecated alias there)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
-    from numpy._core.numeric import _frombuffer as _np_frombuffer
+    from numpy._core.numeric import _frombuffer as _np_frombuffer  # type: ignore[attr-defined]  # private: not in numpy's stubs
 except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
-    from numpy.core.numeric import _frombuffer as _np_frombuffer
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[no-redef]  # the same function
+    from numpy.core.numeric import _frombuffer as _np_frombuffer  # type: ignore[no-redef]  # the same function
 
 # Everything a CIFAR-10 batch may ask the unpickler for: numpy's rebuilding of an array (dict, list, str and
 # bytes need no lookup). The published files were pickled under numpy.core; numpy >= 2 pickles under

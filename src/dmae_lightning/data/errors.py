@@ -52,14 +52,15 @@ class BrokenImageError(DataError):
     _MESSAGE = re.compile(r"image (-?\d+) \((.*?)\) cannot be decoded: (.*)", re.DOTALL)
 
     def __init__(self, path: str, index: int | None = None, reason: str | None = None):
+        self.path: str | None = path  # None: rebuilt from a message that does not name the image
         if index is None:  # rebuilt from a worker's message
             message = _raised_in_worker(path, type(self))
             match = self._MESSAGE.fullmatch(message)
-            path, index, reason = (match[2], int(match[1]), match[3]) if match else (None, None, message)
+            self.path, index, reason = (match[2], int(match[1]), match[3]) if match else (None, None, message)
         else:
             message = f"image {index} ({path}) cannot be decoded: {reason}"
         super().__init__(message)
-        self.path, self.index, self.reason = path, index, reason
+        self.index, self.reason = index, reason
 
     def __reduce__(self):  # pickled with its three fields (the default would call it with the message alone)
         fields = (self.path, self.index, self.reason) if self.index is not None else (str(self),)

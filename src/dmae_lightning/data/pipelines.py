@@ -80,7 +80,8 @@ class DraftResizedCropFlip:
     """
 
     def __init__(self, size: int, scale: tuple[float, float]):
-        self.size, self.scale = size, tuple(scale)
+        low, high = scale  # any pair: a tuple or a list
+        self.size, self.scale = size, (low, high)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         img = open_lazy(data)

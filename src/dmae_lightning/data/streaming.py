@@ -115,7 +115,7 @@ def streaming_loader(
     seed: int,
     collate_fn: Callable | None = None,
     pin_memory: bool = False,
-) -> StreamingDataLoader:
+) -> ResumableStreamingDataLoader:
     """The training loader over prepared shards (shuffled by chunk and item with ``seed``, last partial
     batch dropped, as the folder loader does)."""
     dataset = SeededStreamingImages(input_dir, decode, seed)

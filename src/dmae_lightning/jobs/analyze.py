@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write tables and plots (default: the runs' common parent)")
     args = parser.parse_args(argv)
 
-    runs, given = [], {}
+    runs = []
+    given: dict[Path, str] = {}  # resolved run directory -> the path it was given as
     for path in args.run_dirs:
         real = Path(path).resolve()  # a `latest` link and the run directory it points at are one run
         if real in given:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -18,7 +20,9 @@ import dmae_lightning.jobs.resolvers  # noqa: F401 (registers the resolvers the 
 log = logging.getLogger(__name__)
 
 
-def compose(config_dir, config_name: str, overrides: list[str] = (), output_dir: str | None = None):
+def compose(
+    config_dir, config_name: str, overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None
+):
     """Compose a job config outside ``@hydra.main`` (tests, notebooks), as the command line would.
 
     ``${hydra:...}`` interpolations resolve against the composed Hydra config; ``output_dir``

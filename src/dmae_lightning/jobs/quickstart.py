@@ -31,6 +31,7 @@ from dmae_lightning.certification.procedures import PROCEDURES
 from dmae_lightning.certification.records import read_json
 from dmae_lightning.certification.report import format_table
 from dmae_lightning.data import DigitsDataModule
+from dmae_lightning.data.base import dataset_size
 from dmae_lightning.errors import ConfigError, one_line
 from dmae_lightning.jobs.certify.job import certify, sample_saving
 from dmae_lightning.jobs.certify.params import subset_indices, validate
@@ -172,7 +173,7 @@ def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
     try:  # the certify job's own checks (n, alpha, max, protocol, noise) on the quickstart's data
         params = validate(certify_cfg)
         images = DigitsDataModule().dataset(str(certify_cfg.split))
-        subset_indices(len(images), params)
+        subset_indices(dataset_size(images), params)
         noise_from_config(certify_cfg.noise).check_input(images[0][0])
     except (ValueError, TypeError) as err:
         raise ConfigError(f"quickstart: the certification stage would refuse its settings: {one_line(err)}") from None

@@ -89,10 +89,23 @@ def file_digest(path: str) -> str:
 def _drop(tree: dict, dotted: str) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
-        tree = tree.get(part)
-        if not isinstance(tree, dict):
+        child = tree.get(part)
+        if not isinstance(child, dict):
             return
+        tree = child
     tree.pop(leaf, None)
+
+
+def _mapping(container: object) -> dict:
+    """A job config as plain data: a dict (a config whose root is a list is no job's)."""
+    if not isinstance(container, dict):
+        raise TypeError(f"a job config is a mapping, got a {type(container).__name__}")
+    return container
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The job config, resolved, as plain data (what the loggers record as the run's hyper-parameters)."""
+    return _mapping(OmegaConf.to_container(cfg, resolve=True))
 
 
 def job_identity(cfg: DictConfig) -> dict:
@@ -101,12 +114,12 @@ def job_identity(cfg: DictConfig) -> dict:
     spec = cfg.get("run_identity")
     if spec is None:
         raise ValueError("the job config has no run_identity (which keys name the run directory)")
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    copy = OmegaConf.create(_mapping(OmegaConf.to_container(cfg, resolve=False)))
     with open_dict(copy):
         copy.pop("hydra", None)
         if "paths" in copy:  # Hydra names the run directory from this: other keys may point below it
             copy.paths.output_dir = "<run dir>"
-    identity = OmegaConf.to_container(copy, resolve=True)  # resolved first: kept keys may use ignored ones
+    identity = _mapping(OmegaConf.to_container(copy, resolve=True))  # resolved first: kept keys may use ignored ones
     for key in spec.ignore:
         _drop(identity, key)
     trainer = identity.get("trainer", {})

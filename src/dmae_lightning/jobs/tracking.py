@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -82,7 +82,7 @@ def wandb_logger(
     tags: list[str] | tuple[str, ...] = (),
     id: str | None = None,
     resume: str | None = None,
-    log_model: bool | str = False,
+    log_model: bool | Literal["all"] = False,
     **kwargs: Any,
 ) -> WandbLogger:
     """A WandbLogger for one job (see the module docstring).
@@ -157,6 +157,8 @@ class ResumableCSVLogger(CSVLogger):
     (``SLURM_RESTART_COUNT`` > 0), when ``append=true``, or after ``keep_logged_metrics`` (a resumed run).
     Rows of steps run twice (after the checkpoint, before the job was killed) then appear twice: the later row
     is the one the resumed run computed."""
+
+    _experiment: ExperimentWriter | None  # one of the writers above, built by ``experiment``
 
     def __init__(self, *args: Any, append: bool | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_re
 from dmae_lightning.certification.callback import CertificationCallback
 from dmae_lightning.errors import BAD_INPUT, ConfigError, one_line
 from dmae_lightning.files import atomic_write_text
-from dmae_lightning.jobs.rundir import run_in_dir
+from dmae_lightning.jobs.rundir import resolved_config, run_in_dir
 from dmae_lightning.jobs.tracking import finish_runs, keep_logged_metrics
 from dmae_lightning.noise import noise_from_config
 from dmae_lightning.training.resume import check_matches, resume_checkpoint
@@ -168,7 +168,7 @@ def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.
                  type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(), trainer.num_nodes,
                  trainer.precision)
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(resolved_config(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException:

@@ -49,6 +49,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 class PixelInput(nn.Module):
     """[0,1] pixels at native resolution -> bicubic resize to the model size -> ImageNet normalisation."""
 
+    mean: torch.Tensor  # [1, 3, 1, 1] buffers (register_buffer)
+    std: torch.Tensor
+
     def __init__(self, img_size: int):
         super().__init__()
         self.img_size = img_size
@@ -68,7 +71,11 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, d
     """Pre-norm timm blocks (qkv bias, LayerNorm eps 1e-6, fused attention), drop path rising linearly."""
     rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        Block(
+            dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
+            # timm annotates Type[nn.Module] but calls any factory (its own models pass partial(LayerNorm, eps=1e-6))
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+        )
         for rate in rates
     )
 

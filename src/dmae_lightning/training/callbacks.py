@@ -18,6 +18,7 @@ from torchvision.utils import make_grid
 from dmae_lightning.models import DMAEViT
 from dmae_lightning.models.layers import IMAGENET_MEAN, IMAGENET_STD
 from dmae_lightning.rng import seeded_generator
+from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 
 class RNGState(pl.Callback):
@@ -32,7 +33,7 @@ class RNGState(pl.Callback):
     before the replay it builds a train loader iterator, which draws from the global torch RNG.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._epoch_ended = False  # whether a checkpoint written now follows the current epoch's end
         self._reapply: dict | None = None
 
@@ -47,7 +48,10 @@ class RNGState(pl.Callback):
         self._epoch_ended = True
 
     def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy_state = np.random.get_state(legacy=True)
+        if not isinstance(numpy_state, tuple):  # a dict only for a bit generator other than MT19937
+            raise RuntimeError("RNGState: numpy's global RandomState is expected to be MT19937")
+        kind, keys, pos, has_gauss, cached = numpy_state
         state = {
             "torch": torch.get_rng_state(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
@@ -141,7 +145,10 @@ class ReconstructionPictures(pl.Callback):
         """``<dirname>/<name>.png`` after ``epoch`` (counted from 1), titled with it."""
         if not trainer.is_global_zero:
             return None
-        dataset = trainer.datamodule.dataset("val")
+        if not isinstance(pl_module, DMAEPretrainModule):
+            raise TypeError(f"ReconstructionPictures draws a DMAEPretrainModule's reconstructions, got a "
+                            f"{type(pl_module).__name__}")
+        dataset = trainer.datamodule.dataset("val")  # type: ignore[attr-defined]  # Lightning sets Trainer.datamodule at run time; its class does not declare it
         imgs = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
         was_training = pl_module.training
         pl_module.eval()

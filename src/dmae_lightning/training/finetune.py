@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -88,23 +89,26 @@ class BaseClassifierModule(pl.LightningModule):
         self.noise = noise_from_config(noise)
         if model_name.startswith("dmae_"):
             raise ValueError(f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}")
-        consistency = dict(enabled=False, m=2, lbd=2.0, eta=0.5) | dict(consistency or {})
+        defaults: dict[str, Any] = dict(enabled=False, m=2, lbd=2.0, eta=0.5)
+        consistency = defaults | dict(consistency or {})
         if consistency["enabled"] and (consistency["m"] < 2 or consistency["lbd"] < 0 or consistency["eta"] < 0):
             raise ValueError(f"consistency needs m >= 2 and lbd, eta >= 0, got {consistency}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
         self.hparams["noise"] = self.noise.config()  # plain data: checkpoints load with weights_only=True
-        self.model: VisionTransformerClassifier = create_model(
-            model_name, num_classes=num_classes, **(model_kwargs or {})
-        )
+        model = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        if not isinstance(model, VisionTransformerClassifier):
+            raise ValueError(f"fine-tuning needs a classifier model, got {model_name!r}: a {type(model).__name__}")
+        self.model: VisionTransformerClassifier = model
         if freeze_encoder:  # linear probing: only the head (and its BatchNorm statistics) learn
             for name, param in self.model.named_parameters():
                 param.requires_grad = name.startswith("head.")
         compile_in_place(self.model, compile)
         self.consistency = consistency
-        self.copies = consistency["m"] if consistency["enabled"] else 1
+        self.copies: int = consistency["m"] if consistency["enabled"] else 1
         mixup = dict(mixup or {})
+        self.mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
             self.mix = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
         else:
@@ -124,7 +128,7 @@ class BaseClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int):
         imgs, labels = batch  # [B, 3, H, W] in [0,1], [B]
         generator = seeded_generator(
-            self.hparams.seed, TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
+            self.hparams["seed"], TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
         )
         inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, self.copies, generator)
         logits = self(inputs)  # [m*B, C]
@@ -142,7 +146,7 @@ class BaseClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int):
         imgs, labels = batch
-        generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
+        generator = seeded_generator(self.hparams["seed"], VAL_STREAM, batch_idx, device=imgs.device)
         self.val_acc_clean(self(imgs), labels)
         self.val_acc_noisy(self(self.noise.perturb(imgs, generator)), labels)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
@@ -152,12 +156,12 @@ class BaseClassifierModule(pl.LightningModule):
         """One warning line when the last validation found the classifier at chance level (a run too short, a
         learning rate too small): certification of it would certify nothing."""
         acc = self.trainer.callback_metrics.get("val/acc_noisy")
-        chance = 1.0 / self.hparams.num_classes
+        chance = 1.0 / self.hparams["num_classes"]
         if acc is not None and float(acc) < CHANCE_MARGIN * chance and self.trainer.is_global_zero:
             log.warning("fine-tuning ended at chance level: noisy validation accuracy %.4f, clean %.4f (chance %.4f "
                         "for %d classes); train longer (trainer.max_epochs) or check the learning rate",
                         float(acc), float(self.trainer.callback_metrics["val/acc_clean"]), chance,
-                        self.hparams.num_classes)
+                        self.hparams["num_classes"])
 
     def configure_optimizers(self):
         return configure_optimizer(self, self.model, **self.optimizer_cfg)

@@ -9,7 +9,8 @@ import math
 import pytorch_lightning as pl
 import torch
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
-from torch import nn
+
+from dmae_lightning.models.layers import ViTEncoderBase
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
+def parameter_groups(model: ViTEncoderBase, weight_decay: float, layer_decay: float | None) -> list[dict]:
     """timm's groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay
     (each group carries ``lr_scale``)."""
     skip = model.no_weight_decay()
@@ -64,7 +65,7 @@ def check_optimizer_config(config: dict) -> None:
 
 def configure_optimizer(
     module: pl.LightningModule,
-    model: nn.Module,
+    model: ViTEncoderBase,
     *,
     name: str = "adamw",
     base_lr: float,
@@ -80,14 +81,16 @@ def configure_optimizer(
     Reads batch size, devices, nodes, accumulation and the number of steps from the attached Trainer.
     """
     trainer = module.trainer
-    batch = trainer.datamodule.batch_size
+    batch = trainer.datamodule.batch_size  # type: ignore[attr-defined]  # Lightning sets Trainer.datamodule at run time; its class does not declare it
     eff = effective_batch_size(batch, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
     peak = scaled_lr(base_lr, eff)
     groups = parameter_groups(model, weight_decay, layer_decay)
     for group in groups:
         group["lr"] = peak * group["lr_scale"]
+    optimizer: torch.optim.Optimizer
     if name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(betas))
+        beta1, beta2 = betas  # a list when it comes from a config
+        optimizer = torch.optim.AdamW(groups, lr=peak, betas=(beta1, beta2))
     elif name == "lars":
         # As MAE's linear probing: trust coefficient 1e-3 on every weight matrix, none on 1-d params.
         # timm's Lars adapts only groups with weight_decay != 0 unless always_adapt, and with weight
@@ -107,9 +110,12 @@ def configure_optimizer(
     if trainer.train_dataloader is None:
         trainer.fit_loop.setup_data()
     batches = trainer.num_training_batches
+    steps_per_epoch: float
     if math.isfinite(batches):
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     else:  # an iterable data set of unknown length
+        if trainer.max_epochs is None:  # Lightning's fit loop sets it (-1 when max_steps alone ends the run)
+            raise ValueError("configure_optimizer: the Trainer has no max_epochs to spread the steps over")
         steps_per_epoch = total / max(1, trainer.max_epochs)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     min_ratio = min_lr / peak if peak > 0 else 0.0

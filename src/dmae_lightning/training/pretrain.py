@@ -67,9 +67,10 @@ class DMAEPretrainModule(pl.LightningModule):
             raise ValueError(f"pre-training needs a dmae_* model, got {model_name!r}")
         self.save_hyperparameters(ignore=["noise"])
         self.hparams["noise"] = noise.config()  # plain data: checkpoints load with weights_only=True
-        self.model: DMAEViT = create_model(
-            model_name, noise=noise, norm_pix_loss=norm_pix_loss, **(model_kwargs or {})
-        )
+        model = create_model(model_name, noise=noise, norm_pix_loss=norm_pix_loss, **(model_kwargs or {}))
+        if not isinstance(model, DMAEViT):
+            raise ValueError(f"pre-training needs a DMAE model, got {model_name!r}: a {type(model).__name__}")
+        self.model: DMAEViT = model
         compile_in_place(self.model, compile)
         self.mask_ratio = mask_ratio
         self.optimizer_cfg = dict(optimizer or {})
@@ -85,7 +86,7 @@ class DMAEPretrainModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int):
         imgs, _ = batch  # [B, 3, H, W] in [0,1]
         generator = seeded_generator(
-            self.hparams.seed, TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
+            self.hparams["seed"], TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
         )
         loss, _, _ = self(imgs, generator)
         check_finite(self, loss, batch_idx)
@@ -95,7 +96,7 @@ class DMAEPretrainModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int):
         imgs, _ = batch
         # Same noise and masks every epoch (and on every rank count), so curves are comparable.
-        generator = seeded_generator(self.hparams.seed, VAL_STREAM, batch_idx, device=imgs.device)
+        generator = seeded_generator(self.hparams["seed"], VAL_STREAM, batch_idx, device=imgs.device)
         loss, _, _ = self(imgs, generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 

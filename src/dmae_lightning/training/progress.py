@@ -33,7 +33,8 @@ class ProgressLog(pl.Callback):
         self._active = trainer.is_global_zero and trainer.progress_bar_callback is None
         self._start = self._last = time.monotonic()
         self._start_step = trainer.global_step
-        self._images, self._losses = 0, []
+        self._images = 0
+        self._losses: list[float] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._active:

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from dmae_lightning.certification.metrics import (
@@ -54,7 +54,7 @@ from dmae_lightning.jobs.certify.shards import (
     record_params,
     results_path,
 )
-from dmae_lightning.jobs.rundir import file_digest, run_in_dir
+from dmae_lightning.jobs.rundir import file_digest, resolved_config, run_in_dir
 from dmae_lightning.models import create_model
 from dmae_lightning.models.weights import checkpoint_state_dict, load_weights, read_checkpoint
 from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
@@ -246,7 +246,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
             params.images or params.max, len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(resolved_config(cfg))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*predict returned None.*")  # on purpose: results go to the shards
@@ -359,7 +359,8 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
         metrics[f"{'cert' if png else summary['mode']}/abstain_rate"] = summary["abstain_rate"]
     for lg in trainer.loggers:
         # a radius beyond the run's reach: BEYOND in the CSV file, left out where a metric must be a number
-        lg.log_metrics({key: BEYOND if value is None else value for key, value in metrics.items()}
+        # (Lightning's signature says float; the CSV writer writes any value)
+        lg.log_metrics({key: BEYOND if value is None else value for key, value in metrics.items()}  # type: ignore[misc]
                        if isinstance(lg, CSVLogger) else {k: v for k, v in metrics.items() if v is not None})
         if isinstance(lg, WandbLogger) and png is not None:
             keys = [radius_key(r) for r in summary["radii"]]

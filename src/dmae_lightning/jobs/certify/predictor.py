@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from dmae_lightning.certification.procedures import Procedure
-from dmae_lightning.certification.records import ShardWriter
+from dmae_lightning.certification.records import Record, ShardWriter
 from dmae_lightning.certification.sampler import Sampler
 from dmae_lightning.data import DataError
 
@@ -33,7 +34,7 @@ class IndexedImages(Dataset):
     ``(-1, [], -1, "")``. An image that cannot be read comes back as its one-line ``error`` instead of
     raising here: in a DataLoader worker an exception would reach the job as a multi-line traceback."""
 
-    def __init__(self, dataset: Dataset, indices: list[int | None]):
+    def __init__(self, dataset: Dataset, indices: Sequence[int | None]):
         self.dataset, self.indices = dataset, indices
 
     def __len__(self) -> int:
@@ -84,7 +85,7 @@ class SmoothingPredictor(pl.LightningModule):
         """Rank ``rank``'s images ``todo[rank::world_size]``, one per step, unpadded."""
         self.share = todo[rank::world_size]
         # Lightning refuses a rank without batches while others have some: such a rank gets a placeholder.
-        items = self.share or ([None] if todo else [])
+        items: Sequence[int | None] = self.share or ([None] if todo else [])
         return DataLoader(
             IndexedImages(self.dataset, items), batch_size=None, shuffle=False, num_workers=self.num_workers
         )
@@ -103,18 +104,25 @@ class SmoothingPredictor(pl.LightningModule):
         self._stop_if_terminated()
         idx, image, label, error = batch  # int, [C,H,W], int, str
         if error:  # finish and keep the images in flight first: a rerun resumes after the fix
-            self._write(self.sampler.drain())
+            self._write(self._sampler().drain())
             raise DataError(f"certification stopped at idx {idx}: {error}")
         if idx < 0:  # the placeholder of a rank with nothing to do
             return
-        self._write(self.sampler.submit(idx, image, label, self.procedure))
+        self._write(self._sampler().submit(idx, image, label, self.procedure))
 
     def on_predict_epoch_end(self) -> None:
-        self._write(self.sampler.drain())
+        self._write(self._sampler().drain())
 
-    def _write(self, finished) -> None:
+    def _sampler(self) -> Sampler:
+        if self.sampler is None:
+            raise RuntimeError("SmoothingPredictor: no sampler before on_predict_start")
+        return self.sampler
+
+    def _write(self, finished: Iterable[tuple[int, Record]]) -> None:
         """Append each record the moment its image is finished (``finished`` may be a lazy iterator)."""
         for _, record in finished:
+            if self.writer is None:
+                raise RuntimeError("SmoothingPredictor: the shard is not open (opened by on_predict_start)")
             self.writer.write(record)
             self._done += 1
             self._log_progress()
