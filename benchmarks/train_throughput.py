@@ -32,9 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
+from dmae_lightning.training.base import compile_in_place
 from dmae_lightning.training.finetune import BaseClassifierModule, mix_then_noise
 from dmae_lightning.training.optim import parameter_groups, warmup_cosine_factor
-from dmae_lightning.training.pretrain import DMAEPretrainModule, compile_in_place
+from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 OPT = dict(name="adamw", base_lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=0, min_lr=0.0)
 

@@ -15,17 +15,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchvision.datasets.cifar
+from helpers import CONF
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from dmae_lightning.jobs.compose import compose
 from dmae_lightning.jobs.train import train
 from dmae_lightning.rng import TRAIN_STREAM, seeded_generator
-from dmae_lightning.training import pretrain as pretrain_mod
+from dmae_lightning.training import base as base_mod
 from dmae_lightning.training.callbacks import RNGState
 from dmae_lightning.training.pretrain import DMAEPretrainModule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 pytestmark = pytest.mark.usefixtures("single_thread")
 OPT = dict(name="adamw", base_lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=1, min_lr=0.0)
 
@@ -306,7 +306,7 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
 def make_streaming(tmp_path, monkeypatch):
     """Like ``make_digits``: a CIFAR-10 data module whose training split streams litdata shards prepared
     from 65 written images (4 batches of 16; random flips stand in for the digits' random shifts)."""
-    from test_data import write_cifar
+    from helpers.cifar import write_cifar
 
     from dmae_lightning.data import CIFAR10DataModule
     from dmae_lightning.data.prepare import prepare_cifar10
@@ -323,12 +323,14 @@ def make_streaming(tmp_path, monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("source", ["folder", "streaming"])
-def test_resume_mid_epoch(source, make_digits, make_streaming, make_trainer, tmp_path):
+# streaming: ~12 s, make_streaming prepares shards in a worker process (torch imported again), then two fits
+@pytest.mark.parametrize("source", ["folder", pytest.param("streaming", marks=pytest.mark.slow)])
+def test_resume_mid_epoch(source, make_digits, make_trainer, tmp_path, request):
     """Preempted mid-epoch (k=6 of 12, checkpoint every step): step, schedule and optimizer step counts are
     restored; the weights are only exact if the data order is, which a plain DataLoader cannot give and the
     streaming loader (its position saved in the checkpoint, augmentation seeded per sample) does."""
-    make_data = make_streaming if source == "streaming" else make_digits
+    # make_streaming prepares shards (~10 s, worker processes): only the streaming case asks for it
+    make_data = request.getfixturevalue("make_streaming") if source == "streaming" else make_digits
     full, resumed, full_batches, resumed_batches = _resume_experiment(make_data, make_trainer, tmp_path, 6, "preempt")
     assert full.step == resumed.step == 12
     assert full.lr == resumed.lr and full.scheduler["last_epoch"] == resumed.scheduler["last_epoch"]
@@ -396,15 +398,15 @@ def test_check_finite_stops_every_rank_together():
     strategy = SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision)
     module.trainer = SimpleNamespace(world_size=2, strategy=strategy, global_step=11, current_epoch=2)
     other_rank_finite = True
-    pretrain_mod.check_finite(module, torch.tensor(1.5), 0)
+    base_mod.check_finite(module, torch.tensor(1.5), 0)
     # This rank's loss is finite but another rank's is not: this rank stops too (no DDP hang).
     other_rank_finite = False
     with pytest.raises(FloatingPointError, match=r"global step 11 \(epoch 2, batch 7\)"):
-        pretrain_mod.check_finite(module, torch.tensor(1.5), 7)
+        base_mod.check_finite(module, torch.tensor(1.5), 7)
     assert decisions == [(True, True), (True, True)]
     module.trainer = SimpleNamespace(world_size=1, global_step=0, current_epoch=0)
     with pytest.raises(FloatingPointError):
-        pretrain_mod.check_finite(module, torch.tensor([1.0, float("inf")]), 0)
+        base_mod.check_finite(module, torch.tensor([1.0, float("inf")]), 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,13 +427,13 @@ def test_noise_streams_differ_across_ranks_and_repeat_for_the_same_keys():
 
 def test_training_step_seeds_noise_and_masks_by_rank_step_and_batch(make_digits, make_trainer, monkeypatch):
     keys = []
-    real = pretrain_mod.seeded_generator
+    real = base_mod.seeded_generator
 
     def recording(*k, **kw):
         keys.append(k)
         return real(*k, **kw)
 
-    monkeypatch.setattr(pretrain_mod, "seeded_generator", recording)
+    monkeypatch.setattr(base_mod, "seeded_generator", recording)
     pl.seed_everything(0)
     module = micro_module(seed=7)
     make_trainer(max_epochs=1, limit_val_batches=0).fit(module, make_digits(batch_size=16, subset_first=48))

@@ -13,18 +13,14 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from torchmetrics.classification import MulticlassAccuracy
 
 from dmae_lightning.models import VisionTransformerClassifier, create_model
-from dmae_lightning.models.weights import LoadReport, load_weights
 from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
-from dmae_lightning.rng import TRAIN_STREAM, VAL_STREAM, seeded_generator
-from dmae_lightning.training.optim import check_optimizer_config, configure_optimizer
-from dmae_lightning.training.pretrain import check_finite, compile_in_place
+from dmae_lightning.training.base import NoisyTrainingModule
 
 log = logging.getLogger(__name__)
 # A validation accuracy below 2 / num_classes at the end of fine-tuning: (near) chance level. The README's plain-RS
@@ -68,7 +64,7 @@ def mix_then_noise(
     return noise.perturb(imgs, generator), soft_targets.repeat(m, 1)
 
 
-class BaseClassifierModule(pl.LightningModule):
+class BaseClassifierModule(NoisyTrainingModule):
     """Noisy fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
 
     def __init__(
@@ -86,7 +82,7 @@ class BaseClassifierModule(pl.LightningModule):
         compile: bool | dict = False,
     ):
         super().__init__()
-        self.noise = noise_from_config(noise)
+        noise = noise_from_config(noise)
         if model_name.startswith("dmae_"):
             raise ValueError(f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}")
         defaults: dict[str, Any] = dict(enabled=False, m=2, lbd=2.0, eta=0.5)
@@ -96,7 +92,6 @@ class BaseClassifierModule(pl.LightningModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
-        self.hparams["noise"] = self.noise.config()  # plain data: checkpoints load with weights_only=True
         model = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         if not isinstance(model, VisionTransformerClassifier):
             raise ValueError(f"fine-tuning needs a classifier model, got {model_name!r}: a {type(model).__name__}")
@@ -104,7 +99,7 @@ class BaseClassifierModule(pl.LightningModule):
         if freeze_encoder:  # linear probing: only the head (and its BatchNorm statistics) learn
             for name, param in self.model.named_parameters():
                 param.requires_grad = name.startswith("head.")
-        compile_in_place(self.model, compile)
+        self.attach(model, noise, optimizer, compile)
         self.consistency = consistency
         self.copies: int = consistency["m"] if consistency["enabled"] else 1
         mixup = dict(mixup or {})
@@ -113,23 +108,14 @@ class BaseClassifierModule(pl.LightningModule):
             self.mix = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
         else:
             self.mix = lambda imgs, labels: (imgs, smoothed_one_hot(labels, num_classes, label_smoothing))
-        self.optimizer_cfg = dict(optimizer or {})
-        check_optimizer_config(self.optimizer_cfg)
         self.val_acc_clean = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_noisy = MulticlassAccuracy(num_classes, average="micro")
-
-    def load_pretrained(self, path: str) -> LoadReport:
-        """Initialise from a DMAE pre-training file (official or ours) or a fine-tuned classifier."""
-        return load_weights(self.model, path)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.model(imgs)
 
-    def training_step(self, batch, batch_idx: int):
+    def training_loss(self, batch, generator: torch.Generator) -> torch.Tensor:
         imgs, labels = batch  # [B, 3, H, W] in [0,1], [B]
-        generator = seeded_generator(
-            self.hparams["seed"], TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=imgs.device
-        )
         inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, self.copies, generator)
         logits = self(inputs)  # [m*B, C]
         ce = F.cross_entropy(logits.float(), targets)
@@ -140,13 +126,11 @@ class BaseClassifierModule(pl.LightningModule):
             loss = ce + self.consistency["lbd"] * kl + self.consistency["eta"] * entropy
             self.log("train/consistency_kl", kl, on_step=True, on_epoch=True, sync_dist=True)
             self.log("train/consistency_entropy", entropy, on_step=True, on_epoch=True, sync_dist=True)
-        check_finite(self, loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int):
         imgs, labels = batch
-        generator = seeded_generator(self.hparams["seed"], VAL_STREAM, batch_idx, device=imgs.device)
+        generator = self.validation_generator(imgs.device, batch_idx)
         self.val_acc_clean(self(imgs), labels)
         self.val_acc_noisy(self(self.noise.perturb(imgs, generator)), labels)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
@@ -162,6 +146,3 @@ class BaseClassifierModule(pl.LightningModule):
                         "for %d classes); train longer (trainer.max_epochs) or check the learning rate",
                         float(acc), float(self.trainer.callback_metrics["val/acc_clean"]), chance,
                         self.hparams["num_classes"])
-
-    def configure_optimizers(self):
-        return configure_optimizer(self, self.model, **self.optimizer_cfg)
