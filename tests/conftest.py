@@ -1,9 +1,15 @@
-"""Shared fixtures for the training tests: small digits data modules, a quiet CPU Trainer and CIFAR-10's md5
-check relaxed for written files."""
+"""Fixtures shared by several test modules: one intra-op thread, small digits data modules, a quiet CPU
+Trainer, CIFAR-10's md5 check relaxed for written files and one small classifier checkpoint per session.
+
+A fixture that one module uses lives in that module; plain helpers (data writers, the small classifier, the
+training probes) are in the ``helpers`` package (``tests/helpers``, importable because pyproject.toml's pytest
+options put ``tests/`` on ``sys.path``). No test module imports another."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,15 +20,40 @@ from pytorch_lightning.loggers import CSVLogger
 
 from dmae_lightning.data import DigitsDataModule
 
+# The helpers' asserts (single_run_dir, the probes' checks) explain their failures as a test module's do.
+pytest.register_assert_rewrite("helpers")
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for the tiny models: on a shared 2-core machine two OpenMP threads per process
-    can slow a step from 0.04 s to over 2 s (threads spin waiting for a core); one is never much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    can slow a step from 0.04 s to over 2 s (threads spin waiting for a core); one is never much slower.
+    (The subprocesses that the tests start get OMP_NUM_THREADS=1 for the same reason.) Modules whose every
+    test wants it say ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_intra_op_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of a micro ViT that classifies noisy digits about half right (sigma 0.25),
+    made once per session (helpers.certify.make_classifier_checkpoint) with one intra-op thread: being
+    session-scoped it is set up before any module's ``single_thread``, and two threads spinning on a shared
+    2-core machine made its 40 training steps take 10-50 s instead of 2."""
+    from helpers.certify import make_classifier_checkpoint
+
+    with one_intra_op_thread():
+        return make_classifier_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier.ckpt")
 
 
 @pytest.fixture

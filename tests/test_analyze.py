@@ -11,30 +11,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers.rundirs import make_run
 
-from dmae_lightning.certification.metrics import certified_accuracy
-from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, ShardWriter, write_json
 from dmae_lightning.jobs.analyze import main
-
-RADII = (0.0, 0.25, 0.5, 1.0)
-
-
-def make_run(run_dir, sigma, radii_correct, dataset="cifar10", **settings):
-    """A run directory whose images are certified with the given (radius, correct) pairs."""
-    records = [
-        CertifyRecord(i, 1, 1 if correct else ABSTAIN, radius, int(correct), 900, 1000, 0.1)
-        for i, (radius, correct) in enumerate(radii_correct)
-    ]
-    with ShardWriter(run_dir / "certify.tsv", CertifyRecord) as writer:
-        for record in records:
-            writer.write(record)
-    summary = dict(
-        mode="certify", sigma=sigma, noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": sigma}, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32", model_name="vit_b",
-        dataset=dataset, split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=list(RADII),
-        num_images=len(records), certified_accuracy=certified_accuracy(records, RADII), max_certifiable_radius=9.0,
-    )  # fmt: skip
-    write_json(run_dir / "summary.json", {**summary, **settings})
-    return run_dir
 
 
 @pytest.fixture
@@ -129,6 +108,7 @@ def test_another_noise_distribution_is_another_table(two_runs, tmp_path):
     }
 
 
+@pytest.mark.slow  # ~6 s: a fresh python -m dmae_lightning.jobs.analyze
 def test_runs_as_a_module(two_runs, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dmae_lightning.jobs.analyze", *map(str, two_runs), "--radii", "0", "0.5"],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import common  # noqa: E402  (benchmarks/common.py: the scripts import it the same way)

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers.certify import make_classifier_checkpoint
 from pytorch_lightning.loggers import CSVLogger
 from scipy.stats import norm
-from test_certify import make_classifier_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 
 from dmae_lightning.certification import Smooth
 from dmae_lightning.certification.callback import CertificationCallback
@@ -20,6 +20,8 @@ from dmae_lightning.training.finetune import BaseClassifierModule
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
 SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def recompute(model: torch.nn.Module, dataset, sigma: float) -> dict[str, float]:

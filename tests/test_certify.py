@@ -5,111 +5,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from helpers.certify import SIGMA, compose_cfg, finish, overrides_with, run, script
+from helpers.noise import reference_noise
 from scipy.stats import beta, binom, binomtest, norm
-from test_procedures import reference_noise
 
 from dmae_lightning.certification import PROCEDURES, CertifyRecord, PredictRecord, Smooth
 from dmae_lightning.certification.records import read_json, read_records
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.errors import ConfigError
-from dmae_lightning.jobs.certify.job import certify
 from dmae_lightning.jobs.certify.params import validate
 from dmae_lightning.jobs.certify.predictor import SmoothingPredictor
-from dmae_lightning.jobs.compose import compose
 from dmae_lightning.models import create_model
 from dmae_lightning.models.weights import load_weights
 from dmae_lightning.noise import GaussianNoise
-from dmae_lightning.training.finetune import BaseClassifierModule
 
-REPO = Path(__file__).resolve().parents[1]
-SIGMA = 0.25
-SMALL = ["model=vit_micro_patch8", "n0=10", "n=100", "batch=100", "max=12", "alpha=0.001", "split=test", "seed=0", "logger=none"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process can make the
-    tiny forward passes many times slower (the subprocesses get OMP_NUM_THREADS=1 for the same reason)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_classifier_checkpoint(path: Path, steps: int = 40) -> Path:
-    """A real Lightning checkpoint of a micro ViT that classifies noisy digits about half right.
-
-    Most of the training is a plain loop (fast); a 1-step Lightning fit at a negligible learning rate
-    then writes the file exactly as ``trainer.save_checkpoint`` does after fine-tuning.
-    """
-    torch.manual_seed(0)
-    datamodule = DigitsDataModule(batch_size=64)
-    module = BaseClassifierModule(
-        model_name="vit_micro_patch8",
-        model_kwargs={"img_size": 32},
-        num_classes=10,
-        noise=GaussianNoise(SIGMA),
-        mixup=None,
-        label_smoothing=0.0,
-        optimizer=dict(name="adamw", base_lr=1e-9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0),
-    )
-    train = datamodule.dataset("train")
-    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        pick = torch.randint(0, len(train.labels), (128,), generator=generator)
-        noisy = train.images[pick] + SIGMA * torch.randn(train.images[pick].shape, generator=generator)
-        loss = F.cross_entropy(module.model(noisy), train.labels[pick])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=path.parent,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory) -> Path:
-    return make_classifier_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier.ckpt")
-
-
-def overrides_with(*overrides: str) -> list[str]:
-    """SMALL with ``overrides`` replacing the values of the same keys."""
-    merged = {o.split("=", 1)[0]: o for o in [*SMALL, *overrides]}
-    return list(merged.values())
-
-
-def compose_cfg(out_dir: Path, ckpt_path: Path | str, *overrides: str):
-    """conf/certify.yaml as ``python certify.py`` would see it, with the run directory at ``out_dir``."""
-    return compose(
-        REPO / "conf", "certify", [f"ckpt_path='{ckpt_path}'", *overrides_with(*overrides)], out_dir
-    )
-
-
-def run(out_dir: Path, ckpt_path: Path, *overrides: str) -> dict:
-    return certify(compose_cfg(out_dir, ckpt_path, *overrides))
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def results(path: Path) -> list[tuple]:
@@ -127,23 +45,6 @@ def expected_radius(n_a: int, n: int, alpha: float, sigma: float) -> float | Non
     """Cohen et al.'s radius from the counts, None for an abstention."""
     p_lower = beta.ppf(alpha, n_a, n - n_a + 1) if n_a > 0 else 0.0
     return sigma * norm.ppf(p_lower) if p_lower >= 0.5 else None
-
-
-def script(log: Path, *args: str) -> subprocess.Popen:
-    """``python certify.py ARGS`` in the repository, stdout and stderr to ``log``."""
-    with open(log, "a") as out:  # the child keeps its own handle
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "certify.py"), *args],
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
-    proc.wait(timeout=timeout)
-    return log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -561,6 +462,7 @@ def test_a_classifier_with_non_finite_logits_is_never_certified(bad_files, tmp_p
     assert not shard.exists() or shard.read_text().count("\n") == 1  # the header only
 
 
+@pytest.mark.slow  # ~7 s: a fresh python certify.py (torch + Lightning imports)
 def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):
     log = tmp_path / "out.log"
     proc = script(log, f"paths.log_dir={tmp_path}", "n0=0")

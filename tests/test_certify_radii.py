@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
+from helpers.certify import finish, overrides_with, run, script
 from scipy.stats import norm
-from test_certify import ckpt, finish, one_thread, overrides_with, run, script  # noqa: F401  (fixtures)
 from torch import nn
 
 from dmae_lightning.certification import CertifyRadii, Smooth
@@ -24,6 +24,8 @@ from dmae_lightning.jobs.certify.job import report
 from dmae_lightning.noise import GaussianNoise
 
 SIGMA = 0.25
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Halfspace(nn.Module):
@@ -82,7 +84,7 @@ RADII = ["mode=certify_radii", "radii=[0,0.25,0.5]", "n=1000", "max=24"]
 
 
 @pytest.fixture(scope="module")
-def sequential(tmp_path_factory, ckpt):  # noqa: F811
+def sequential(tmp_path_factory, ckpt):
     out = tmp_path_factory.mktemp("radii")
     return out, run(out, ckpt, *RADII)
 
@@ -112,7 +114,7 @@ def test_records_and_summary(sequential):
     assert (out / "certified_accuracy.png").exists()
 
 
-def test_agrees_with_fixed_n_certify_at_the_cap_and_uses_fewer_samples(sequential, ckpt, tmp_path):  # noqa: F811
+def test_agrees_with_fixed_n_certify_at_the_cap_and_uses_fewer_samples(sequential, ckpt, tmp_path):
     _, seq = sequential
     fixed = run(tmp_path / "fixed", ckpt, "n=1000", "max=24", "radii=[0,0.25,0.5]")
     for key, accuracy in fixed["certified_accuracy"].items():
@@ -121,7 +123,7 @@ def test_agrees_with_fixed_n_certify_at_the_cap_and_uses_fewer_samples(sequentia
     assert seq["samples"] < fixed["samples"]
 
 
-def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path):  # noqa: F811
+def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path):
     out, _ = sequential
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)]
     for batch in (70, 1000):
@@ -141,7 +143,7 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):  # noqa: F811
+def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):
     out, _ = sequential
     args = [f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'logs'}", *overrides_with(*RADII, "max=11"),
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import CONF
 from hydra.utils import instantiate
 
 from dmae_lightning.jobs.compose import compose
@@ -17,7 +18,6 @@ from dmae_lightning.training.finetune import BaseClassifierModule
 from dmae_lightning.training.pretrain import DMAEPretrainModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 OPT = dict(name="adamw", base_lr=1e-3, weight_decay=0.05, warmup_epochs=1, min_lr=0.0)
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, REPO
 
 from dmae_lightning.jobs.compose import compose
 from dmae_lightning.jobs.rundir import run_dir
 from dmae_lightning.jobs.train import ConfigError, build, train
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
@@ -124,6 +122,7 @@ def test_missing_data_folder_stops_before_the_model_is_built(tmp_path):
         build(compose_train(overrides, tmp_path))
 
 
+@pytest.mark.slow  # ~9 s: a fresh python train.py (torch + Lightning imports)
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "noise.sigma=-1", f"paths.log_dir={tmp_path}"],

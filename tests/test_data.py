@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+from helpers import CONF
 from helpers.cifar import write_cifar, write_hostile
+from helpers.imagenet import WNIDS, write_imagenet
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -30,23 +32,7 @@ from dmae_lightning.data import (
 )
 from dmae_lightning.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
-SIZES = [(300, 260), (180, 240), (257, 400)]  # (width, height): landscape, portrait, odd
-
-
 # ---------------------------------------------------------------- ImageNet
-
-
-def write_imagenet(root: Path, splits=("train", "val"), per_class: int = 2) -> None:
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for wnid in WNIDS:
-            (root / split / wnid).mkdir(parents=True)
-            for i in range(per_class):
-                w, h = SIZES[i % len(SIZES)]
-                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=95)
 
 
 @pytest.fixture
@@ -495,7 +481,7 @@ def test_configs_instantiate(name: str, tmp_path: Path, monkeypatch: pytest.Monk
         torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
     )
     cfg = OmegaConf.create(
-        {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / f"{name}.yaml")}
+        {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / "data" / f"{name}.yaml")}
     )
     cfg.head = "${data.num_classes}"
     assert cfg.head == (1000 if name == "imagenet" else 10)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from pathlib import Path
 
 import mpmath
 import numpy as np
 import pytest
 import torch
+from helpers import CONF
 from omegaconf import OmegaConf
 from scipy.stats import binom, chisquare, norm
 
@@ -23,8 +23,6 @@ from dmae_lightning.noise import (
     _discrete_gaussian_table,
     noise_from_config,
 )
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "noise"
 
 
 def exact_pmf(sigma: float, levels: np.ndarray) -> np.ndarray:
@@ -155,7 +153,7 @@ def test_config_round_trip_and_yaml(sigma, eta):
     noise = DiscreteGaussianNoise(sigma)
     assert noise_from_config(noise.config()) == noise
     assert noise.tag == f"discrete_sigma{sigma}"
-    cfg = OmegaConf.load(CONF / f"discrete_gaussian_sigma_{sigma}.yaml")
+    cfg = OmegaConf.load(CONF / "noise" / f"discrete_gaussian_sigma_{sigma}.yaml")
     assert noise_from_config(OmegaConf.to_container(cfg.noise)) == noise
     assert cfg.consistency.eta == eta
 

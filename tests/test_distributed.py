@@ -4,7 +4,7 @@
 for rank 1 with the same overrides plus ``hydra.run.dir=<rank 0's run dir> hydra.output_subdir=null``, so
 both Hydra apps share one run directory. Checked here: exactly one run directory, one ``.hydra``, one job log
 written by rank 0 only, one logger run, one checkpoint set, and ranks that drew different noise - observed
-in the training steps by ``tests/probes.py`` (a test-only callback, on ``PYTHONPATH`` for the subprocesses)
+in the training steps by ``tests/helpers/probes.py`` (a test-only callback, on ``PYTHONPATH`` for the subprocesses)
 and compared with the seeding design (seed, stream, rank, step, micro-batch).
 """
 
@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from probes import check_noise_per_rank, load_probes
+from helpers import REPO, TESTS
+from helpers.probes import check_noise_per_rank, load_probes
+from helpers.rundirs import single_run_dir
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 DDP = ("hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp")
 # 64 images / 2 ranks / batch 16 = 2 steps per epoch: 3 steps cross an epoch end (last.ckpt is written).
 SMALL = ("model=vit_micro_patch8", "data.subset_first=64", "data.batch_size=16", "+trainer.max_steps=3",
-         "+callbacks.probe._target_=probes.NoiseProbe")
+         "+callbacks.probe._target_=helpers.probes.NoiseProbe")
 
 
 def subprocess_env(probe_dir: Path, **extra: str) -> dict[str, str]:
-    """This environment minus any SLURM job of the caller, with tests/ importable (for probes.py)."""
+    """This environment minus any SLURM job of the caller, with tests/ importable (for helpers/probes.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     env.update(DMAE_PROBE_DIR=str(probe_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
@@ -43,18 +43,6 @@ def run_train(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 
     print(f"python train.py {' '.join(args)}: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
-
-
-def single_run_dir(logs: Path, ignore: list[Path] | tuple[Path, ...] = ()) -> Path:
-    """The one run directory under ``logs``: it holds the only .hydra folder and every file written
-    (except the files in ``ignore``, e.g. a SLURM job's output file)."""
-    hydra_dirs = [p for p in logs.rglob(".hydra") if p.is_dir()]
-    assert len(hydra_dirs) == 1, hydra_dirs
-    run_dir = hydra_dirs[0].parent
-    skip = {Path(p) for p in ignore}
-    stray = [p for p in logs.rglob("*") if p.is_file() and run_dir not in p.parents and p not in skip]
-    assert not stray, f"files outside the run directory {run_dir}: {stray}"
-    return run_dir
 
 
 def check_one_run(logs: Path, out: str) -> Path:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from test_data import WNIDS, write_cifar, write_imagenet
+from helpers import CONF
+from helpers.cifar import write_cifar
+from helpers.imagenet import WNIDS, write_imagenet
 
 from dmae_lightning.jobs.compose import compose
 from dmae_lightning.jobs.train import train
 from dmae_lightning.models import create_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 QUICK = [
     "hardware=cpu",
     "trainer.devices=1",

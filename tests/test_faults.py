@@ -19,6 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+from helpers import CONF, REPO
 from PIL import Image
 
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
@@ -29,8 +30,6 @@ from dmae_lightning.jobs.tracking import ResumableCSVLogger
 from dmae_lightning.jobs.train import build, train
 from dmae_lightning.training.resume import resume_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # The tiny pre-training of the kill test: 64 images / batch 16 = 4 steps per epoch.
@@ -154,7 +153,8 @@ def wait_for_first_checkpoint(proc: subprocess.Popen, logs: Path, run_name: str)
     return last
 
 
-@pytest.mark.parametrize("resume", [(), pytest.param(("ckpt_path=last",), marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~8 s without resume, more with: a fresh python train.py stopped with SIGTERM (and one resumed)
+@pytest.mark.parametrize("resume", [(), ("ckpt_path=last",)])
 def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, tmp_path):
     """SIGTERM (a scheduler's or `kill`'s) of a real ``python train.py``: Lightning stops at the next step with a
     bare SystemExit (status 0, silence); the job must say it was interrupted and how to resume (issue 17.4.2)."""
@@ -167,6 +167,7 @@ def test_sigterm_mid_run_exits_nonzero_with_one_line(resume, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # ~20 s: two train.py processes (torch + Lightning imports), one stopped with SIGINT
 def test_a_second_job_on_a_running_run_directory_is_refused_and_ctrl_c_says_how_to_resume(tmp_path):
     """Issue 22.5: the same command started while the first runs started at step 0 in the same directory and
     deleted the first run's metrics rows; issue 22.1: Ctrl-C printed only Lightning's "graceful shutdown"."""
@@ -184,6 +185,7 @@ def test_a_second_job_on_a_running_run_directory_is_refused_and_ctrl_c_says_how_
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # ~5 s: a fresh python holds the lock and is killed
 def test_a_killed_job_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from dmae_lightning.jobs.rundir import "
@@ -437,6 +439,7 @@ def malicious_file(path: Path, marker: Path, how: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~8 s: a fresh python train.py (torch + Lightning imports)
 def test_malicious_ckpt_path_is_one_line_from_the_script_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     bad = malicious_file(tmp_path / "evil.ckpt", marker, "torch.save")
@@ -569,8 +572,9 @@ def test_truncated_jpeg_names_the_file_and_index(tmp_path):
 
 
 # Certification side: the job stops on the broken image with one line naming it; what was done is kept.
+@pytest.mark.slow  # ~9 s: a fresh python certify.py (torch + Lightning imports)
 def test_certification_stops_at_a_truncated_jpeg_with_one_line_and_keeps_the_rest(tmp_path):
-    from test_certify import REPO, make_classifier_checkpoint
+    from helpers.certify import make_classifier_checkpoint
 
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import CONF
 from hydra.utils import instantiate
 from timm.optim import Lars
 
@@ -28,7 +29,6 @@ from dmae_lightning.training.finetune import (
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch")
 
 
@@ -327,6 +327,7 @@ def finetune_run(tmp_path_factory, single_thread):
     return SimpleNamespace(out=ft_out, metrics=metrics, rows=_csv_rows(ft_out))
 
 
+@pytest.mark.slow  # ~10 s with finetune_run: 2 epochs of pre-training and 6 of fine-tuning, set up once for the 3 tests
 def test_short_finetune_beats_chance_under_noise(finetune_run):
     accs = [
         (int(r["epoch"]), float(r["val/acc_clean"]), float(r["val/acc_noisy"]))
@@ -340,6 +341,7 @@ def test_short_finetune_beats_chance_under_noise(finetune_run):
     assert finetune_run.metrics["val/acc_clean"] > 0.5
 
 
+@pytest.mark.slow  # ~10 s with finetune_run: 2 epochs of pre-training and 6 of fine-tuning, set up once for the 3 tests
 def test_finetune_logs_validation_and_consistency_metrics(finetune_run):
     keys = {k for r in finetune_run.rows for k, v in r.items() if v}
     for name in (
@@ -364,6 +366,7 @@ def test_finetune_logs_validation_and_consistency_metrics(finetune_run):
             assert float(row["train/loss_step"]) == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.slow  # ~10 s with finetune_run: 2 epochs of pre-training and 6 of fine-tuning, set up once for the 3 tests
 def test_finetune_checkpoint_is_plain_data(finetune_run):
     ckpt = torch.load(finetune_run.out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]

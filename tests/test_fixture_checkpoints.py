@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import TESTS
 
 from dmae_lightning.certification import Certify, CertifyRadii, Smooth
 from dmae_lightning.models import create_model
 from dmae_lightning.models.weights import load_weights
 from dmae_lightning.noise import GaussianNoise
 
-FIXTURES = Path(__file__).parent / "fixtures" / "main_2026_12_07"
+FIXTURES = TESTS / "fixtures" / "main_2026_12_07"
 
 
 @pytest.fixture(scope="module")

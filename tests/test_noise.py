@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy.stats import norm
@@ -15,8 +14,6 @@ from dmae_lightning.jobs.compose import compose
 from dmae_lightning.jobs.train import build
 from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 NOISES = sorted(p.stem for p in (CONF / "noise").glob("*.yaml"))
 
 

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from helpers.noise import reference_noise
 from scipy.optimize import brentq
 from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
-from dmae_lightning.certification import NOISE_BLOCK, Certify, NonFiniteLogits, Smooth, lower_confidence_bound
+from dmae_lightning.certification import Certify, NonFiniteLogits, Smooth, lower_confidence_bound
 from dmae_lightning.noise import GaussianNoise
-from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 
 
 class Recording(nn.Module):
@@ -43,16 +43,6 @@ def linear_binary(w: torch.Tensor, b: float):
         return torch.stack([torch.zeros_like(score), score], dim=1)  # [B,2]
 
     return fn
-
-
-def reference_noise(seed, idx, stage, num, shape):
-    """The documented noise scheme, written out: blocks of NOISE_BLOCK samples, block b of a stage drawn
-    whole from seeded_generator(seed, CERTIFY_STREAM, idx, stage, b), the rows taken in order."""
-    blocks = [
-        torch.randn((NOISE_BLOCK, *shape), generator=seeded_generator(seed, CERTIFY_STREAM, idx, stage, b))
-        for b in range(-(-num // NOISE_BLOCK))
-    ]
-    return torch.cat(blocks)[:num]  # [num,C,H,W]
 
 
 def reference_counts(fn, x, sigma, sizes, seed, num_classes, idx=0):

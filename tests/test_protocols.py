@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import CONF
 
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.jobs.certify.params import subset_indices, validate
 from dmae_lightning.jobs.compose import compose
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def params(tmp_path, *overrides):

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CONF, REPO
 from omegaconf import OmegaConf
 
 from dmae_lightning.certification import CertifyRecord
 from dmae_lightning.certification.records import read_records
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -90,7 +89,7 @@ def quickstart_stages(typed: list[str]) -> dict:
     from dmae_lightning.jobs.quickstart import CONFIG_NAME
     from dmae_lightning.jobs.quickstart import quickstart_stages as place
 
-    conf = REPO / "conf"
+    conf = CONF
     _, overrides = place(compose(conf, "train", ["experiment=quickstart", *typed]))
     return {name: compose(conf, CONFIG_NAME[name], overrides[name]) for name in overrides}
 
@@ -147,7 +146,7 @@ def test_another_procedure_reuses_the_trained_stages():
     from dmae_lightning.jobs.rundir import identity_key, job_identity
 
     def key(*typed):
-        return identity_key(job_identity(compose(REPO / "conf", "train", ["experiment=quickstart", *typed])))
+        return identity_key(job_identity(compose(CONF, "train", ["experiment=quickstart", *typed])))
 
     assert key() == key("procedure=certify_radii") == key('quickstart.certify=["n=10"]')
     assert key() != key("trainer.max_epochs=2")
@@ -160,7 +159,7 @@ def finished(tmp_path: Path, typed: list[str]) -> tuple:
     from dmae_lightning.jobs.quickstart import DONE, certification_dir
     from dmae_lightning.jobs.quickstart import quickstart_stages as place
 
-    cfg = compose(REPO / "conf", "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
+    cfg = compose(CONF, "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
     conf, overrides = place(cfg)
     checkpoint = f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
     certified = certification_dir(tmp_path, cfg.procedure, conf, [*overrides["certify"], checkpoint])

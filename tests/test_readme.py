@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CONF, REPO
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from dmae_lightning.jobs.compose import compose
 
-REPO = Path(__file__).resolve().parents[1]
 NOT_ON_A_CPU = ("/data/", "hardware=", "hydra/launcher", "logger=wandb", "...", "<", "experiment=quickstart")
 TINY = {
     "train.py": ["data.subset_first=64", "data.batch_size=32", "trainer.max_epochs=1"],
@@ -144,7 +144,7 @@ def test_documented_commands_compose(tmp_path):
             for o in parser.parse_overrides(overrides)
         ]
         try:
-            cfg = compose(REPO / "conf", script.removesuffix(".py"), first, output_dir=tmp_path)
+            cfg = compose(CONF, script.removesuffix(".py"), first, output_dir=tmp_path)
             OmegaConf.to_container(cfg, resolve=True)
         except Exception as err:  # report which documented command fails, and why
             pytest.fail(f"{name}: python {script} {shlex.join(overrides)}\n{type(err).__name__}: {err}")

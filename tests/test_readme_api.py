@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
+
+from helpers import REPO
 
 from dmae_lightning.certification import CertifyRecord, RadiiRecord
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 CPU_MARKER = 'create_model("vit_micro_patch8"'
 
 

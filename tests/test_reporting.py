@@ -8,9 +8,9 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+from helpers.rundirs import make_run
 from pytorch_lightning.loggers import CSVLogger
 from scipy.stats import norm
-from test_analyze import make_run
 
 from dmae_lightning.certification.metrics import max_certifiable_radius
 from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord, ShardWriter, write_json

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, REPO
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -23,8 +24,6 @@ from omegaconf import OmegaConf
 from dmae_lightning.jobs.rundir import run_dir
 from dmae_lightning.models import create_model
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 TINY = ("data.subset_first=64", "data.batch_size=32", "trainer.max_epochs=1")
 
 
@@ -102,6 +101,7 @@ def test_run_directory_is_a_function_of_the_resolved_config(tmp_path, monkeypatc
     assert run_dir("logs/x", "k") == "logs/x/slurm-1234/k"
 
 
+@pytest.mark.slow  # ~8 s: a fresh python train.py (torch + Lightning imports)
 def test_cfg_hydra_resolve_prints_without_error(tmp_path):
     proc = run_train(["experiment=pretrain_digits", "--cfg", "hydra", "--resolve"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -189,6 +189,7 @@ def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
     assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
 
 
+@pytest.mark.slow  # ~8 s: a fresh python certify.py (torch + Lightning imports)
 def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     proc = subprocess.run([sys.executable, str(REPO / "certify.py"), "ckpt_path=x.ckpt", "+n_samples=10"],

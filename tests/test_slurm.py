@@ -4,7 +4,8 @@ The module-scoped fixture ``slurm_cluster`` installs (if needed) and starts the 
 here when it cannot be set up (no root, no apt, no package mirror: the skip reason says which). It stops the
 daemons afterwards only if it started them (``DMAE_SLURM_KEEP=1`` keeps them running for the next session).
 
-Reusable helpers (other test modules: ``from test_slurm import slurm_cluster, submit_job, ...``):
+Helpers of this module (test modules do not import each other: move one to ``tests/helpers/`` and the
+fixture to ``tests/conftest.py`` when another module needs it):
 
 - ``submit_job(script, env, sbatch_args=(), script_args=(), cwd=None) -> job_id``  (sbatch --parsable)
 - ``job_info(job_id, env) -> dict``              (``scontrol show job -o``: JobState, Reason, Restarts, ...)
@@ -32,8 +33,8 @@ What the tests prove:
   configured step and epoch, with the first start's CSV metrics kept;
 - ``scripts/slurm/certify.sbatch`` parses and hands the overrides to 2 tasks (stand-in ``certify.py``).
 
-``tests/probes.py`` (a test-only callback loaded with ``+callbacks.probe._target_=probes.NoiseProbe``, tests/
-on ``PYTHONPATH``) reports each rank's cluster environment, steps and the noise it drew.
+``tests/helpers/probes.py`` (a test-only callback loaded with ``+callbacks.probe._target_=helpers.probes.NoiseProbe``,
+tests/ on ``PYTHONPATH``) reports each rank's cluster environment, steps and the noise it drew.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import CONF, REPO, TESTS
 
-REPO = Path(__file__).resolve().parents[1]
-SETUP = REPO / "tests" / "slurm" / "setup_cluster.sh"
-STOP = REPO / "tests" / "slurm" / "stop_cluster.sh"
+SETUP = TESTS / "slurm" / "setup_cluster.sh"
+STOP = TESTS / "slurm" / "stop_cluster.sh"
 STATE_DIR = Path(os.environ.get("DMAE_SLURM_DIR", "/tmp/dmae-slurm"))
 TEMPLATES = REPO / "scripts" / "slurm"
 # sbatch options that make the GPU templates run on this CPU-only 2-CPU test node (they override #SBATCH).
@@ -249,8 +250,8 @@ def slurm_cluster():
 def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, tmp_path):
     """scripts/slurm/certify.sbatch -> srun -> 2 x certify.py (Lightning DDP, gloo): each image certified once,
     certify.tsv in the job's run directory equals an in-process single-rank run in every result column."""
-    from test_certify import make_classifier_checkpoint
-    from test_certify import run as certify_in_process
+    from helpers.certify import make_classifier_checkpoint
+    from helpers.certify import run as certify_in_process
 
     from dmae_lightning.certification import CertifyRecord
     from dmae_lightning.certification.records import read_records
@@ -288,13 +289,13 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
 
 # The real thing: scripts/slurm/train.sbatch -> srun -> 2 x train.py -> Lightning DDP (gloo) on the CPU node,
 # with hardware=slurm as on a GPU cluster and only trainer.accelerator=cpu changed. 128 images / 2 ranks /
-# batch 16 = 4 steps per epoch, 10 epochs = 40 steps; tests/probes.py sleeps 0.2 s after each step so that
+# batch 16 = 4 steps per epoch, 10 epochs = 40 steps; tests/helpers/probes.py sleeps 0.2 s after each step so that
 # SIGUSR1 surely arrives mid-training (the training itself takes ~1 s; the two imports take most of the time).
 MAX_EPOCHS, STEPS_PER_EPOCH = 10, 4
 TRAIN_OVERRIDES = (
     "experiment=pretrain_digits", "model=vit_micro_patch8", "trainer.accelerator=cpu",
     "data.subset_first=128", "data.batch_size=16", f"trainer.max_epochs={MAX_EPOCHS}",
-    "+callbacks.probe._target_=probes.NoiseProbe",
+    "+callbacks.probe._target_=helpers.probes.NoiseProbe",
 )
 SIGNAL_AFTER_STEP = 6  # mid-epoch (epoch 1, batch 2): the resume must land on the exact step, not an epoch
 
@@ -302,15 +303,15 @@ SIGNAL_AFTER_STEP = 6  # mid-epoch (epoch 1, batch 2): the resume must land on t
 @pytest.mark.slow  # ~60-90 s: 2 x (2 parallel imports of torch + Lightning) + 16 s requeue (KillWait + BeginTime)
 def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(slurm_cluster, tmp_path):
     import torch
-    from probes import check_noise_per_rank, load_probes
-    from test_distributed import single_run_dir
+    from helpers.probes import check_noise_per_rank, load_probes
+    from helpers.rundirs import single_run_dir
 
     (tmp_path / "train.py").symlink_to(REPO / "train.py")  # the template runs `python train.py` in --chdir
-    (tmp_path / "conf").symlink_to(REPO / "conf")
+    (tmp_path / "conf").symlink_to(CONF)
     (tmp_path / "logs").mkdir()
     probe_dir = tmp_path / "probe"
     env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(probe_dir), DMAE_PROBE_STEP_SLEEP="0.2", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     job = submit_job(TEMPLATES / "train.sbatch", env, CPU_SBATCH_ARGS, TRAIN_OVERRIDES, cwd=tmp_path)
     out_path = tmp_path / "logs" / f"dmae-train-{job}.out"
     history: list[tuple[float, str, str]] = []
@@ -383,7 +384,7 @@ def test_submitit_sweep_point_requeues_through_lightning(slurm_cluster, tmp_path
 
     env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(tmp_path / "probe"), DMAE_PROBE_STEP_SLEEP="0.2",
                OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     args = ["-m", "hydra/launcher=slurm", "hardware=slurm", "trainer.devices=2", "hydra.launcher.gpus_per_node=null",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", *TRAIN_OVERRIDES]
     launcher = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 from helpers.cifar import write_cifar, write_hostile
-from test_data import write_imagenet
+from helpers.imagenet import write_imagenet
 
 from dmae_lightning.data import CIFAR10DataModule, DataError, DigitsDataModule, ImageNetDataModule
 from dmae_lightning.data.pipelines import open_rgb
@@ -66,6 +66,7 @@ def test_streamed_imagenet_training_pipelines(imagenet, pipeline: str):
     assert 0.0 <= images.min() and images.max() <= 1.0 and labels.shape == (4,)
 
 
+@pytest.mark.slow  # ~10 s: prepare.py's worker process imports torch
 def test_streamed_cifar_pixels_are_the_written_bytes(tmp_path: Path, monkeypatch):
     written = write_cifar(tmp_path, per_batch=4)
     monkeypatch.setattr(  # the written files cannot match torchvision's md5 of the real ones

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CONF, REPO
 from omegaconf import OmegaConf
 
 from dmae_lightning.jobs import tracking
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 TINY = ("model=vit_micro_patch8", "data.subset_first=64", "data.batch_size=16")
 
 

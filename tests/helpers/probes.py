@@ -1,5 +1,6 @@
-"""Test-only Lightning callback, loaded into training subprocesses with ``+callbacks.probe._target_=probes.NoiseProbe``
-(the tests put ``tests/`` on ``PYTHONPATH``; it is not part of the package).
+"""Test-only Lightning callback, loaded into training subprocesses with
+``+callbacks.probe._target_=helpers.probes.NoiseProbe`` (the tests put ``tests/`` on ``PYTHONPATH``; it is not
+part of the package).
 
 It observes, on every rank, the noise the training step really drew (not a recomputation) and the cluster
 environment Lightning chose, and writes them to ``$DMAE_PROBE_DIR/probe-rank<R>-restart<N>.json``; it also prints
