@@ -66,27 +66,55 @@ def main() -> None:
         synchronize(args.device)
         seconds = time.perf_counter() - start
         samples = procedure.summarise(records, tuple(args.grid), noise)["samples"]
-        rows[name] = {"certified_accuracy": certified_accuracy(records, args.grid), "samples": samples,
-                      "samples_per_image": samples / count, "seconds": seconds, "samples_per_s": samples / seconds}
+        rows[name] = {
+            "certified_accuracy": certified_accuracy(records, args.grid),
+            "samples": samples,
+            "samples_per_image": samples / count,
+            "seconds": seconds,
+            "samples_per_s": samples / seconds,
+        }
     fixed, seq = rows["certify"], rows["certify_radii"]
-    ratios = {"sample_saving": fixed["samples"] / seq["samples"], "time_saving": fixed["seconds"] / seq["seconds"],
-              "throughput_ratio": seq["samples_per_s"] / fixed["samples_per_s"],
-              "max_accuracy_gap_points": max(abs(100 * (fixed["certified_accuracy"][k] - seq["certified_accuracy"][k]))
-                                             for k in fixed["certified_accuracy"])}
-    meta = {**environment(args.device), "checkpoint": str(args.ckpt), "images": count, "noise": noise.config(),
-            "grid": args.grid, "n": args.n, "n0": args.n0, "alpha": args.alpha, "batch": args.batch}
+    ratios = {
+        "sample_saving": fixed["samples"] / seq["samples"],
+        "time_saving": fixed["seconds"] / seq["seconds"],
+        "throughput_ratio": seq["samples_per_s"] / fixed["samples_per_s"],
+        "max_accuracy_gap_points": max(
+            abs(100 * (fixed["certified_accuracy"][k] - seq["certified_accuracy"][k]))
+            for k in fixed["certified_accuracy"]
+        ),
+    }
+    meta = {
+        **environment(args.device),
+        "checkpoint": str(args.ckpt),
+        "images": count,
+        "noise": noise.config(),
+        "grid": args.grid,
+        "n": args.n,
+        "n0": args.n0,
+        "alpha": args.alpha,
+        "batch": args.batch,
+    }
     print(f"{meta}\n")
     keys = [radius_key(r) for r in args.grid]
     print("| procedure | " + " | ".join(f"r={k}" for k in keys) + " | samples | per image | s | samples/s |")
     print("|---|" + "---:|" * (len(keys) + 4))
     for name, r in rows.items():
         accs = " | ".join(f"{100 * r['certified_accuracy'][k]:.1f}" for k in keys)
-        print(f"| {name} | {accs} | {r['samples']:,} | {r['samples_per_image']:,.0f} | {r['seconds']:.1f} | "
-              f"{r['samples_per_s']:,.0f} |")
-    print(f"\nsequential uses {ratios['sample_saving']:.2f}x fewer samples, {ratios['time_saving']:.2f}x less time; "
-          f"largest accuracy gap {ratios['max_accuracy_gap_points']:.2f} points; "
-          f"throughput ratio {ratios['throughput_ratio']:.2f}")
-    write_results(args.out, f"certify_samples_n{args.n}_{args.device}.json", meta, [{"procedure": k, **v} for k, v in rows.items()] + [{"ratios": ratios}])
+        print(
+            f"| {name} | {accs} | {r['samples']:,} | {r['samples_per_image']:,.0f} | {r['seconds']:.1f} | "
+            f"{r['samples_per_s']:,.0f} |"
+        )
+    print(
+        f"\nsequential uses {ratios['sample_saving']:.2f}x fewer samples, {ratios['time_saving']:.2f}x less time; "
+        f"largest accuracy gap {ratios['max_accuracy_gap_points']:.2f} points; "
+        f"throughput ratio {ratios['throughput_ratio']:.2f}"
+    )
+    write_results(
+        args.out,
+        f"certify_samples_n{args.n}_{args.device}.json",
+        meta,
+        [{"procedure": k, **v} for k, v in rows.items()] + [{"ratios": ratios}],
+    )
 
 
 if __name__ == "__main__":

@@ -72,9 +72,17 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
 
     def row(what, seconds, extra=None):
         rate = samples / seconds
-        rows.append({"model": name, "what": what, "samples_per_s": rate, "seconds_per_image": seconds / args.images,
-                     "gflop_per_forward": flops / 1e9,
-                     "mfu": rate * flops / matmul_rate if matmul_rate else None, **(extra or {})})
+        rows.append(
+            {
+                "model": name,
+                "what": what,
+                "samples_per_s": rate,
+                "seconds_per_image": seconds / args.images,
+                "gflop_per_forward": flops / 1e9,
+                "mfu": rate * flops / matmul_rate if matmul_rate else None,
+                **(extra or {}),
+            }
+        )
 
     warm = images[:1]
     for x in warm:  # warm-up: cuDNN/cuBLAS choices, allocator
@@ -86,13 +94,15 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
     row("reference (official loop)", reference_s)
     procedure = Certify(args.n0, args.n, ALPHA)
     for precision in args.precision:
-        for compile in ([False, True] if args.compile else [False]):
+        for compile in [False, True] if args.compile else [False]:
             smooth = Smooth(model, num_classes, GaussianNoise(SIGMA), precision=precision, compile=compile)
             warm_procedure = Certify(args.n0, args.batch, ALPHA)
             compile_s = timed(device, smooth.run, warm_procedure, warm, args.batch)
             sampler = smooth.sampler(args.batch, 0, device)
             seconds = timed(device, smooth.run, procedure, images, args.batch)
-            label = f"ours {sampler.precision}{' compiled' if compile else ''}" + (" (auto)" if precision == "auto" else "")
+            label = f"ours {sampler.precision}{' compiled' if compile else ''}" + (
+                " (auto)" if precision == "auto" else ""
+            )
             row(label, seconds, {"warm_up_s": compile_s})
     batch = torch.rand(args.batch, 3, args.img_size, args.img_size, device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
@@ -105,8 +115,10 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
 
     with torch.inference_mode(), autocast:
         forward(batch)
-    row(f"forward only{' compiled' if args.compile else ''} ({'bf16' if device == 'cuda' else 'fp32'})",
-        timed(device, forward_only))
+    row(
+        f"forward only{' compiled' if args.compile else ''} ({'bf16' if device == 'cuda' else 'fp32'})",
+        timed(device, forward_only),
+    )
     reference_rate = rows[0]["samples_per_s"]
     for r in rows:
         r["vs_reference"] = r["samples_per_s"] / reference_rate
@@ -125,20 +137,31 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["auto"], help="auto fp32 bf16 fp16")
     parser.add_argument("--compile", action="store_true", help="also run the compiled sampler and forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/local/certify_throughput_<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON (default benchmarks/results/local/certify_throughput_<device>.json)"
+    )
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; TF32 would be a third precision
     matmul_rate = bf16_matmul_flops_per_s(args.device)
-    meta = {**environment(args.device), "bf16_matmul_tflops": matmul_rate / 1e12 if matmul_rate else None,
-            "n0": args.n0, "n": args.n, "batch": args.batch, "images": args.images, "img_size": args.img_size}
+    meta = {
+        **environment(args.device),
+        "bf16_matmul_tflops": matmul_rate / 1e12 if matmul_rate else None,
+        "n0": args.n0,
+        "n": args.n,
+        "batch": args.batch,
+        "images": args.images,
+        "img_size": args.img_size,
+    }
     rows = [r for name in args.models for r in bench_model(name, args, matmul_rate)]
     print(f"{meta}\n")
     print("| model | what | samples/s | s/image | vs reference | MFU |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"| {r['model']} | {r['what']} | {r['samples_per_s']:,.0f} | {r['seconds_per_image']:.3f} | "
-              f"{r['vs_reference']:.2f}x | {mfu} |")
+        print(
+            f"| {r['model']} | {r['what']} | {r['samples_per_s']:,.0f} | {r['seconds_per_image']:.3f} | "
+            f"{r['vs_reference']:.2f}x | {mfu} |"
+        )
     write_results(args.out, f"certify_throughput_{args.device}.json", meta, rows)
 
 

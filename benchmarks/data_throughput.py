@@ -50,7 +50,9 @@ def write_imagenet(root: Path, images: int, classes: int = 8, seed: int = 0) -> 
         ch, cw = int(photo.shape[0] * side), int(photo.shape[1] * side)
         y, x = rng.integers(0, photo.shape[0] - ch + 1), rng.integers(0, photo.shape[1] - cw + 1)
         crop = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((w, h), Image.Resampling.BICUBIC)
-        grain = rng.normal(0, 10, size=(h, w, 3))  # upscaled photos are too smooth to weigh what ImageNet's do
+        grain = rng.normal(
+            0, 10, size=(h, w, 3)
+        )  # upscaled photos are too smooth to weigh what ImageNet's do
         pixels = np.clip(np.asarray(crop) + grain, 0, 255).astype(np.uint8)
         folder = root / "train" / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,10 +92,15 @@ def time_loader(dm, batches: int, device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/dmae_data_throughput"))
-    parser.add_argument("--images", type=int, default=384, help="JPEGs in the synthetic ImageNet train folder")
+    parser.add_argument(
+        "--images", type=int, default=384, help="JPEGs in the synthetic ImageNet train folder"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
-        "--workers", type=int, nargs="+", default=list(range(0, (os.cpu_count() or 1) + 1)),
+        "--workers",
+        type=int,
+        nargs="+",
+        default=list(range(0, (os.cpu_count() or 1) + 1)),
         help="loader worker counts; 0 decodes in the main process (the cost of one image, no overlap)",
     )
     parser.add_argument("--pipelines", nargs="+", default=["pil", "tensor", "device"])
@@ -119,7 +126,9 @@ def main() -> None:
     rows = []
     for name, pipeline, augment in configs:
         for workers in args.workers:
-            common = dict(batch_size=args.batch, augment=augment, num_workers=workers, persistent_workers=False)
+            common = dict(
+                batch_size=args.batch, augment=augment, num_workers=workers, persistent_workers=False
+            )
             if name == "imagenet":
                 dm = ImageNetDataModule(args.root / "imagenet", num_classes=8, pipeline=pipeline, **common)
             elif name == "cifar10":

@@ -42,7 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--forward-images", type=int, default=10, help="ViT-B forward batch (time scaled to 100)")
+    parser.add_argument(
+        "--forward-images", type=int, default=10, help="ViT-B forward batch (time scaled to 100)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/local/...)")
     args = parser.parse_args()
@@ -52,6 +54,7 @@ def main() -> None:
 
     noise_seconds = {}
     for noise in (GaussianNoise(args.sigma), DiscreteGaussianNoise(args.sigma)):
+
         def draw(noise=noise):
             noise.noisy_copies(image, torch.Generator(device=device).manual_seed(1), out)
 
@@ -75,10 +78,18 @@ def main() -> None:
     ]
     print(f"{'noise':<24}{'noise s/block':>14}{'ViT-B s/100':>13}{'noise/fwd':>11}{'cert. slowdown':>16}")
     for r in rows:
-        print(f"{r['noise']:<24}{r['noise_s_per_block']:>14.4f}{r['forward_s_per_100_images']:>13.3f}"
-              f"{r['noise_over_forward']:>10.2%}{r['certification_slowdown_vs_gaussian']:>15.2%}")
-    meta = {**environment(device), "block": [BLOCK, 3, 224, 224], "sigma": args.sigma,
-            "forward_images": args.forward_images, "repeats": args.repeats, "model": "vit_base_patch16_224"}
+        print(
+            f"{r['noise']:<24}{r['noise_s_per_block']:>14.4f}{r['forward_s_per_100_images']:>13.3f}"
+            f"{r['noise_over_forward']:>10.2%}{r['certification_slowdown_vs_gaussian']:>15.2%}"
+        )
+    meta = {
+        **environment(device),
+        "block": [BLOCK, 3, 224, 224],
+        "sigma": args.sigma,
+        "forward_images": args.forward_images,
+        "repeats": args.repeats,
+        "model": "vit_base_patch16_224",
+    }
     write_results(args.out, f"noise_cost_{device}.json", meta, rows)
 
 

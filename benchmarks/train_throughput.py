@@ -234,7 +234,9 @@ def main() -> None:
         "--repeats", type=int, default=1, help="runs per configuration; the fastest is kept (shared machines)"
     )
     parser.add_argument(
-        "--out", default=None, help="JSON file (default benchmarks/results/local/train_throughput_<device>.json)"
+        "--out",
+        default=None,
+        help="JSON file (default benchmarks/results/local/train_throughput_<device>.json)",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = parser.parse_args()

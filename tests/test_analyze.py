@@ -45,7 +45,11 @@ def test_envelope_is_the_best_per_radius(two_runs, tmp_path, capsys):
     )  # lower bounds: k* = 1 (P(Bin(5, 0.001) > 1) = 1e-5 <= rho = 0.001 < P(Bin(5, 0.001) > 0)), no envelope
     assert (out / "analysis.md").read_text() == expected_md
     tex = (out / "analysis.tex").read_text()
-    assert "best & 80.0 & 60.0 & 40.0 & 20.0 &  \\\\" in tex and "0.25 & 80.0 & 60.0 & 20.0 & 0.0 & 0.260" in tex and "$r=0.25$" in tex
+    assert (
+        "best & 80.0 & 60.0 & 40.0 & 20.0 &  \\\\" in tex
+        and "0.25 & 80.0 & 60.0 & 20.0 & 0.0 & 0.260" in tex
+        and "$r=0.25$" in tex
+    )
     assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert expected_md.strip() in printed and "\\begin{tabular}{lrrrrr}" in printed
@@ -55,7 +59,8 @@ def test_explicit_radii_and_single_run_written_next_to_it(two_runs, tmp_path, mo
     monkeypatch.chdir(tmp_path / "s050")  # not the current directory: next to the input
     assert main([str(two_runs[0]), "--radii", "0.3", "0.6"]) == 0
     assert (two_runs[0] / "analysis.md").read_text().splitlines()[4:6] == [
-        "| 0.25 | 60.0 | 20.0 | 0.260 |", "| 0.25 lower bound | 40.0 | 0.0 |  |"
+        "| 0.25 | 60.0 | 20.0 | 0.260 |",
+        "| 0.25 lower bound | 40.0 | 0.0 |  |",
     ]
     assert not (tmp_path / "s050" / "analysis.md").exists()
 
@@ -104,7 +109,8 @@ def test_another_noise_distribution_is_another_table(two_runs, tmp_path):
     assert main([*map(str, two_runs), str(other), "--radii", "0", "0.5", "--out", str(out)]) == 0
     tables = (out / "analysis.md").read_text().split("### ")[1:]
     assert len(tables) == 2 and {t.split(",")[0].split(":")[0] for t in tables} == {
-        "noise=dmae_lightning.noise.GaussianNoise", "noise=dmae_lightning.noise.DiscreteGaussianNoise"
+        "noise=dmae_lightning.noise.GaussianNoise",
+        "noise=dmae_lightning.noise.DiscreteGaussianNoise",
     }
 
 
@@ -118,8 +124,14 @@ def test_runs_as_a_module(two_runs, tmp_path):
 
 
 def test_sequential_runs_show_their_samples_and_saving(tmp_path):
-    run = make_run(tmp_path / "seq", 0.25, [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)], mode="certify",
-                   samples=4_000, saving_vs_fixed_n=10.1)
+    run = make_run(
+        tmp_path / "seq",
+        0.25,
+        [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)],
+        mode="certify",
+        samples=4_000,
+        saving_vs_fixed_n=10.1,
+    )
     assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "analysis.md").read_text()
     assert "| 0.25 | 75.0 | 50.0 | 0.312 |" in text
@@ -135,18 +147,23 @@ def test_several_latest_links_of_one_sigma_give_one_row_each(tmp_path, capsys):
         (tmp_path / name / "latest").symlink_to(target.name, target_is_directory=True)
         links.append(tmp_path / name / "latest")
     out = tmp_path / "report"
-    assert main([*map(str, links), str(tmp_path / "run_a" / "3f2a1b4c"), "--radii", "0", "--out", str(out)]) == 0
+    assert (
+        main([*map(str, links), str(tmp_path / "run_a" / "3f2a1b4c"), "--radii", "0", "--out", str(out)]) == 0
+    )
     text = (out / "analysis.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 0.25") and "lower bound" not in line]
     assert rows == [  # ACR (0.3 + 0.1) / 2 for the runs that got both images right
-        "| 0.25 (run_a/3f2a1b4c) | 100.0 | 0.200 |", "| 0.25 (run_b/3f2a1b4c) | 0.0 | 0.000 |",
+        "| 0.25 (run_a/3f2a1b4c) | 100.0 | 0.200 |",
+        "| 0.25 (run_b/3f2a1b4c) | 0.0 | 0.000 |",
         "| 0.25 (run_c/3f2a1b4c) | 100.0 | 0.200 |",
     ]
     assert len([line for line in text.splitlines() if line.startswith("| 0.25 (run_")]) == 6  # + lower bounds
     assert "is the run" in capsys.readouterr().err and "counted once" not in text
 
 
-@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="needs a second top-level directory (/dev/shm)")
+@pytest.mark.skipif(
+    not os.access("/dev/shm", os.W_OK), reason="needs a second top-level directory (/dev/shm)"
+)
 def test_runs_sharing_only_the_root_need_out(tmp_path, capsys):
     """Issue 22: two runs in different top-level directories without --out tried to write /analysis.png."""
     elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
@@ -169,7 +186,9 @@ def test_damaged_summaries_and_an_unwritable_out_are_one_line(two_runs, tmp_path
         else:
             summary.write_text(text or summary.read_text()[:40])
         bad[name] = summary
-    assert main([*map(str, two_runs), *(str(p.parent) for p in bad.values()), "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main([*map(str, two_runs), *(str(p.parent) for p in bad.values()), "--out", str(tmp_path / "r")]) == 0
+    )
     err = capsys.readouterr().err
     assert f"analyze: skipping {bad['list']}: a JSON list, not a run summary" in err
     assert f"analyze: skipping {bad['half']}: sigma must be a number > 0, got 'half'" in err

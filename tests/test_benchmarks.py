@@ -17,7 +17,9 @@ import common  # noqa: E402  (benchmarks/common.py: the scripts import it the sa
 def test_results_go_to_an_ignored_folder_unless_out_names_a_file(tmp_path, monkeypatch):
     tracked = sorted(p.name for p in common.RESULTS.glob("*.json"))
     assert "certify_throughput_cpu.json" in tracked
-    monkeypatch.setattr(common, "LOCAL_RESULTS", tmp_path / "local")  # the same rule, without touching the repo
+    monkeypatch.setattr(
+        common, "LOCAL_RESULTS", tmp_path / "local"
+    )  # the same rule, without touching the repo
     path = common.write_results(None, "certify_throughput_cpu.json", {"device": "cpu"}, [{"x": 1}])
     assert path == tmp_path / "local" / "certify_throughput_cpu.json"
     assert json.loads(path.read_text()) == {"meta": {"device": "cpu"}, "results": [{"x": 1}]}
@@ -27,5 +29,7 @@ def test_results_go_to_an_ignored_folder_unless_out_names_a_file(tmp_path, monke
     default = (REPO / "benchmarks" / "results" / "local" / "certify_throughput_cpu.json").relative_to(REPO)
     ignored = subprocess.run(["git", "check-ignore", "-q", str(default)], cwd=REPO)
     assert ignored.returncode == 0, f"{default} is not git-ignored"
-    record = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/certify_throughput_cpu.json"], cwd=REPO)
+    record = subprocess.run(
+        ["git", "check-ignore", "-q", "benchmarks/results/certify_throughput_cpu.json"], cwd=REPO
+    )
     assert record.returncode == 1

@@ -37,7 +37,11 @@ def recompute(model: torch.nn.Module, dataset, sigma: float) -> dict[str, float]
         outcomes.append((prediction == label, radius, prediction == -1))
     count = len(outcomes)
     reach = sigma * norm.ppf(SETTINGS["alpha"] ** (1 / SETTINGS["n"]))  # 0.308: n = 60 cannot certify 0.5
-    metrics = {f"cert/acc@{r:g}": sum(ok and rad >= r for ok, rad, _ in outcomes) / count for r in RADII if r <= reach}
+    metrics = {
+        f"cert/acc@{r:g}": sum(ok and rad >= r for ok, rad, _ in outcomes) / count
+        for r in RADII
+        if r <= reach
+    }
     metrics["cert/acr"] = sum(rad for ok, rad, _ in outcomes if ok) / count
     metrics["cert/abstain_rate"] = sum(abstain for *_, abstain in outcomes) / count
     return metrics
@@ -126,7 +130,9 @@ def test_ranks_split_the_images_and_sum_the_counts(fitted):
     sizes, rows = store  # rank 1's: its image count, then its records
     assert int(sizes) == 6 and rows.shape == (6, 4)  # 12 images, 6 per rank
     spacing = len(datamodule.dataset("val")) // 12
-    assert sorted(int(i) for i in rows[:, 0]) == [spacing * k for k in range(1, 12, 2)]  # rank 1: odd positions
+    assert sorted(int(i) for i in rows[:, 0]) == [
+        spacing * k for k in range(1, 12, 2)
+    ]  # rank 1: odd positions
 
 
 @pytest.mark.parametrize(

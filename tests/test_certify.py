@@ -99,7 +99,9 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
     assert binom.sf(0, 12, 0.001) > 0.001 >= binom.sf(1, 12, 0.001)
     assert (on_disk["rho"], on_disk["false_certificates_allowed"]) == (0.001, 1)
     expected_bound = {key: max(12 * acc - 1, 0) / 12 for key, acc in reachable.items()}
-    assert {k: on_disk["certified_accuracy_lower_bound"][k] for k in reachable} == pytest.approx(expected_bound)
+    assert {k: on_disk["certified_accuracy_lower_bound"][k] for k in reachable} == pytest.approx(
+        expected_bound
+    )
     assert on_disk["num_images"] == 12
     assert (on_disk["sigma"], on_disk["n0"], on_disk["n"], on_disk["alpha"]) == (SIGMA, 10, 100, 0.001)
     assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "fp32", False)
@@ -179,7 +181,9 @@ def test_skip_wrong_guess_keeps_certified_accuracy(base, ckpt, tmp_path):
     skipped = run(tmp_path / "skip_wrong", ckpt, "skip_wrong_guess=true")
     assert skipped["certified_accuracy"] == summary["certified_accuracy"]
     assert skipped["average_certified_radius"] == summary["average_certified_radius"]
-    assert skipped["abstain_rate"] is None and summary["abstain_rate"] is not None  # not measurable when skipping
+    assert (
+        skipped["abstain_rate"] is None and summary["abstain_rate"] is not None
+    )  # not measurable when skipping
     reference = {r.idx: r for r in read_records(out / "certify.tsv", CertifyRecord)}
     for r in read_records(tmp_path / "skip_wrong" / "certify.tsv", CertifyRecord):
         full = reference[r.idx]
@@ -396,7 +400,9 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
     for name, change in {
         "nan": lambda st: st["state_dict"]["model.head.weight"].view(-1).__setitem__(3, float("nan")),
         "pretrain": lambda st: st["hyper_parameters"].__setitem__("model_name", "dmae_vit_micro_patch4"),
-        "overflow": lambda st: st["state_dict"]["model.head.weight"].fill_(3e38),  # finite weights, inf logits
+        "overflow": lambda st: st["state_dict"]["model.head.weight"].fill_(
+            3e38
+        ),  # finite weights, inf logits
     }.items():
         state = torch.load(ckpt, weights_only=True)
         change(state)
@@ -422,8 +428,10 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["split=dev"], "split must be one of train|val|test"),
         (["radii=[0.5,-1]"], "radii must be null or a non-empty list of numbers >= 0"),
         (["trainer.precision=bf16-mixed"], "leave it at 32-true"),
-        (["noise=discrete_gaussian_sigma_0.25"],  # digits are in 1/16 steps, bicubic-resized: not 8-bit
-         "noise discrete_sigma0.25 on digits: discrete noise needs 8-bit images"),
+        (
+            ["noise=discrete_gaussian_sigma_0.25"],  # digits are in 1/16 steps, bicubic-resized: not 8-bit
+            "noise discrete_sigma0.25 on digits: discrete noise needs 8-bit images",
+        ),
     ],
 )
 def test_bad_settings_rejected_before_sampling(ckpt, tmp_path, overrides, message):
@@ -455,7 +463,9 @@ def test_bad_checkpoints_rejected(bad_files, tmp_path, which, message):
 def test_a_classifier_with_non_finite_logits_is_never_certified(bad_files, tmp_path):
     """Finite weights whose logits overflow: argmax would return class 0 for every draw and certify the
     largest radius; the job stops on the first image instead, naming it, and writes no result."""
-    with pytest.raises(ConfigError, match=r"^image 0: the base classifier returned NaN/Inf logits for \d+ of 10 "):
+    with pytest.raises(
+        ConfigError, match=r"^image 0: the base classifier returned NaN/Inf logits for \d+ of 10 "
+    ):
         run(tmp_path / "overflow", bad_files["overflow"], "max=3")
     assert not (tmp_path / "overflow" / "certify.tsv").exists()
     shard = tmp_path / "overflow" / "certify.rank0.tsv"

@@ -105,8 +105,11 @@ def test_records_and_summary(sequential):
     saving = summary["fixed_n_samples"] / summary["samples"]
     assert report(summary).splitlines()[-1] == (
         f"certify_radii used {summary['samples']:,} noisy samples where fixed-n certify would use "
-        f"{24 * 1010:,} (n0 + n per image): {saving:.1f}x fewer")
-    expected = {f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)}
+        f"{24 * 1010:,} (n0 + n per image): {saving:.1f}x fewer"
+    )
+    expected = {
+        f"{g:g}": sum(r.radius is not None and r.radius >= g for r in records) / 24 for g in (0, 0.25, 0.5)
+    }
     assert summary["certified_accuracy"] == pytest.approx(expected)
     # issue 22: no "ACR" of grid radii (0.467 beside CERTIFY's 0.580 on the quickstart: not comparable)
     assert summary["average_certified_radius"] is None and "ACR" not in report(summary)
@@ -128,7 +131,9 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)]
     for batch in (70, 1000):
         run(tmp_path / f"b{batch}", ckpt, *RADII, f"batch={batch}")
-        got = [record_tuple(r) for r in read_records(tmp_path / f"b{batch}" / "certify_radii.tsv", RadiiRecord)]
+        got = [
+            record_tuple(r) for r in read_records(tmp_path / f"b{batch}" / "certify_radii.tsv", RadiiRecord)
+        ]
         assert got == reference
     # A session killed after 10 images (its shard and recorded settings), then the same command.
     resumed = tmp_path / "resume"
@@ -145,8 +150,14 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):
     out, _ = sequential
-    args = [f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'logs'}", *overrides_with(*RADII, "max=11"),
-            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    args = [
+        f"ckpt_path={ckpt}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *overrides_with(*RADII, "max=11"),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     log = tmp_path / "out.log"
     proc = script(log, *args)
     output = finish(proc, log, 400)
@@ -164,7 +175,10 @@ def test_an_image_without_a_label_is_refused():
         smooth.run(procedure, [(3, x, -1)], batch_size=100)
     with pytest.raises(ValueError, match="image 4: label 2 is not a class of this 2-class model"):
         smooth.run(procedure, [(4, x, 2)], batch_size=100)
-    assert smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n in procedure.test(GaussianNoise(SIGMA)).looks()  # still usable
+    assert (
+        smooth.run(procedure, [(5, x, 1)], batch_size=100)[0].n
+        in procedure.test(GaussianNoise(SIGMA)).looks()
+    )  # still usable
 
 
 def test_draws_come_from_its_own_noise_stage():

@@ -41,14 +41,30 @@ def official_pretrain_ckpt(model) -> dict:
     return {
         "model": sd,
         "optimizer": {
-            "state": {0: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+            "state": {
+                0: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+            },
             "param_groups": [{"lr": 1.5e-4, "betas": (0.9, 0.95), "weight_decay": 0.05, "params": [0]}],
         },
         "epoch": 5,
-        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                   "_growth_tracker": 17},
-        "args": argparse.Namespace(batch_size=64, model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True,
-                                   blr=1.5e-4, lr=None, output_dir="./output_dir", resume="", sigma=0.25),
+        "scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 17,
+        },
+        "args": argparse.Namespace(
+            batch_size=64,
+            model="mae_vit_base_patch16",
+            mask_ratio=0.75,
+            norm_pix_loss=True,
+            blr=1.5e-4,
+            lr=None,
+            output_dir="./output_dir",
+            resume="",
+            sigma=0.25,
+        ),
     }
 
 
@@ -98,7 +114,9 @@ def test_official_pretrain_into_classifier_keeps_encoder_only(pretrained):
 
     assert report.reinitialised == ["fc_norm", "head"]
     assert all(k.startswith(("decoder_", "mask_token", "norm.")) for k in report.dropped)
-    assert {"mask_token", "decoder_pred.weight", "decoder_pos_embed", "norm.weight", "norm.bias"} <= set(report.dropped)
+    assert {"mask_token", "decoder_pred.weight", "decoder_pos_embed", "norm.weight", "norm.bias"} <= set(
+        report.dropped
+    )
     assert torch.equal(clf.head.weight, fresh_head)
     assert abs(float(clf.head.weight.detach().std()) / 2e-5 - 1) < 0.5
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.mlp.fc2.bias"):
@@ -111,7 +129,9 @@ def test_official_pretrain_into_classifier_keeps_encoder_only(pretrained):
     hook = clf.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.append(out))
     with torch.no_grad():
         feats = clf.forward_features(imgs)
-        latent, mask, ids_restore = src.forward_encoder(src.pixel_input(imgs), 0.0, torch.Generator().manual_seed(0))
+        latent, mask, ids_restore = src.forward_encoder(
+            src.pixel_input(imgs), 0.0, torch.Generator().manual_seed(0)
+        )
     hook.remove()
     assert mask.sum() == 0
     tokens = captured[0]  # [B, 1+L, D]
@@ -129,8 +149,17 @@ def test_official_pretrain_into_classifier_keeps_encoder_only(pretrained):
 def timm_finetuned():
     """A fine-tuned classifier saved by timm's own VisionTransformer (global_pool avg -> fc_norm, no norm)."""
     torch.manual_seed(4)
-    ref = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10,
-                            global_pool="avg", fc_norm=True, qkv_bias=True)
+    ref = VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        global_pool="avg",
+        fc_norm=True,
+        qkv_bias=True,
+    )
     return scramble(ref, seed=12)
 
 
@@ -180,8 +209,14 @@ def lightning_ckpt(model, prefix: str = "model.") -> dict:
     return {
         "state_dict": state,
         "pytorch-lightning_version": "2.6.6",
-        "hyper_parameters": {"model": {"name": "vit_micro_patch4", "num_classes": 10}, "lr": 5e-4,
-                             "sigma": 0.25, "betas": (0.9, 0.999), "tags": ["a", "b"], "ckpt": None},
+        "hyper_parameters": {
+            "model": {"name": "vit_micro_patch4", "num_classes": 10},
+            "lr": 5e-4,
+            "sigma": 0.25,
+            "betas": (0.9, 0.999),
+            "tags": ["a", "b"],
+            "ckpt": None,
+        },
         "epoch": 1,
         "global_step": 10,
         "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1]}]}],
@@ -334,7 +369,9 @@ def test_code_in_checkpoint_is_never_run(tmp_path, where):
     }[where]
     path = tmp_path / "evil.pth"
     torch.save(obj, path)
-    with pytest.raises(ValueError, match=r"is not a loadable PyTorch checkpoint: it holds a pickled .*write_marker"):
+    with pytest.raises(
+        ValueError, match=r"is not a loadable PyTorch checkpoint: it holds a pickled .*write_marker"
+    ):
         load_weights(create_model("vit_micro_patch8"), path)
     assert not marker.exists()
     with pytest.raises(ValueError) as err:
@@ -371,7 +408,9 @@ def test_not_a_checkpoint(tmp_path):
     zipped = tmp_path / "bad.zip"
     zipped.write_bytes(b"PK\x03\x04" + random.Random(1).randbytes(200))
     for path in (noise, text, empty, zipped):
-        with pytest.raises(ValueError, match=r"is not a loadable PyTorch checkpoint: damaged or not in PyTorch's") as err:
+        with pytest.raises(
+            ValueError, match=r"is not a loadable PyTorch checkpoint: damaged or not in PyTorch's"
+        ) as err:
             load_weights(model, path)
         assert str(path) in assert_one_line(err)
 
@@ -440,7 +479,9 @@ def test_pretrain_checkpoint_needs_its_decoder(tmp_path):
     """A classifier checkpoint has no decoder: a pre-training model must not silently keep a random one."""
     path = tmp_path / "clf.pth"
     torch.save(create_model("vit_micro_patch4").state_dict(), path)
-    with pytest.raises(ValueError, match=r"missing: .*decoder_.*; unexpected: fc_norm.bias, fc_norm.weight, head"):
+    with pytest.raises(
+        ValueError, match=r"missing: .*decoder_.*; unexpected: fc_norm.bias, fc_norm.weight, head"
+    ):
         load_weights(create_model("dmae_vit_micro_patch4"), path)
 
 
@@ -450,6 +491,8 @@ def test_load_report_is_one_short_line():
 
     dropped = [f"decoder_blocks.{i}.weight" for i in range(23)]
     report = LoadReport(layout="official", reinitialised=["head"], dropped=dropped)
-    assert str(report) == ("fresh 1 (head); dropped 23 (decoder_blocks.0.weight, decoder_blocks.1.weight, "
-                           "decoder_blocks.2.weight and 20 more)")
+    assert str(report) == (
+        "fresh 1 (head); dropped 23 (decoder_blocks.0.weight, decoder_blocks.1.weight, "
+        "decoder_blocks.2.weight and 20 more)"
+    )
     assert str(LoadReport(layout="lightning")) == "every tensor loaded as is"

@@ -68,7 +68,9 @@ def test_compiled_pretraining_steps_match_eager_and_checkpoints_load_both_ways(
     plain = create_model("dmae_vit_micro_patch4")
     assert load_weights(plain, compiled_ckpt).layout == "lightning"
     saved = torch.load(compiled_ckpt, weights_only=True)["state_dict"]
-    torch.testing.assert_close(plain.state_dict()["blocks.0.attn.qkv.weight"], saved["model.blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(
+        plain.state_dict()["blocks.0.attn.qkv.weight"], saved["model.blocks.0.attn.qkv.weight"]
+    )
     compiled = build(True)
     compiled.load_state_dict(torch.load(eager_ckpt, weights_only=True)["state_dict"])
 

@@ -89,15 +89,26 @@ def test_sweep_points_get_distinct_run_directories(monkeypatch):
         # issue 22: refused at build (before: tracebacks at the first step, or a run that trained nothing)
         (["trainer.max_epochs=abc"], r"trainer.max_epochs must be an integer >= 1 .*got 'abc'"),
         (["trainer.max_epochs=0"], r"trainer.max_epochs must be an integer >= 1"),
-        (["trainer.max_epochs=-1"], r"trainer.max_epochs must be an integer >= 1 \(or -1 with trainer.max_steps\)"),
-        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
+        (
+            ["trainer.max_epochs=-1"],
+            r"trainer.max_epochs must be an integer >= 1 \(or -1 with trainer.max_steps\)",
+        ),
+        (
+            ["trainer.accumulate_grad_batches=0"],
+            "trainer.accumulate_grad_batches must be an integer >= 1, got 0",
+        ),
         (["seed=-1"], r"seed must be an integer in \[0, 2\^32\), got -1"),
         (["task.module.optimizer.name=adamww"], "unknown optimizer 'adamww': use 'adamw' or 'lars'"),
-        (["+task.module.optimizer.lr=0.1"], "task.module.optimizer has no key 'lr': the keys are name, base_lr"),
+        (
+            ["+task.module.optimizer.lr=0.1"],
+            "task.module.optimizer has no key 'lr': the keys are name, base_lr",
+        ),
         (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU: on the CPU use bf16-mixed"),
         # issue 21.3: refused at build, not by a traceback at the first certification epoch
-        (["experiment=finetune_digits", "noise=discrete_gaussian_sigma_0.25"],
-         r"^CertificationCallback on the val split: discrete noise needs 8-bit images"),
+        (
+            ["experiment=finetune_digits", "noise=discrete_gaussian_sigma_0.25"],
+            r"^CertificationCallback on the val split: discrete noise needs 8-bit images",
+        ),
         (
             [
                 "experiment=pretrain_cifar10_continue",
@@ -144,8 +155,9 @@ def test_every_data_set_takes_the_run_seed(data, tmp_path):
 @pytest.mark.parametrize("experiment", ["pretrain_digits", "finetune_digits"])
 def test_digits_experiments_run_with_another_seed(experiment, tmp_path):
     """README quickstart override ``seed=1``: the logger merges module and data hparams (issue 17.4.1)."""
-    cfg = compose_train([f"experiment={experiment}", "seed=1", "+trainer.fast_dev_run=1", "data.batch_size=16"],
-                        tmp_path)
+    cfg = compose_train(
+        [f"experiment={experiment}", "seed=1", "+trainer.fast_dev_run=1", "data.batch_size=16"], tmp_path
+    )
     assert cfg.logger and cfg.task.module.seed == 1
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -159,8 +159,10 @@ def test_data_error_raised_in_a_worker_keeps_its_line():
     (ExceptionWrapper): a DataError keeps its one line; BrokenImageError its fields too."""
     from torch._utils import ExceptionWrapper
 
-    for raised in (DataError("streaming shards /s: item 3 cannot be decoded: bad"),
-                   BrokenImageError("/data/train/n01/x (1).JPEG", 7, "image file is truncated (2 bytes not processed)")):
+    for raised in (
+        DataError("streaming shards /s: item 3 cannot be decoded: bad"),
+        BrokenImageError("/data/train/n01/x (1).JPEG", 7, "image file is truncated (2 bytes not processed)"),
+    ):
         try:
             raise raised
         except DataError:
@@ -201,7 +203,9 @@ def test_decompression_bomb_is_one_line_naming_the_file(tmp_path: Path, split: s
     with pytest.raises(BrokenImageError) as info:
         dataset[index]
     message = str(info.value)
-    assert message.startswith(f"image {index} ({bomb}) cannot be decoded: Image size (225000000 pixels) exceeds")
+    assert message.startswith(
+        f"image {index} ({bomb}) cannot be decoded: Image size (225000000 pixels) exceeds"
+    )
     assert "\n" not in message
 
 
@@ -306,7 +310,10 @@ def test_cifar_download_without_network_is_one_line(tmp_path: Path, monkeypatch:
         "cannot download CIFAR-10 ([Errno -3] Temporary failure in name resolution): put the files in "
         f"{tmp_path / 'cifar-10-batches-py'} as the python batches"
     )
-    for step in (dm.prepare_data, lambda: dm.setup("fit")):  # Lightning's prepare_data; the training job's setup
+    for step in (
+        dm.prepare_data,
+        lambda: dm.setup("fit"),
+    ):  # Lightning's prepare_data; the training job's setup
         with pytest.raises(DataError) as info:
             step()
         assert str(info.value) == expected
@@ -502,7 +509,9 @@ def test_randaugment_of_the_paper_runs_on_the_installed_pillow():
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
-    transform = rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 100, "img_mean": (124, 116, 104)})
+    transform = rand_augment_transform(
+        "rand-m9-mstd0.5-inc1", {"translate_const": 100, "img_mean": (124, 116, 104)}
+    )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     random.seed(0)
     for _ in range(3000):  # posterize at magnitude ~0 is drawn well within this many calls

@@ -48,8 +48,13 @@ def chi_square_pvalue(samples: np.ndarray, sigma: float) -> float:
     lo, hi = keep[0], keep[-1]
     # cells: everything up to lo, lo+1 .. hi-1, everything from hi (the exact tails beyond the range added)
     obs = np.concatenate([[observed[: lo + 1].sum()], observed[lo + 1 : hi], [observed[hi:].sum()]])
-    exp = np.concatenate([[norm.cdf((2 * levels[lo] + 1) / (510 * sigma)) * len(samples)], expected[lo + 1 : hi],
-                          [norm.sf((2 * levels[hi] - 1) / (510 * sigma)) * len(samples)]])
+    exp = np.concatenate(
+        [
+            [norm.cdf((2 * levels[lo] + 1) / (510 * sigma)) * len(samples)],
+            expected[lo + 1 : hi],
+            [norm.sf((2 * levels[hi] - 1) / (510 * sigma)) * len(samples)],
+        ]
+    )
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
@@ -83,7 +88,10 @@ def test_noisy_copies_are_integer_levels_over_255_and_clipped():
 def test_noisy_copies_reproducible_from_the_generator_alone():
     noise = DiscreteGaussianNoise(0.25)
     image = torch.randint(0, 256, (3, 8, 8)) / 255
-    draw = [noise.noisy_copies(image, torch.Generator().manual_seed(s), torch.empty(100, 3, 8, 8)) for s in (7, 7, 8)]
+    draw = [
+        noise.noisy_copies(image, torch.Generator().manual_seed(s), torch.empty(100, 3, 8, 8))
+        for s in (7, 7, 8)
+    ]
     assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
 
 
@@ -103,13 +111,23 @@ def test_tv_deduction_against_an_independent_exact_computation(sigma):
     thresholds, low, _ = _discrete_gaussian_table(sigma)
     # independent: rationals for the sampled pmf, erfc at 80 digits for the exact one
     with mpmath.workdps(80):
+
         def cdf(i):  # P(noise level <= i), tails merged into the end levels
             return mpmath.erfc(-(2 * i + 1) / (510 * mpmath.mpf(sigma)) / mpmath.sqrt(2)) / 2
 
         edges = [Fraction(0), *(Fraction(t, 2**62) for t in thresholds), Fraction(1)]
         exact = [mpmath.mpf(0), *(cdf(i) for i in range(low, -low)), mpmath.mpf(1)]
-        tv = sum(abs(mpmath.mpf(b.numerator) / b.denominator - mpmath.mpf(a.numerator) / a.denominator - (y - x))
-                 for a, b, x, y in zip(edges, edges[1:], exact, exact[1:])) / 2
+        tv = (
+            sum(
+                abs(
+                    mpmath.mpf(b.numerator) / b.denominator
+                    - mpmath.mpf(a.numerator) / a.denominator
+                    - (y - x)
+                )
+                for a, b, x, y in zip(edges, edges[1:], exact, exact[1:])
+            )
+            / 2
+        )
     assert noise.tv >= tv and noise.tv == pytest.approx(float(tv), rel=1e-12)
     assert noise.tv <= len(edges) * 2.0**-63  # each threshold off by at most half a step
     assert noise.deduction >= D_MAX * tv and noise.deduction == pytest.approx(D_MAX * float(tv), rel=1e-12)
@@ -125,14 +143,21 @@ def test_radius_and_probability_for_radius_are_inverse_with_the_deduction(sigma)
         assert noise.probability_for_radius(noise.radius(p)) == pytest.approx(p, abs=1e-14)
     assert noise.probability_for_radius(0.0) == 0.5 + noise.deduction
     assert noise.radius(0.5) < 0 and noise.radius(0.5 + 2 * noise.deduction) > 0
-    assert noise.radius(0.0) == noise.radius(noise.deduction / 2) == GaussianNoise(sigma).radius(0.0) == -math.inf
+    assert (
+        noise.radius(0.0)
+        == noise.radius(noise.deduction / 2)
+        == GaussianNoise(sigma).radius(0.0)
+        == -math.inf
+    )
 
 
 def test_check_input_refuses_off_grid_and_oversized_images():
     noise = DiscreteGaussianNoise(0.25)
     noise.check_input(torch.randint(0, 256, (3, 32, 32)) / 255)
     noise.check_input(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8).double() / 255)
-    with pytest.raises(ValueError, match=r"8-bit images \(pixels k/255, e.g. CIFAR-10/ImageNet, .*this one is 0.00196 off"):
+    with pytest.raises(
+        ValueError, match=r"8-bit images \(pixels k/255, e.g. CIFAR-10/ImageNet, .*this one is 0.00196 off"
+    ):
         noise.check_input(torch.full((3, 4, 4), 0.5))
     digits = DigitsDataModule().dataset("test")[0][0]  # [3,32,32]: 1/16 steps, bilinearly upsampled
     levels = digits.double().numpy() * 255
@@ -143,7 +168,9 @@ def test_check_input_refuses_off_grid_and_oversized_images():
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
         noise.check_input(torch.zeros(1).expand(3, 2400, 2400))
     with pytest.raises(ValueError, match=f"more than the {D_MAX}"):
-        noise.noisy_copies(torch.zeros(1).expand(3, 2400, 2400), torch.Generator(), torch.empty(0, 3, 2400, 2400))
+        noise.noisy_copies(
+            torch.zeros(1).expand(3, 2400, 2400), torch.Generator(), torch.empty(0, 3, 2400, 2400)
+        )
     with pytest.raises(ValueError, match="noise.sigma must be a finite number > 0"):
         DiscreteGaussianNoise(0.0)
 
@@ -185,10 +212,19 @@ def exact_level_sum_probability(sigma: float, levels: tuple[int, ...]) -> float:
 def certify_level_sums(alpha: float):
     """The project's Smooth.run(Certify) with DiscreteGaussianNoise(0.25) on 7 images x 30 seeds (idx) around
     LevelSumClassifier's boundary; returns (records, exact P(f = 1) per record)."""
-    configs = [(80, 100, 120), (100, 120, 140), (118, 128, 138), (115, 135, 155), (130, 150, 170),
-               (150, 170, 190), (180, 200, 220)]  # level sums 300 .. 600 around the threshold 382
-    images = [(idx, torch.tensor(configs[idx % 7], dtype=torch.float32).reshape(1, 1, 3) / 255, 1)
-              for idx in range(7 * 30)]  # [1,1,3] each
+    configs = [
+        (80, 100, 120),
+        (100, 120, 140),
+        (118, 128, 138),
+        (115, 135, 155),
+        (130, 150, 170),
+        (150, 170, 190),
+        (180, 200, 220),
+    ]  # level sums 300 .. 600 around the threshold 382
+    images = [
+        (idx, torch.tensor(configs[idx % 7], dtype=torch.float32).reshape(1, 1, 3) / 255, 1)
+        for idx in range(7 * 30)
+    ]  # [1,1,3] each
     smooth = Smooth(LevelSumClassifier(), 2, DiscreteGaussianNoise(0.25))
     records = smooth.run(Certify(n0=100, n=1000, alpha=alpha), images, batch_size=1000, seed=3)
     p_one = {c: exact_level_sum_probability(0.25, c) for c in configs}
@@ -201,15 +237,19 @@ def test_smooth_certificates_never_exceed_the_exact_radius_beyond_alpha():
     false, which must happen with probability <= alpha per certificate."""
     alpha = 0.1
     records, p_one = certify_level_sums(alpha)
-    certified = [(r, p if r.predict == 1 else 1 - p) for r, p in zip(records, p_one) if r.predict != Smooth.ABSTAIN]
+    certified = [
+        (r, p if r.predict == 1 else 1 - p) for r, p in zip(records, p_one) if r.predict != Smooth.ABSTAIN
+    ]
     assert len(certified) > 150 and {r.predict for r, _ in certified} == {0, 1}
     exact_radius = [0.25 * norm.ppf(p) for _, p in certified]
     false = sum(r.radius > exact for (r, _), exact in zip(certified, exact_radius))
     assert false <= binom.ppf(0.999, len(certified), alpha)
     # the check has power: the same counts turned into radii with a 20% larger sigma are caught
     wrong = DiscreteGaussianNoise(0.3)
-    false_wrong = sum(wrong.radius(lower_confidence_bound(r.n_a, r.n, alpha)) > exact
-                      for (r, _), exact in zip(certified, exact_radius))
+    false_wrong = sum(
+        wrong.radius(lower_confidence_bound(r.n_a, r.n, alpha)) > exact
+        for (r, _), exact in zip(certified, exact_radius)
+    )
     assert false_wrong > binom.ppf(0.999, len(certified), alpha)
 
 

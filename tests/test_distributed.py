@@ -24,8 +24,13 @@ from helpers.rundirs import single_run_dir
 
 DDP = ("hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp")
 # 64 images / 2 ranks / batch 16 = 2 steps per epoch: 3 steps cross an epoch end (last.ckpt is written).
-SMALL = ("model=vit_micro_patch8", "data.subset_first=64", "data.batch_size=16", "+trainer.max_steps=3",
-         "+callbacks.probe._target_=helpers.probes.NoiseProbe")
+SMALL = (
+    "model=vit_micro_patch8",
+    "data.subset_first=64",
+    "data.batch_size=16",
+    "+trainer.max_steps=3",
+    "+callbacks.probe._target_=helpers.probes.NoiseProbe",
+)
 
 
 def subprocess_env(probe_dir: Path, **extra: str) -> dict[str, str]:
@@ -36,10 +41,18 @@ def subprocess_env(probe_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     print(f"python train.py {' '.join(args)}: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -49,12 +62,19 @@ def check_one_run(logs: Path, out: str) -> Path:
     """One run directory, one .hydra, one job log (rank 0's), one CSV run, one checkpoint set."""
     run_dir = single_run_dir(logs)
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
-        "config.yaml", "hydra.yaml", "identity.json", "overrides.yaml", "run.lock"]
+        "config.yaml",
+        "hydra.yaml",
+        "identity.json",
+        "overrides.yaml",
+        "run.lock",
+    ]
     logs_written = sorted(p.name for p in logs.rglob("*.log"))
     assert logs_written == ["train.log"], logs_written  # not train_ddp_process_1.log
     text = (run_dir / "train.log").read_text()
     assert text.count("probe log global_rank=0") == 1 and "probe log global_rank=1" not in text, text
-    assert text.count("run directory:") == 1 and text.count("finished:") == 1, text  # at the start, at the end
+    assert text.count("run directory:") == 1 and text.count("finished:") == 1, (
+        text
+    )  # at the start, at the end
     metrics = list(logs.rglob("metrics.csv"))
     assert metrics == [run_dir / "csv" / "metrics.csv"], metrics
     assert not list(logs.rglob("version_*")), "a second logger version"

@@ -138,7 +138,11 @@ def test_last_checkpoint_every_n_steps(tmp_path):
     datamodule, module, trainer = build(compose(CONF, "train", overrides, output_dir=tmp_path))
     trainer.fit(module, datamodule=datamodule)
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000003.ckpt", "step00000006.ckpt"]
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step00000003.ckpt",
+        "step00000006.ckpt",
+    ]
     assert lightning_ckpt(folder / "last.ckpt")["global_step"] == 6
 
 
@@ -177,20 +181,30 @@ def test_a_second_job_on_a_running_run_directory_is_refused_and_ctrl_c_says_how_
     code, err = finish(train_script(tmp_path, *TINY, "trainer.max_epochs=1000", "run_name=busy"))
     assert code == 1 and err.strip().splitlines()[-1] == (
         f"error: another job is running in {run_dir} (pid {first.pid}): wait for it to finish, or stop it and "
-        "run the same command again to resume"), err[-3000:]
+        "run the same command again to resume"
+    ), err[-3000:]
     assert metric_rows(run_dir)[: len(rows)] == rows
     first.send_signal(signal.SIGINT)
     code, err = finish(first)
-    assert code == 1 and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume", err[-3000:]
+    assert code == 1 and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume", err[
+        -3000:
+    ]
     assert "Traceback" not in err
 
 
 @pytest.mark.slow  # ~5 s: a fresh python holds the lock and is killed
 def test_a_killed_job_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dmae_lightning.jobs.rundir import "
-         "RunDirLock; RunDirLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from dmae_lightning.jobs.rundir import "
+            "RunDirLock; RunDirLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(ConfigError, match=f"another job is running in {tmp_path} \\(pid {holder.pid}\\)"):
@@ -284,7 +298,9 @@ def crashed_run(cfg, crash_at_epoch, epoch: int) -> None:
 def test_resume_appends_to_metrics_csv(resume, tmp_path, crash_at_epoch):
     """The same command without ckpt_path=last resumes too (issue 22.1: it restarted at step 0 over the
     interrupted run's checkpoints and deleted its metrics); a finished run is then left alone."""
-    crashed_run(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1)
+    crashed_run(
+        compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1
+    )
     first = metric_rows(tmp_path)
     assert sorted(latest_by_step(first, "train/loss_step")) == [0, 1, 2, 3]
     metrics = train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2", *resume], output_dir=tmp_path))
@@ -295,8 +311,11 @@ def test_resume_appends_to_metrics_csv(resume, tmp_path, crash_at_epoch):
     if resume:
         return
     # issue 22.1: running a finished run's command again restarted it at step 0 and deleted its history
-    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()
-             and p.name != "run.lock"}
+    files = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.name != "run.lock"
+    }
     assert train(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path)) == metrics
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
     assert lightning_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
@@ -307,7 +326,9 @@ def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path, torn, cras
     """A kill while a row was being written leaves it without its newline: appending must not glue the next
     row onto it (the torn row belongs to a step after the checkpoint, which the resumed run logs again). A
     file without even a whole header is started afresh."""
-    crashed_run(compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1)
+    crashed_run(
+        compose(CONF, "train", [*TINY, "trainer.max_epochs=2"], output_dir=tmp_path), crash_at_epoch, 1
+    )
     metrics = tmp_path / "csv" / "metrics.csv"
     complete = metrics.read_text() if torn == "row" else ""
     metrics.write_text(complete + ("0.5,0,0.12" if torn == "row" else "epoch,lr-Ad"))
@@ -315,7 +336,9 @@ def test_torn_last_row_of_a_killed_run_is_dropped_on_resume(tmp_path, torn, cras
     text = metrics.read_text()
     assert text.startswith(complete or "epoch,lr-AdamW/pg1,") and "0.5,0,0.12" not in text
     assert len({len(row) for row in csv.reader(text.splitlines())}) == 1  # every row has every column
-    assert {r["epoch"] for r in metric_rows(tmp_path) if r.get("val/loss")} == ({"0", "1"} if complete else {"1"})
+    assert {r["epoch"] for r in metric_rows(tmp_path) if r.get("val/loss")} == (
+        {"0", "1"} if complete else {"1"}
+    )
 
 
 def test_kill_during_the_header_rewrite_leaves_metrics_csv_intact(tmp_path, monkeypatch):
@@ -398,7 +421,14 @@ def test_truncated_cifar_batch_is_one_line_naming_the_file(cifar_root, name, dam
 # ============================================================================================== item 5
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *TINY, "trainer.max_epochs=1", f"paths.log_dir={tmp_path}", *args],
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *TINY,
+            "trainer.max_epochs=1",
+            f"paths.log_dir={tmp_path}",
+            *args,
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -459,7 +489,9 @@ def test_plain_malicious_pickle_is_refused_before_anything_is_built(tmp_path):
     bad = malicious_file(tmp_path / "evil.pkl", marker, "pickle")
     with pytest.raises(ConfigError) as info:
         train(compose(CONF, "train", [*TINY, f"ckpt_path={bad}"], output_dir=tmp_path / "run"))
-    assert str(info.value).startswith(f"cannot resume: {bad} is not a loadable PyTorch checkpoint: it holds a")
+    assert str(info.value).startswith(
+        f"cannot resume: {bad} is not a loadable PyTorch checkpoint: it holds a"
+    )
     assert "posix.system" in str(info.value) and "weights_only=False" not in str(info.value)
     assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
 
@@ -483,6 +515,7 @@ def two_epochs(tmp_path_factory, single_thread):
 
     root = tmp_path_factory.mktemp("two_epochs")
     with pytest.MonkeyPatch.context() as mp:
+
         def hook(module):
             if module.current_epoch == 2:
                 raise Crash("killed at the start of epoch 2")
@@ -508,7 +541,9 @@ def test_damaged_last_checkpoint_falls_back_to_the_earlier_one(two_epochs, tmp_p
     truncate(last.resolve())
     with caplog.at_level("WARNING"):
         train(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "ckpt_path=last"], output_dir=run))
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert warnings[0].startswith(f"{last} is not a loadable PyTorch checkpoint: damaged")
     assert warnings[0].endswith(f"resuming from {run / 'checkpoints' / 'step00000004.ckpt'} instead")
@@ -542,7 +577,9 @@ def test_damaged_last_checkpoint_without_fallback_is_one_line(two_epochs, tmp_pa
 
 def test_last_without_any_checkpoint_starts_from_scratch(tmp_path):
     """ckpt_path=last may be set before the first run (a requeued job's command): no checkpoint, step 0."""
-    metrics = train(compose(CONF, "train", [*TINY, "trainer.max_epochs=1", "ckpt_path=last"], output_dir=tmp_path))
+    metrics = train(
+        compose(CONF, "train", [*TINY, "trainer.max_epochs=1", "ckpt_path=last"], output_dir=tmp_path)
+    )
     assert np.isfinite(metrics["train/loss"])
     assert lightning_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
 
@@ -609,13 +646,21 @@ def test_certification_stops_at_a_truncated_jpeg_with_one_line_and_keeps_the_res
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([*TINY, "model=vit_micro_patch4"], r"is a checkpoint of dmae_vit_micro_patch8 \(\d+ tensors differ, e.g. "
-         r"model.decoder_pos_embed: \(1, 17, 64\) there, \(1, 65, 64\) here\); this run trains dmae_vit_micro_patch4"),
-        (["experiment=finetune_digits", "data.subset_first=64", "pretrained=null"], r"is a checkpoint of dmae_vit_micro_patch8 .*this run "
-         r"trains vit_micro_patch8: resume a checkpoint of this run, or start from its weights with pretrained="),
+        (
+            [*TINY, "model=vit_micro_patch4"],
+            r"is a checkpoint of dmae_vit_micro_patch8 \(\d+ tensors differ, e.g. "
+            r"model.decoder_pos_embed: \(1, 17, 64\) there, \(1, 65, 64\) here\); this run trains dmae_vit_micro_patch4",
+        ),
+        (
+            ["experiment=finetune_digits", "data.subset_first=64", "pretrained=null"],
+            r"is a checkpoint of dmae_vit_micro_patch8 .*this run "
+            r"trains vit_micro_patch8: resume a checkpoint of this run, or start from its weights with pretrained=",
+        ),
     ],
 )
-def test_resuming_another_model_s_checkpoint_is_one_line_before_work(overrides, message, two_epochs, tmp_path):
+def test_resuming_another_model_s_checkpoint_is_one_line_before_work(
+    overrides, message, two_epochs, tmp_path
+):
     """Issue 22: a patch-8 pre-training checkpoint resumed with model=vit_micro_patch4, or as fine-tuning, ended in
     a 39-42-line load_state_dict traceback after work had started."""
     ckpt = two_epochs / "full" / "checkpoints" / "last.ckpt"
@@ -630,7 +675,9 @@ def test_a_requeued_run_s_newer_hpc_checkpoint_is_resumed_by_the_plain_command(t
     inside a SLURM job, and an explicit last.ckpt would take precedence over it: the newer one is resumed."""
     run = copy_run(two_epochs / "run", tmp_path / "run")
     cfg = compose(CONF, "train", [*TINY, "trainer.max_epochs=3"], output_dir=run)
-    assert resume_checkpoint(cfg) == str(run / "checkpoints" / "last.ckpt")  # interrupted: resumed, not redone
+    assert resume_checkpoint(cfg) == str(
+        run / "checkpoints" / "last.ckpt"
+    )  # interrupted: resumed, not redone
     hpc = run / "hpc_ckpt_1.ckpt"
     hpc.write_bytes((run / "checkpoints" / "step00000004.ckpt").read_bytes())
     assert resume_checkpoint(cfg) == str(hpc)
@@ -649,4 +696,6 @@ def test_resuming_with_another_worker_count_says_so(two_epochs, tmp_path, caplog
         assert "num_workers" not in caplog.text
         prepare(compose(CONF, "train", [*TINY, "trainer.max_epochs=3", "data.num_workers=1"], output_dir=run))
     (line,) = [r.getMessage() for r in caplog.records if "num_workers" in r.getMessage()]
-    assert line.startswith("resuming with data.num_workers=1 where the run so far used 0") and "\n" not in line
+    assert (
+        line.startswith("resuming with data.num_workers=1 where the run so far used 0") and "\n" not in line
+    )

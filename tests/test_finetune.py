@@ -154,7 +154,11 @@ def _classify_mix(values, mixed, lam):
 def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
     b, m, sigma, classes, smoothing = 256, 2, 0.25, 10, 0.1
     module = BaseClassifierModule(
-        "vit_micro_patch4", num_classes=classes, noise=GaussianNoise(sigma), mixup=MIXUP, label_smoothing=smoothing
+        "vit_micro_patch4",
+        num_classes=classes,
+        noise=GaussianNoise(sigma),
+        mixup=MIXUP,
+        label_smoothing=smoothing,
     )
     values = torch.linspace(0.05, 0.95, b)[torch.randperm(b, generator=torch.Generator().manual_seed(0))]
     labels = torch.arange(b) % classes  # image i and its partner b-1-i never share a label
@@ -163,7 +167,9 @@ def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
         np.random.seed(np_seed)  # timm draws lambda and the mode from numpy's global RNG
         clean = values[:, None, None, None].expand(b, 3, 16, 16).clone()  # [B, 3, 16, 16], constant per image
         mix = RecordingMix(module.mix)
-        inputs, targets = mix_then_noise(clean, labels, mix, GaussianNoise(sigma), m, seeded_generator(5, np_seed))
+        inputs, targets = mix_then_noise(
+            clean, labels, mix, GaussianNoise(sigma), m, seeded_generator(5, np_seed)
+        )
         assert inputs.shape == (m * b, 3, 16, 16) and targets.shape == (m * b, classes)
         # Lambda from the soft targets: target[y_i] = lam (1 - s) + s / C.
         lam_per_image = (targets[:b, labels].diagonal() - smoothing / classes) / (1 - smoothing)
@@ -381,7 +387,9 @@ def test_finetune_checkpoint_is_plain_data(finetune_run):
     assert plain(hparams), hparams
     assert hparams["consistency"] == {"enabled": True, "m": 2, "lbd": 2.0, "eta": 0.5}
     assert (
-        hparams["model_name"] == "vit_micro_patch8" and hparams["noise"] == GaussianNoise(0.25).config() and hparams["mixup"] is None
+        hparams["model_name"] == "vit_micro_patch8"
+        and hparams["noise"] == GaussianNoise(0.25).config()
+        and hparams["mixup"] is None
     )
     assert hparams["optimizer"]["layer_decay"] == 0.75 and hparams["optimizer"]["betas"] == [0.9, 0.999]
     module = BaseClassifierModule(**hparams)
@@ -425,9 +433,11 @@ def test_a_run_that_ends_at_chance_level_says_so(make_digits, make_trainer, capl
     labels = torch.cat([y for _, y in data.val_dataloader()])
     share = (labels == 0).double().mean().item()
     assert share < 0.15
-    assert warnings == [f"fine-tuning ended at chance level: noisy validation accuracy {share:.4f}, clean "
-                        f"{share:.4f} (chance 0.1000 for 10 classes); train longer (trainer.max_epochs) or check "
-                        "the learning rate"]
+    assert warnings == [
+        f"fine-tuning ended at chance level: noisy validation accuracy {share:.4f}, clean "
+        f"{share:.4f} (chance 0.1000 for 10 classes); train longer (trainer.max_epochs) or check "
+        "the learning rate"
+    ]
 
 
 @pytest.mark.parametrize(("acc", "warns"), [(0.1722, True), (0.1999, True), (0.2001, False), (0.9, False)])

@@ -25,8 +25,10 @@ def expected() -> dict:
 
 
 def rows(records) -> torch.Tensor:
-    values = [[math.nan if v is None else float(v) for k, v in dataclasses.asdict(r).items() if k != "time"]
-              for r in records]
+    values = [
+        [math.nan if v is None else float(v) for k, v in dataclasses.asdict(r).items() if k != "time"]
+        for r in records
+    ]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -34,7 +36,9 @@ def test_pretraining_checkpoint_of_the_old_layout(expected):
     dmae = create_model("dmae_vit_micro_patch8")
     load_weights(dmae, FIXTURES / "pretrain.ckpt")
     with torch.no_grad():
-        loss, pred, mask = dmae.eval()(expected["images"], mask_ratio=0.75, generator=torch.Generator().manual_seed(1))
+        loss, pred, mask = dmae.eval()(
+            expected["images"], mask_ratio=0.75, generator=torch.Generator().manual_seed(1)
+        )
     assert torch.equal(mask, expected["mask"])
     torch.testing.assert_close(pred, expected["pred"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, expected["loss"], rtol=1e-5, atol=1e-7)
@@ -44,7 +48,9 @@ def test_fine_tuned_checkpoint_of_the_old_layout_certifies_the_same(expected):
     classifier = create_model("vit_micro_patch8", num_classes=10)
     load_weights(classifier, FIXTURES / "finetune.ckpt")
     with torch.no_grad():
-        torch.testing.assert_close(classifier.eval()(expected["images"]), expected["logits"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            classifier.eval()(expected["images"]), expected["logits"], rtol=1e-5, atol=1e-6
+        )
     smooth = Smooth(classifier, 10, GaussianNoise(0.25))
     images = [(i, expected["images"][i], i % 10) for i in range(4)]
     certify = rows(smooth.run(Certify(20, 200, 0.001), images, batch_size=110, seed=0))

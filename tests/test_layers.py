@@ -10,8 +10,17 @@ from pathlib import Path
 import dmae_lightning
 
 PACKAGE = Path(dmae_lightning.__file__).parent
-LAYERS = {"noise": 0, "rng": 0, "errors": 0, "files": 0, "models": 1, "data": 1, "certification": 2,
-          "training": 3, "jobs": 4}
+LAYERS = {
+    "noise": 0,
+    "rng": 0,
+    "errors": 0,
+    "files": 0,
+    "models": 1,
+    "data": 1,
+    "certification": 2,
+    "training": 3,
+    "jobs": 4,
+}
 
 
 def module_name(path: Path) -> str:
@@ -43,20 +52,32 @@ def test_every_package_has_a_layer_and_a_docstring():
         if module != "dmae_lightning":
             layer(module)  # KeyError: a new top-level module or package needs its place in LAYERS
     for init in PACKAGE.glob("*/__init__.py"):
-        assert (ast.get_docstring(ast.parse(init.read_text())) or "").count(" ") > 20, f"{init}: say what lives there"
+        assert (ast.get_docstring(ast.parse(init.read_text())) or "").count(" ") > 20, (
+            f"{init}: say what lives there"
+        )
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
-    upward = [(m, i) for m, targets in GRAPH.items() if m != "dmae_lightning" for i in targets
-              if i != "dmae_lightning" and layer(i) > layer(m)]
+    upward = [
+        (m, i)
+        for m, targets in GRAPH.items()
+        if m != "dmae_lightning"
+        for i in targets
+        if i != "dmae_lightning" and layer(i) > layer(m)
+    ]
     assert not upward, upward
 
 
 def test_no_import_cycle():
-    def resolve(target: str) -> str:  # "from pkg.mod import name" names a module; a package's name is its __init__
+    def resolve(
+        target: str,
+    ) -> str:  # "from pkg.mod import name" names a module; a package's name is its __init__
         return target if target in GRAPH else target.rsplit(".", 1)[0]
 
-    edges = {m: {resolve(t) for t in targets if resolve(t) in GRAPH and resolve(t) != m} for m, targets in GRAPH.items()}
+    edges = {
+        m: {resolve(t) for t in targets if resolve(t) in GRAPH and resolve(t) != m}
+        for m, targets in GRAPH.items()
+    }
     state: dict[str, int] = {}
 
     def visit(module: str, path: list[str]) -> None:

@@ -35,8 +35,11 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 def patchify_by_hand(x: torch.Tensor, p: int) -> torch.Tensor:
     """Patch (row i, column j) -> index i * g + j, pixels in (row, column, channel) order, by slicing."""
     g = x.shape[-1] // p
-    patches = [x[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-               for i in range(g) for j in range(g)]
+    patches = [
+        x[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        for i in range(g)
+        for j in range(g)
+    ]
     return torch.stack(patches, dim=1)  # [B, L, p*p*3]
 
 
@@ -83,7 +86,9 @@ def test_paper_sizes_param_counts_and_base_forward():
     """DMAE ViT-B: 85.8M encoder; ViT-L classifier: 304M (304.3M with a 1000-class head)."""
     torch.manual_seed(0)
     base = create_model("dmae_vit_base_patch16")
-    encoder = sum(p.numel() for n, p in base.named_parameters() if not n.startswith(("decoder_", "mask_token")))
+    encoder = sum(
+        p.numel() for n, p in base.named_parameters() if not n.startswith(("decoder_", "mask_token"))
+    )
     assert encoder == 85_798_656
     assert abs(encoder / 1e6 - 85.8) < 0.05
     decoder = sum(p.numel() for n, p in base.named_parameters() if n.startswith(("decoder_", "mask_token")))
@@ -102,8 +107,15 @@ def test_paper_sizes_param_counts_and_base_forward():
 
 def test_list_models_and_factory_names():
     names = list_models()
-    for n in ("dmae_vit_base_patch16", "dmae_vit_large_patch16", "vit_base_patch16", "vit_large_patch16",
-              "vit_tiny_patch4", "vit_micro_patch8", "dmae_vit_tiny_patch8"):
+    for n in (
+        "dmae_vit_base_patch16",
+        "dmae_vit_large_patch16",
+        "vit_base_patch16",
+        "vit_large_patch16",
+        "vit_tiny_patch4",
+        "vit_micro_patch8",
+        "dmae_vit_tiny_patch8",
+    ):
         assert n in names
     assert isinstance(create_model("dmae_vit_micro_patch8"), DMAEViT)
     assert isinstance(create_model("vit_micro_patch8"), VisionTransformerClassifier)
@@ -177,7 +189,9 @@ def test_noise_is_added_before_the_resize():
     torch.testing.assert_close(clean_in, normalise(resize(imgs, 64)), rtol=0, atol=1e-5)
     torch.testing.assert_close(encoder_in, normalise(resize(imgs + 0.25 * noise, 64)), rtol=0, atol=1e-5)
     # Noise added after the resize would be a different input (and a different noise distribution).
-    wrong = normalise(resize(imgs, 64) + 0.25 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)))
+    wrong = normalise(
+        resize(imgs, 64) + 0.25 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    )
     assert (encoder_in - wrong).abs().max() > 0.5
     upsampled_noise = resize(0.25 * noise, 64)
     assert abs(float(upsampled_noise.std()) - 0.25) > 0.02  # resizing changes the noise std
@@ -220,7 +234,9 @@ def test_noise_and_norm_pix_loss_are_plain_attributes():
     torch.testing.assert_close(model.target_patches(model.pixel_input(imgs)), target, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean(), rtol=0, atol=1e-6)
     model.norm_pix_loss = True
-    torch.testing.assert_close(model.target_patches(model.pixel_input(imgs)), per_patch_norm(target), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        model.target_patches(model.pixel_input(imgs)), per_patch_norm(target), rtol=0, atol=1e-5
+    )
 
 
 # --- position embedding ----------------------------------------------------------------------------------
@@ -288,8 +304,9 @@ def test_drop_path_rises_linearly():
     np.testing.assert_allclose(rates, np.linspace(0, 0.1, 6), atol=1e-7)
     assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in model.blocks] == rates
     pre = create_model("dmae_vit_tiny_patch4", drop_path_rate=0.2)
-    np.testing.assert_allclose([getattr(b.drop_path1, "drop_prob", 0.0) for b in pre.blocks],
-                               np.linspace(0, 0.2, 6), atol=1e-7)
+    np.testing.assert_allclose(
+        [getattr(b.drop_path1, "drop_prob", 0.0) for b in pre.blocks], np.linspace(0, 0.2, 6), atol=1e-7
+    )
     assert all(getattr(b.drop_path1, "drop_prob", 0.0) == 0.0 for b in pre.decoder_blocks)  # decoder: none
 
 
@@ -365,7 +382,9 @@ def test_bad_values_raise_clear_errors(micro):
         with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
             micro(images(1), mask_ratio=ratio)
     with pytest.raises(ValueError, match="noise.sigma must be a finite number > 0, got -0.1"):
-        create_model("dmae_vit_micro_patch4", noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": -0.1})
+        create_model(
+            "dmae_vit_micro_patch4", noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": -0.1}
+        )
     with pytest.raises(ValueError, match="global_pool must be 'avg' or 'token'"):
         create_model("vit_micro_patch4", global_pool="max")
     with pytest.raises(ValueError, match="num_classes must be >= 1"):

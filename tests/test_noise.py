@@ -34,7 +34,10 @@ def test_gaussian_formulas_against_scipy():
     noise = GaussianNoise(0.5)
     assert noise.radius(0.99) == pytest.approx(0.5 * norm.ppf(0.99), rel=1e-12)
     assert noise.probability_for_radius(1.0) == pytest.approx(norm.cdf(2.0), rel=1e-12)
-    assert noise.tag == "sigma0.5" and noise.config() == {"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": 0.5}
+    assert noise.tag == "sigma0.5" and noise.config() == {
+        "_target_": "dmae_lightning.noise.GaussianNoise",
+        "sigma": 0.5,
+    }
 
 
 def test_noisy_copies_are_the_block_of_perturb():
@@ -54,8 +57,14 @@ def test_noisy_copies_are_the_block_of_perturb():
     [
         ({"sigma": 0.25}, "needs a _target_"),
         ({"_target_": "os.system", "sigma": 0.25}, "unknown noise 'os.system'"),  # never imported or called
-        ({"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": 0.25, "eta": 1}, "takes sigma, got eta, sigma"),
-        ({"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": -1}, "noise.sigma must be a finite number > 0"),
+        (
+            {"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": 0.25, "eta": 1},
+            "takes sigma, got eta, sigma",
+        ),
+        (
+            {"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": -1},
+            "noise.sigma must be a finite number > 0",
+        ),
     ],
 )
 def test_noise_from_config_refuses_with_one_line(config, message):
@@ -66,8 +75,12 @@ def test_noise_from_config_refuses_with_one_line(config, message):
 
 @pytest.mark.parametrize("experiment", ["pretrain_digits", "finetune_digits"])
 def test_the_job_builds_one_noise_for_module_and_model(experiment, tmp_path):
-    cfg = compose(CONF, "train", [f"experiment={experiment}", "noise=sigma_0.5", "logger=none", "pretrained=null"],
-                  output_dir=tmp_path)
+    cfg = compose(
+        CONF,
+        "train",
+        [f"experiment={experiment}", "noise=sigma_0.5", "logger=none", "pretrained=null"],
+        output_dir=tmp_path,
+    )
     _, module, _ = build(cfg)
     assert module.hparams["noise"] == {"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": 0.5}
     assert module.noise == GaussianNoise(0.5)

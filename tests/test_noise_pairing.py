@@ -103,15 +103,20 @@ def test_no_public_name_pairs_a_run_with_another_sampler():
                 continue
             members = [(name, obj)] if inspect.isfunction(obj) else []
             if inspect.isclass(obj):
-                members += [(f"{name}.{m}", f) for m, f in inspect.getmembers(obj, inspect.isfunction)
-                            if not m.startswith("_") or m == "__init__"]
+                members += [
+                    (f"{name}.{m}", f)
+                    for m, f in inspect.getmembers(obj, inspect.isfunction)
+                    if not m.startswith("_") or m == "__init__"
+                ]
                 if "noise" in dir(obj) or "noise" in getattr(obj, "__dataclass_fields__", {}):
                     holders.append(obj)
             for qualname, fn in members:
                 seen += 1
                 for parameter in inspect.signature(fn).parameters.values():
                     annotation = str(parameter.annotation)
-                    assert not re.search(r"\bRun\b|Generator\[", annotation), f"{qualname}({parameter.name}: {annotation})"
+                    assert not re.search(r"\bRun\b|Generator\[", annotation), (
+                        f"{qualname}({parameter.name}: {annotation})"
+                    )
                     assert parameter.name != "run", f"{qualname} takes a run"
     assert seen > 50
     for holder in holders:

@@ -92,10 +92,7 @@ def test_lr_rule_and_schedule_with_a_real_trainer(make_digits, make_trainer, cap
     with caplog.at_level("INFO", logger="dmae_lightning.training.optim"):
         trainer.fit(module, make_digits(batch_size=16, subset_first=128))
     peak = 2e-3 * 16 * 1 * 1 * 2 / 256
-    assert (
-        f"lr {peak:.3e} (base 0.002 x effective batch 32 / 256), 4 warm-up of 12 steps"
-        in caplog.messages
-    )
+    assert f"lr {peak:.3e} (base 0.002 x effective batch 32 / 256), 4 warm-up of 12 steps" in caplog.messages
     assert [step for step, _ in seen] == list(range(12))
     for step, lrs in seen:
         expected = _closed_form_lr(peak, step, warmup=4, total=12, min_lr=1e-5)
@@ -121,9 +118,15 @@ def test_warmup_epochs_count_loader_steps(make_digits, make_trainer, caplog, tra
     with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
         trainer.fit(module, make_digits(batch_size=16, subset_first=64))
     warned = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
-    assert warned == ([f"the warm-up ({warmup} steps, warmup_epochs=1) is not shorter than the run ({total} steps): "
-                       "the lr never reaches its peak; raise trainer.max_epochs or lower "
-                       "task.module.optimizer.warmup_epochs"] if warmup >= total else [])
+    assert warned == (
+        [
+            f"the warm-up ({warmup} steps, warmup_epochs=1) is not shorter than the run ({total} steps): "
+            "the lr never reaches its peak; raise trainer.max_epochs or lower "
+            "task.module.optimizer.warmup_epochs"
+        ]
+        if warmup >= total
+        else []
+    )
     factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     for step in range(total + (warmup < total)):  # the closed form past the end needs a cosine part
         assert factor(step) == pytest.approx(_closed_form_lr(1.0, step, warmup, total, 0.0), abs=1e-12)
@@ -304,6 +307,10 @@ def test_a_warmup_as_long_as_the_run_is_one_warning(epochs, warned, caplog):
     module.trainer = _stub_trainer(64, 1, 1, 1, batches_per_epoch=19, epochs=epochs)
     with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
         configure_optimizer(module, module.model, **dict(OPT, warmup_epochs=2))
-    expected = [f"the warm-up (38 steps, warmup_epochs=2) is not shorter than the run ({19 * epochs} steps): the lr "
-                "never reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs"]
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == (expected if warned else [])
+    expected = [
+        f"the warm-up (38 steps, warmup_epochs=2) is not shorter than the run ({19 * epochs} steps): the lr "
+        "never reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs"
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == (
+        expected if warned else []
+    )

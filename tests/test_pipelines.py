@@ -29,7 +29,9 @@ def write_folder(root: Path, sizes: list[tuple[int, int]], per_class: int = 4) -
             (root / split / f"n{c:08d}").mkdir(parents=True)
             for i in range(per_class):
                 w, h = sizes[i % len(sizes)]
-                Image.fromarray(smooth_photo(rng, w, h)).save(root / split / f"n{c:08d}" / f"{i}.JPEG", quality=95)
+                Image.fromarray(smooth_photo(rng, w, h)).save(
+                    root / split / f"n{c:08d}" / f"{i}.JPEG", quality=95
+                )
     return root
 
 
@@ -77,7 +79,9 @@ def test_tensor_pipeline_decodes_large_crops_at_reduced_size(tmp_path: Path):
         ref = full.resize((224, 224), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         ref = torch.from_numpy(np.asarray(ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else ref))
         diff = (got - ref.permute(2, 0, 1).float() / 255).abs()
-        print(f"seed {seed}: factor {f}, mean |diff| {diff.mean() * 255:.3f}/255, max {diff.max() * 255:.1f}/255")
+        print(
+            f"seed {seed}: factor {f}, mean |diff| {diff.mean() * 255:.3f}/255, max {diff.max() * 255:.1f}/255"
+        )
         assert diff.mean() < 1.5 / 255
     assert max(factors) >= 2  # scale 0.2-1 of 1200x1000: most boxes are >= 448 a side
 

@@ -287,7 +287,14 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
     train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "first"))
     first = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert torch.load(first, weights_only=True)["global_step"] == 4
-    train(compose(CONF, "train", [*common, "trainer.max_epochs=2", f"ckpt_path={first}"], output_dir=tmp_path / "split"))
+    train(
+        compose(
+            CONF,
+            "train",
+            [*common, "trainer.max_epochs=2", f"ckpt_path={first}"],
+            output_dir=tmp_path / "split",
+        )
+    )
     full, split = (
         torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in ("full", "split")
     )
@@ -318,7 +325,9 @@ def make_streaming(tmp_path, monkeypatch):
     assert prepare_cifar10(tmp_path / "cifar", tmp_path / "shards") == 65
 
     def make(batch_size: int = 16, subset_first: int | None = 64, augment: str = "shift"):
-        return CIFAR10DataModule(str(tmp_path / "cifar"), batch_size=batch_size, streaming=str(tmp_path / "shards"))
+        return CIFAR10DataModule(
+            str(tmp_path / "cifar"), batch_size=batch_size, streaming=str(tmp_path / "shards")
+        )
 
     return make
 
@@ -331,7 +340,9 @@ def test_resume_mid_epoch(source, make_digits, make_trainer, tmp_path, request):
     streaming loader (its position saved in the checkpoint, augmentation seeded per sample) does."""
     # make_streaming prepares shards (~10 s, worker processes): only the streaming case asks for it
     make_data = request.getfixturevalue("make_streaming") if source == "streaming" else make_digits
-    full, resumed, full_batches, resumed_batches = _resume_experiment(make_data, make_trainer, tmp_path, 6, "preempt")
+    full, resumed, full_batches, resumed_batches = _resume_experiment(
+        make_data, make_trainer, tmp_path, 6, "preempt"
+    )
     assert full.step == resumed.step == 12
     assert full.lr == resumed.lr and full.scheduler["last_epoch"] == resumed.scheduler["last_epoch"]
     for i in full.opt_state:
@@ -465,11 +476,20 @@ def test_reconstruction_picture_title_and_file_name_name_the_epoch_just_finished
 
     titles = []
     drawn = callbacks.labelled_picture
-    monkeypatch.setattr(callbacks, "labelled_picture",
-                        lambda *args, title, **kw: titles.append(title) or drawn(*args, title=title, **kw))
+    monkeypatch.setattr(
+        callbacks,
+        "labelled_picture",
+        lambda *args, title, **kw: titles.append(title) or drawn(*args, title=title, **kw),
+    )
     saved = []
     monkeypatch.setattr(callbacks.Image.Image, "save", lambda picture, path: saved.append(Path(path).name))
-    trainer = make_trainer([callbacks.ReconstructionPictures(num_images=1)], max_epochs=2, limit_val_batches=1)
+    trainer = make_trainer(
+        [callbacks.ReconstructionPictures(num_images=1)], max_epochs=2, limit_val_batches=1
+    )
     trainer.fit(micro_module(), make_digits(batch_size=32, subset_first=64))
-    assert saved == ["reconstruction_epoch0001.png", "reconstruction_epoch0002.png", "reconstruction_final.png"]
+    assert saved == [
+        "reconstruction_epoch0001.png",
+        "reconstruction_epoch0002.png",
+        "reconstruction_final.png",
+    ]
     assert [t.split(":")[0] for t in titles] == ["epoch 1, step 2", "epoch 2, step 4", "epoch 2, step 4"]

@@ -105,7 +105,9 @@ def test_certified_radius_never_exceeds_the_true_radius(seed):
     x, w, b = linear_case(seed, true_radius, side)
     smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, noise=GaussianNoise(sigma))
     for draw in range(5):
-        prediction, radius = smooth.certify(x, n0=100, n=2000, alpha=0.001, batch_size=500, seed=1000 * seed + draw)
+        prediction, radius = smooth.certify(
+            x, n0=100, n=2000, alpha=0.001, batch_size=500, seed=1000 * seed + draw
+        )
         assert prediction == (1 if side == 1 else 0)
         assert 0.0 < radius <= true_radius
 
@@ -114,9 +116,7 @@ def test_certified_radius_is_tight_at_large_n():
     sigma, true_radius, n, alpha = 0.5, 0.3, 100_000, 0.001
     x, w, b = linear_case(7, true_radius, 1)
     smooth = Smooth(Recording(linear_binary(w, b)), num_classes=2, noise=GaussianNoise(sigma))
-    record = smooth.certify_record(
-        x, n0=100, n=n, alpha=alpha, batch_size=25_000, seed=0
-    )
+    record = smooth.certify_record(x, n0=100, n=n, alpha=alpha, batch_size=25_000, seed=0)
     p_true = norm.cdf(true_radius / sigma)
     assert record.predict == 1 and record.n == n
     assert abs(record.n_a / n - p_true) < 4 * math.sqrt(p_true * (1 - p_true) / n)
@@ -157,7 +157,9 @@ def test_certify_record_counts_match_an_independent_recount(seed):
 def test_remainder_batches_and_noise_in_native_pixel_space():
     classifier = Recording(lambda x: torch.zeros(x.shape[0], 4))
     x = torch.zeros(3, 8, 8)
-    Smooth(classifier, num_classes=4, noise=GaussianNoise(0.5)).certify(x, n0=7, n=2025, alpha=0.001, batch_size=1000)
+    Smooth(classifier, num_classes=4, noise=GaussianNoise(0.5)).certify(
+        x, n0=7, n=2025, alpha=0.001, batch_size=1000
+    )
     assert classifier.batch_sizes == [7, 1000, 1000, 25]
     noisy = torch.cat(classifier.inputs)  # [2032,3,8,8]
     assert noisy.shape == (2032, 3, 8, 8) and noisy.dtype == torch.float32
@@ -170,7 +172,9 @@ def test_remainder_batches_and_noise_in_native_pixel_space():
 def test_skip_wrong_guess():
     fn, sigma = three_class_fn(), 0.25
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(4))
-    full = Smooth(Recording(fn), 3, GaussianNoise(sigma)).certify_record(x, 50, 800, 0.001, 256, seed=5, label=0)
+    full = Smooth(Recording(fn), 3, GaussianNoise(sigma)).certify_record(
+        x, 50, 800, 0.001, 256, seed=5, label=0
+    )
     assert full.predict != Smooth.ABSTAIN
     wrong = (full.predict + 1) % 3
 
@@ -178,13 +182,21 @@ def test_skip_wrong_guess():
     skipped = Smooth(classifier, 3, GaussianNoise(sigma)).certify_record(
         x, 50, 800, 0.001, 256, seed=5, label=wrong, skip_wrong_guess=True
     )
-    assert (skipped.predict, skipped.radius, skipped.correct, skipped.n_a, skipped.n) == (full.predict, 0.0, 0, 0, 0)
+    assert (skipped.predict, skipped.radius, skipped.correct, skipped.n_a, skipped.n) == (
+        full.predict,
+        0.0,
+        0,
+        0,
+        0,
+    )
     assert sum(classifier.batch_sizes) == 50  # the n estimation draws were never made
 
     kept = Smooth(Recording(fn), 3, GaussianNoise(sigma)).certify_record(
         x, 50, 800, 0.001, 256, seed=5, label=full.predict, skip_wrong_guess=True
     )
-    assert dataclasses.replace(kept, time=0.0, label=0, correct=0) == dataclasses.replace(full, time=0.0, correct=0)
+    assert dataclasses.replace(kept, time=0.0, label=0, correct=0) == dataclasses.replace(
+        full, time=0.0, correct=0
+    )
 
 
 def test_same_seed_same_result_different_seed_different_counts():
@@ -217,11 +229,11 @@ def threshold_fn(x0: float, sigma: float, probabilities):
 def test_predict_abstains_on_a_coin_flip_and_answers_a_confident_classifier():
     x, sigma = torch.full((1, 2, 2), 0.5), 0.25
     coin = Smooth(Recording(threshold_fn(0.5, sigma, [0.5, 0.5])), 2, GaussianNoise(sigma))
-    assert [coin.predict(x, 1000, 0.001, 500, seed=s) for s in range(5)] == [
-        Smooth.ABSTAIN
-    ] * 5
+    assert [coin.predict(x, 1000, 0.001, 500, seed=s) for s in range(5)] == [Smooth.ABSTAIN] * 5
     confident = Smooth(
-        Recording(lambda z: nn.functional.one_hot(torch.full((z.shape[0],), 3), 5).float()), 5, GaussianNoise(sigma)
+        Recording(lambda z: nn.functional.one_hot(torch.full((z.shape[0],), 3), 5).float()),
+        5,
+        GaussianNoise(sigma),
     )
     assert confident.predict(x, 100, 0.001, 64, seed=0) == 3
 
@@ -251,7 +263,9 @@ def test_precision_runs_the_forward_under_autocast(precision, dtype):
     torch.manual_seed(0)
     linear = nn.Linear(12, 3)
     classifier = Recording(lambda z: linear(z.flatten(1)))
-    Smooth(classifier, 3, GaussianNoise(0.25), precision=precision).certify(torch.rand(3, 2, 2), 10, 20, 0.001, 16)
+    Smooth(classifier, 3, GaussianNoise(0.25), precision=precision).certify(
+        torch.rand(3, 2, 2), 10, 20, 0.001, 16
+    )
     assert set(classifier.logit_dtypes) == {dtype}
     assert all(batch.dtype == torch.float32 for batch in classifier.inputs)  # noise is added in fp32
 
@@ -331,7 +345,9 @@ def test_one_noise_samples_and_certifies():
     """Issue 17: Smooth(clf, sigma=0.25).run(Certify(GaussianNoise(1.0), ...)) sampled at 0.25 and certified at
     1.0 (radius 2.46 instead of 0.62). A procedure now holds no noise: both old calls are refused, and the
     radius is the sampling noise's, sigma * Phi^-1(p_lower), recomputed here from the record's counts."""
-    classifier = Recording(lambda z: nn.functional.one_hot(torch.zeros(z.shape[0], dtype=torch.long), 2).float())
+    classifier = Recording(
+        lambda z: nn.functional.one_hot(torch.zeros(z.shape[0], dtype=torch.long), 2).float()
+    )
     with pytest.raises(TypeError):
         Smooth(classifier, 2, sigma=0.25)
     with pytest.raises(TypeError, match="noise must be a dmae_lightning.noise.Noise"):
@@ -370,10 +386,13 @@ def without_time(records):
     return [dataclasses.replace(r, time=0.0) for r in records]
 
 
-@pytest.mark.parametrize("device", [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
 def test_results_identical_for_every_batch_size_and_packing(device):
     """Several images share forward batches; each image's record equals certifying it alone, for batch
     sizes that split blocks (37), align with them (100, 200) and hold several images (1000)."""
@@ -381,7 +400,9 @@ def test_results_identical_for_every_batch_size_and_packing(device):
     smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, GaussianNoise(0.5), precision="fp32")
     images = [(idx, x.to(device), label) for idx, x, label in three_class_images(7)]
     procedure = Certify(n0=100, n=450, alpha=0.001)
-    runs = [without_time(smooth.run(procedure, images, batch_size, seed=4)) for batch_size in (37, 100, 200, 1000)]
+    runs = [
+        without_time(smooth.run(procedure, images, batch_size, seed=4)) for batch_size in (37, 100, 200, 1000)
+    ]
     assert all(run == runs[0] for run in runs[1:])
     alone = [without_time(smooth.run(procedure, [image], 64, seed=4))[0] for image in images]
     assert alone == runs[0]
@@ -401,7 +422,9 @@ def test_images_share_forward_batches():
 def test_counts_match_the_documented_noise_for_another_image_index():
     fn = three_class_fn()
     x = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(8))
-    record = Smooth(Recording(fn), 3, GaussianNoise(0.5)).certify_record(x, 30, 250, 0.01, batch_size=70, seed=2, idx=17)
+    record = Smooth(Recording(fn), 3, GaussianNoise(0.5)).certify_record(
+        x, 30, 250, 0.01, batch_size=70, seed=2, idx=17
+    )
     selection, estimation = reference_counts(fn, x, 0.5, [30, 250], 2, 3, idx=17)
     guess = max(range(3), key=lambda c: (selection[c], -c))
     assert record.n_a == estimation[guess]
@@ -409,15 +432,24 @@ def test_counts_match_the_documented_noise_for_another_image_index():
 
 def test_nan_logits_are_refused_naming_the_image():
     smooth = Smooth(Recording(lambda z: torch.full((z.shape[0], 3), float("nan"))), 3, GaussianNoise(0.25))
-    with pytest.raises(NonFiniteLogits, match="image 12: the base classifier returned NaN/Inf logits for 10 of 10"):
+    with pytest.raises(
+        NonFiniteLogits, match="image 12: the base classifier returned NaN/Inf logits for 10 of 10"
+    ):
         smooth.certify(torch.rand(3, 2, 2), 10, 100, 0.001, 64, idx=12)
     x = torch.rand(3, 2, 2)  # the same Smooth works again after the error: nothing left in flight
-    assert Smooth(Recording(lambda z: torch.zeros(z.shape[0], 3)), 3, GaussianNoise(0.25)).certify(x, 10, 100, 0.001, 64)[0] == 0
+    assert (
+        Smooth(Recording(lambda z: torch.zeros(z.shape[0], 3)), 3, GaussianNoise(0.25)).certify(
+            x, 10, 100, 0.001, 64
+        )[0]
+        == 0
+    )
     with pytest.raises(NonFiniteLogits):
         smooth.certify(x, 10, 100, 0.001, 64, idx=12)
     smooth.base_classifier.fn = lambda z: torch.zeros(z.shape[0], 3)
     assert smooth.certify(x, 10, 100, 0.001, 64, idx=12)[0] == 0
-    inf_once = Recording(lambda z: torch.cat([torch.full((1, 3), float("inf")), torch.zeros(z.shape[0] - 1, 3)]))
+    inf_once = Recording(
+        lambda z: torch.cat([torch.full((1, 3), float("inf")), torch.zeros(z.shape[0] - 1, 3)])
+    )
     with pytest.raises(NonFiniteLogits, match="for 1 of 10 noisy samples"):
         Smooth(inf_once, 3, GaussianNoise(0.25)).predict(torch.rand(3, 2, 2), 10, 0.001, 64)
 

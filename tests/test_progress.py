@@ -36,7 +36,9 @@ def fit(make_trainer, progress_bar: bool) -> Regression:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(40, 3), torch.randn(40, 1))  # 40 images / batch 8 = 5 steps per epoch
     module = Regression()
-    trainer = make_trainer(callbacks=[ProgressLog(every_s=3600)], max_epochs=3, enable_progress_bar=progress_bar)
+    trainer = make_trainer(
+        callbacks=[ProgressLog(every_s=3600)], max_epochs=3, enable_progress_bar=progress_bar
+    )
     trainer.fit(module, DataLoader(data, batch_size=8))
     return module
 
@@ -44,7 +46,9 @@ def fit(make_trainer, progress_bar: bool) -> Regression:
 def test_one_line_per_epoch_with_mean_loss_and_eta(make_trainer, caplog):
     with caplog.at_level(logging.INFO, logger="dmae_lightning.training.progress"):
         module = fit(make_trainer, progress_bar=False)
-    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "dmae_lightning.training.progress"]
+    lines = [
+        LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "dmae_lightning.training.progress"
+    ]
     assert len(lines) == 3 and all(lines), [r.getMessage() for r in caplog.records]
     for epoch, match in enumerate(lines):
         assert [int(match.group(i)) for i in (1, 2, 3, 4)] == [epoch + 1, 3, 5 * (epoch + 1), 15]

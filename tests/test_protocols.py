@@ -21,7 +21,10 @@ def test_protocols_compose_to_the_paper_subsets(tmp_path):
     # CIFAR-10: 500 of the 10,000 test images, every 20th; or the whole test set
     skip, indices = subset_indices(10_000, params(tmp_path, "data=cifar10", "protocol=images500"))
     assert skip == 20 and indices == list(range(0, 10_000, 20)) and len(indices) == 500
-    assert subset_indices(10_000, params(tmp_path, "data=cifar10", "protocol=all")) == (1, list(range(10_000)))
+    assert subset_indices(10_000, params(tmp_path, "data=cifar10", "protocol=all")) == (
+        1,
+        list(range(10_000)),
+    )
     # an uneven size: the first N of every (size // N)-th image
     skip, indices = subset_indices(1797, params(tmp_path, "protocol=images500"))
     assert skip == 3 and indices == list(range(0, 1500, 3))
@@ -32,8 +35,11 @@ def test_protocols_compose_to_the_paper_subsets(tmp_path):
 
 
 def test_protocol_mistakes_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"images=500 \(protocol=images500\) picks evenly spaced images itself: "
-                                          r"leave skip and max at their defaults \(got skip=2, max=None\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"images=500 \(protocol=images500\) picks evenly spaced images itself: "
+        r"leave skip and max at their defaults \(got skip=2, max=None\)",
+    ):
         params(tmp_path, "protocol=images500", "skip=2")
     with pytest.raises(ConfigError, match="images=1000, but the test split has only 360 images"):
         subset_indices(360, params(tmp_path, "protocol=images1000"))

@@ -21,7 +21,10 @@ def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         f"hydra.run.dir={run_dir}",  # the reduced stage lists below would make a long directory name
         'quickstart.pretrain=["experiment=pretrain_digits","trainer.max_epochs=3"]',
         'quickstart.finetune=["experiment=finetune_digits","trainer.max_epochs=6"]',
-        "n0=20", "n=200", "max=60", "batch=220",  # the certification stage's settings, by their certify.py names
+        "n0=20",
+        "n=200",
+        "max=60",
+        "batch=220",  # the certification stage's settings, by their certify.py names
         *extra,
     ]
     return subprocess.run(
@@ -95,8 +98,15 @@ def quickstart_stages(typed: list[str]) -> dict:
 
 
 def test_quickstart_overrides_reach_every_stage_they_apply_to():
-    typed = ["hardware=gpu", "logger=wandb", "logger.project=qs", "noise=sigma_0.5", "seed=3",
-             "trainer.max_epochs=2", "data.batch_size=32"]
+    typed = [
+        "hardware=gpu",
+        "logger=wandb",
+        "logger.project=qs",
+        "noise=sigma_0.5",
+        "seed=3",
+        "trainer.max_epochs=2",
+        "data.batch_size=32",
+    ]
     cfgs = quickstart_stages(typed)
     for name, cfg in cfgs.items():
         assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("gpu", 1), name
@@ -112,22 +122,40 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     assert (sequential["certify"].mode, sequential["certify"].n) == ("certify_radii", 1000)
     # issue 22: the certification settings by their certify.py names, and the protocol group
     certify = quickstart_stages(["n=300", "alpha=0.01", "split=train", "protocol=images500"])["certify"]
-    assert (certify.n, certify.max, certify.alpha, certify.split, certify.images) == (300, None, 0.01, "train", 500)
+    assert (certify.n, certify.max, certify.alpha, certify.split, certify.images) == (
+        300,
+        None,
+        0.01,
+        "train",
+        500,
+    )
     assert quickstart_stages(["max=20"])["certify"].max == 20
 
 
 @pytest.mark.parametrize(
     ("typed", "message"),
     [
-        ("pretrained=x.ckpt", r"quickstart: pretrained=x.ckpt is not accepted \(fine-tuning starts from the "
-                              r"pre-training stage \(pretrain=false: from scratch\)\)"),
+        (
+            "pretrained=x.ckpt",
+            r"quickstart: pretrained=x.ckpt is not accepted \(fine-tuning starts from the "
+            r"pre-training stage \(pretrain=false: from scratch\)\)",
+        ),
         ("ckpt_path=last", "quickstart: ckpt_path=last is not accepted"),
-        ("+foo.bar=1", r"quickstart: \+foo.bar=1 applies to none of its stages \(pretrain, finetune, certify\)"),
+        (
+            "+foo.bar=1",
+            r"quickstart: \+foo.bar=1 applies to none of its stages \(pretrain, finetune, certify\)",
+        ),
         # issue 22: refused before any stage runs (before: after training, or after a stage directory was made)
         ("procedure=certfy_radii", "procedure must be one of certify | certify_radii, got 'certfy_radii'"),
-        ("procedure=predict", "procedure must be one of certify | certify_radii, got 'predict'"),  # no radii to tabulate
-        ("noise=discrete_gaussian_sigma_0.25", "quickstart: the certification stage would refuse its settings: "
-                                               "discrete noise needs 8-bit images"),
+        (
+            "procedure=predict",
+            "procedure must be one of certify | certify_radii, got 'predict'",
+        ),  # no radii to tabulate
+        (
+            "noise=discrete_gaussian_sigma_0.25",
+            "quickstart: the certification stage would refuse its settings: "
+            "discrete noise needs 8-bit images",
+        ),
         ("protocol=images500", "images=500, but the test split has only 360 images"),
         ("n=0", r"n must be an integer in \[1, 10\^12\], got 0"),
     ],
@@ -166,8 +194,17 @@ def finished(tmp_path: Path, typed: list[str]) -> tuple:
     for stage in (tmp_path / "pretrain", tmp_path / "finetune", certified):
         stage.mkdir(parents=True)
         (stage / DONE).write_text("{}")
-    summary = {"mode": "certify", "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125}, "num_images": 8,
-               "n0": 20, "n": 200, "alpha": 0.001, "samples": 1760, "sigma": 0.25, "average_certified_radius": 0.1}
+    summary = {
+        "mode": "certify",
+        "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125},
+        "num_images": 8,
+        "n0": 20,
+        "n": 200,
+        "alpha": 0.001,
+        "samples": 1760,
+        "sigma": 0.25,
+        "average_certified_radius": 0.1,
+    }
     (certified / "summary.json").write_text(json.dumps(summary))
     return cfg, conf, overrides, certified
 
@@ -183,9 +220,13 @@ def test_a_finished_quickstart_says_that_its_logger_gets_nothing_new(logger, tmp
         run_quickstart(cfg, conf, overrides)
     lines = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
     note = "; nothing new logged to logger=wandb (it logged when the stage ran)" if logger == "wandb" else ""
-    assert lines == [f"quickstart: {name} already complete in {stage}, not redone{note}" for name, stage in
-                     zip(("pre-training", "fine-tuning", "certification"),
-                         (tmp_path / "pretrain", tmp_path / "finetune", certified))]
+    assert lines == [
+        f"quickstart: {name} already complete in {stage}, not redone{note}"
+        for name, stage in zip(
+            ("pre-training", "fine-tuning", "certification"),
+            (tmp_path / "pretrain", tmp_path / "finetune", certified),
+        )
+    ]
     assert "| 50.0 | 25.0 | 12.5 | 0.100 |" in capsys.readouterr().out
     assert not any(tmp_path.rglob("wandb"))
     assert (certified.parent / "latest").resolve() == certified
@@ -199,8 +240,10 @@ def test_finished_stages_are_matched_by_identity_not_by_the_typed_settings(tmp_p
     from dmae_lightning.jobs.quickstart import DONE, certification_dir, run_quickstart
 
     cfg, conf, overrides, certified = finished(tmp_path, ["logger=none"])
-    moved = {stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch=500"]
-             for stage, typed in overrides.items()}
+    moved = {
+        stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch=500"]
+        for stage, typed in overrides.items()
+    }
     with caplog.at_level("INFO", logger="dmae_lightning"):
         run_quickstart(cfg, conf, moved)
     assert caplog.text.count("already complete") == 3
@@ -210,6 +253,9 @@ def test_finished_stages_are_matched_by_identity_not_by_the_typed_settings(tmp_p
     assert other.parent == certified.parent and other != certified
     # a stage recorded with another identity: one line, and no advice to delete it
     (tmp_path / "finetune" / DONE).write_text(json.dumps({"key": "0badc0de"}))
-    with pytest.raises(Exception, match=r"finetune was finished with other settings: give these settings their "
-                                        r"own run, e.g. run_name=quickstart_2 \(the finished stage is kept\)"):
+    with pytest.raises(
+        Exception,
+        match=r"finetune was finished with other settings: give these settings their "
+        r"own run, e.g. run_name=quickstart_2 \(the finished stage is kept\)",
+    ):
         run_quickstart(cfg, conf, {stage: list(typed) for stage, typed in overrides.items()})

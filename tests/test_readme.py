@@ -69,13 +69,23 @@ def documented_jobs() -> list[tuple[str, str, list[str]]]:
                 jobs.append((path.name, argv[1], [a for a in argv[2:] if a != "-m"]))
             elif argv[:1] == ["sbatch"]:
                 at = next(i for i, a in enumerate(argv) if a.endswith(".sbatch"))
-                jobs.append((path.name, SBATCH_SCRIPTS[Path(argv[at]).name], ["hardware=slurm", *argv[at + 1 :]]))
+                jobs.append(
+                    (path.name, SBATCH_SCRIPTS[Path(argv[at]).name], ["hardware=slurm", *argv[at + 1 :]])
+                )
     return jobs
 
 
 def test_readme_lists_the_cpu_commands():
     scripts = [argv[1] for argv in readme_commands()]
-    assert scripts == ["train.py", "train.py", "train.py", "certify.py", "certify.py", "train.py", "certify.py"], scripts
+    assert scripts == [
+        "train.py",
+        "train.py",
+        "train.py",
+        "certify.py",
+        "certify.py",
+        "train.py",
+        "certify.py",
+    ], scripts
 
 
 @pytest.mark.slow  # ~2-3 min on a loaded 2-core machine: 13 tiny training jobs and 4 certifications
@@ -93,7 +103,9 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
         # Quiet (issue 14.6): no Lightning chatter, no model table, no line that fills a screen.
         for noise in ("💡 Tip", "GPU available", "LeafSpec", "Total params", "srun"):
             assert noise not in output, f"{shlex.join(argv)}: {noise!r} in the output\n{output[-3000:]}"
-        long = [line for line in output.splitlines() if len(line) > 400]  # e.g. a list of two dozen checkpoint keys
+        long = [
+            line for line in output.splitlines() if len(line) > 400
+        ]  # e.g. a list of two dozen checkpoint keys
         assert not long, f"{shlex.join(argv)}: {long}"
         # A progress line per epoch in a log without a terminal (issue 14.5).
         assert re.search(r"epoch 1/1 done \| step \d+/\d+ \| loss [\d.]+ \| [\d.]+ images/s", output), output
@@ -101,7 +113,9 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
 
 def test_readme_is_short():
     size = (REPO / "README.md").stat().st_size
-    assert size < README_MAX_BYTES, f"README.md has {size} bytes; move details to docs/ (limit {README_MAX_BYTES})"
+    assert size < README_MAX_BYTES, (
+        f"README.md has {size} bytes; move details to docs/ (limit {README_MAX_BYTES})"
+    )
 
 
 def github_anchor(heading: str) -> str:
@@ -112,7 +126,10 @@ def github_anchor(heading: str) -> str:
 def test_github_anchor():
     assert github_anchor("Sweeps on SLURM (submitit)") == "sweeps-on-slurm-submitit"
     assert github_anchor("Procedures (`mode=`)") == "procedures-mode"
-    assert github_anchor("One SLURM job: `scripts/slurm/train.sbatch`") == "one-slurm-job-scriptsslurmtrainsbatch"
+    assert (
+        github_anchor("One SLURM job: `scripts/slurm/train.sbatch`")
+        == "one-slurm-job-scriptsslurmtrainsbatch"
+    )
 
 
 def test_relative_links_reach_files_and_headings():
@@ -127,7 +144,9 @@ def test_relative_links_reach_files_and_headings():
             if not dest.is_file():
                 broken.append(f"{path.name}: {target} (no such file)")
             elif anchor and dest.suffix == ".md":
-                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), re.M)
+                headings = re.findall(
+                    r"^#+ (.+)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), re.M
+                )
                 if anchor not in {github_anchor(h) for h in headings}:
                     broken.append(f"{path.name}: {target} (no such heading)")
     assert not broken, broken
@@ -140,7 +159,9 @@ def test_documented_commands_compose(tmp_path):
     for name, script, overrides in jobs:
         # A sweep (-m) composes at the first value of each swept key.
         first = [
-            f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
+            f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+            if o.is_sweep_override()
+            else o.input_line
             for o in parser.parse_overrides(overrides)
         ]
         try:

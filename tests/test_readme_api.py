@@ -30,7 +30,9 @@ def test_readme_has_the_cpu_and_the_vit_b_examples():
     blocks = python_blocks()
     assert any('"dmae_base.pth"' in block and "vit_base_patch16" in block for block in blocks), blocks
     code = "\n".join(line.split("#")[0] for line in cpu_block().splitlines())  # comments dropped
-    assert ".pth" not in code and ".ckpt" not in code, "the CPU example must need no downloaded or trained file"
+    assert ".pth" not in code and ".ckpt" not in code, (
+        "the CPU example must need no downloaded or trained file"
+    )
 
 
 def test_readme_cpu_api_example_runs_as_written():

@@ -37,8 +37,11 @@ def test_every_registered_model(name):
     assert type(model) is cls and model.patch_embed.img_size == (config["img_size"],) * 2
     imgs = torch.rand(2, 3, config["img_size"], config["img_size"])  # [0,1] pixels at the model's native size
     with torch.no_grad():
-        out = model(imgs, mask_ratio=0.75, generator=torch.Generator().manual_seed(1)) if cls is DMAEViT \
+        out = (
+            model(imgs, mask_ratio=0.75, generator=torch.Generator().manual_seed(1))
+            if cls is DMAEViT
             else model(imgs)
+        )
     if cls is DMAEViT:
         loss, pred, mask = out
         patches = (config["img_size"] // config["patch_size"]) ** 2
@@ -53,8 +56,11 @@ def test_every_registered_model(name):
     twin = create_model(name, **shallow(name)).eval()
     twin.load_state_dict(state, strict=True)
     with torch.no_grad():
-        again = twin(imgs, mask_ratio=0.75, generator=torch.Generator().manual_seed(1)) if cls is DMAEViT \
+        again = (
+            twin(imgs, mask_ratio=0.75, generator=torch.Generator().manual_seed(1))
+            if cls is DMAEViT
             else twin(imgs)
+        )
     for a, b in zip(out if cls is DMAEViT else (out,), again if cls is DMAEViT else (again,)):
         assert torch.equal(a, b)
 

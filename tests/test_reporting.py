@@ -44,8 +44,12 @@ def test_plot_ends_each_curve_at_its_reach_and_marks_it(tmp_path):
 
 def test_sequential_results_are_points_at_the_grid_radii(tmp_path):
     grid = [0.0, 0.25, 0.5, 0.75]
-    records = [RadiiRecord(0, 1, 0.5, 1000, 0.99, 1.0, 0.0), RadiiRecord(1, 1, 0.0, 300, 0.6, 0.7, 0.0),
-               RadiiRecord(2, 1, None, 200, 0.0, 0.1, 0.0), RadiiRecord(3, 1, 0.25, 1000, 0.9, 0.95, 0.0)]
+    records = [
+        RadiiRecord(0, 1, 0.5, 1000, 0.99, 1.0, 0.0),
+        RadiiRecord(1, 1, 0.0, 300, 0.6, 0.7, 0.0),
+        RadiiRecord(2, 1, None, 200, 0.0, 0.1, 0.0),
+        RadiiRecord(3, 1, 0.25, 1000, 0.9, 0.95, 0.0),
+    ]
     curves = {"sigma=0.25": records, "sigma=0.5": records[:2]}
     limits = {"sigma=0.25": 0.6, "sigma=0.5": math.inf}
     fig = plot_certified_accuracy(curves, tmp_path / "b.png", limits=limits, grid=grid)
@@ -57,16 +61,30 @@ def test_sequential_results_are_points_at_the_grid_radii(tmp_path):
     np.testing.assert_array_equal(by_label["sigma=0.5"].get_ydata(), [100.0, 50.0, 50.0, 0.0])
     np.testing.assert_array_equal(by_label["best over sigma"].get_ydata(), [100.0, 50.0, 50.0, 0.0])
     assert "largest certifiable radius 0.6 (sigma=0.25)" in by_label
-    summary = dict(model_name="vit", dataset="digits", split="test", num_images=4, sigma=0.25, noise=GaussianNoise(0.25).config(), n=1000,
-                   alpha=0.001, mode="certify_radii")
+    summary = dict(
+        model_name="vit",
+        dataset="digits",
+        split="test",
+        num_images=4,
+        sigma=0.25,
+        noise=GaussianNoise(0.25).config(),
+        n=1000,
+        alpha=0.001,
+        mode="certify_radii",
+    )
     assert "cap n=1000" in plot_title(summary)
     assert "cap" not in plot_title({**summary, "mode": "certify"}) and "n=1000" in plot_title(summary)
 
 
 def test_csv_metrics_say_nc_beyond_the_reach(tmp_path):
     logger = CSVLogger(tmp_path, name="", version="")
-    summary = dict(mode="certify", certified_accuracy={"0": 0.8, "0.25": 0.6, "0.5": None},
-                   average_certified_radius=0.2, abstain_rate=0.2, radii=[0, 0.25, 0.5])
+    summary = dict(
+        mode="certify",
+        certified_accuracy={"0": 0.8, "0.25": 0.6, "0.5": None},
+        average_certified_radius=0.2,
+        abstain_rate=0.2,
+        radii=[0, 0.25, 0.5],
+    )
     _log_to_loggers(SimpleNamespace(loggers=[logger]), summary, png=tmp_path / "x.png")
     with open(tmp_path / "metrics.csv") as file:
         (row,) = list(csv.DictReader(file))
@@ -77,7 +95,10 @@ def test_analysis_tables_say_nc_beyond_the_reach(tmp_path):
     run = make_run(tmp_path / "run", 0.25, [(0.3, 1), (0.1, 1), (0.0, 0)], max_certifiable_radius=0.375)
     assert main([str(run), "--radii", "0", "0.25", "0.5", "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "analysis.md").read_text().splitlines()
-    assert table[4:6] == [f"| 0.25 | 66.7 | 33.3 | {BEYOND} | 0.133 |", f"| 0.25 lower bound | 33.3 | 0.0 | {BEYOND} |  |"]
+    assert table[4:6] == [
+        f"| 0.25 | 66.7 | 33.3 | {BEYOND} | 0.133 |",
+        f"| 0.25 lower bound | 33.3 | 0.0 | {BEYOND} |  |",
+    ]
 
 
 def make_radii_run(run_dir, sigma, radii_certified, grid):
@@ -85,9 +106,23 @@ def make_radii_run(run_dir, sigma, radii_certified, grid):
     with ShardWriter(run_dir / "certify_radii.tsv", RadiiRecord) as writer:
         for i, radius in enumerate(radii_certified):
             writer.write(RadiiRecord(i, 1, radius, 1000, 0.9, 1.0, 0.0))
-    summary = dict(mode="certify_radii", sigma=sigma, n0=100, n=1000, alpha=0.001, precision="fp32", model_name="vit",
-                   dataset="digits", split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=grid,
-                   num_images=len(radii_certified), certified_accuracy={}, max_certifiable_radius=0.6)
+    summary = dict(
+        mode="certify_radii",
+        sigma=sigma,
+        n0=100,
+        n=1000,
+        alpha=0.001,
+        precision="fp32",
+        model_name="vit",
+        dataset="digits",
+        split="test",
+        subset={"skip": 1, "max": None},
+        data_subset=None,
+        radii=grid,
+        num_images=len(radii_certified),
+        certified_accuracy={},
+        max_certifiable_radius=0.6,
+    )
     write_json(run_dir / "summary.json", summary)
     return run_dir
 
@@ -117,21 +152,52 @@ def test_analysis_groups_by_grid_and_never_overwrites_a_runs_plot(tmp_path):
 
 
 def test_the_jobs_table_shows_acr_and_the_lower_bound():
-    summary = dict(mode="certify", sigma=0.25, num_images=4, samples=4400, radii=[0.0, 0.5],
-                   certified_accuracy={"0": 0.75, "0.5": None}, certified_accuracy_lower_bound={"0": 0.5, "0.5": None},
-                   average_certified_radius=0.1875, abstain_rate=0.25, rho=0.001, false_certificates_allowed=1)
+    summary = dict(
+        mode="certify",
+        sigma=0.25,
+        num_images=4,
+        samples=4400,
+        radii=[0.0, 0.5],
+        certified_accuracy={"0": 0.75, "0.5": None},
+        certified_accuracy_lower_bound={"0": 0.5, "0.5": None},
+        average_certified_radius=0.1875,
+        abstain_rate=0.25,
+        rho=0.001,
+        false_certificates_allowed=1,
+    )
     lines = report(summary).splitlines()
-    assert lines[1:5] == ["| sigma | r=0 | r=0.5 | ACR |", "| --- | ---: | ---: | ---: |",
-                          f"| 0.25 | 75.0 | {BEYOND} | 0.188 |", f"| 0.25 lower bound | 50.0 | {BEYOND} |  |"]
+    assert lines[1:5] == [
+        "| sigma | r=0 | r=0.5 | ACR |",
+        "| --- | ---: | ---: | ---: |",
+        f"| 0.25 | 75.0 | {BEYOND} | 0.188 |",
+        f"| 0.25 lower bound | 50.0 | {BEYOND} |  |",
+    ]
 
 
 def test_runs_of_the_same_images_share_a_table_however_they_were_chosen(tmp_path):
-    by_protocol = make_run(tmp_path / "a", 0.25, [(0.3, 1), (0.1, 1)],
-                           subset={"skip": 1, "max": None, "images": 500, "indices": "range(0, 10000, 20)[:500]"})
-    by_skip = make_run(tmp_path / "b", 0.5, [(0.6, 1), (0.0, 0)],
-                       subset={"skip": 20, "max": 500, "images": None, "indices": "range(0, 10000, 20)[:500]"})
-    other = make_run(tmp_path / "c", 0.5, [(0.6, 1), (0.0, 0)],
-                     subset={"skip": 10, "max": 500, "images": None, "indices": "range(0, 10000, 10)[:500]"})
-    assert main([str(by_protocol), str(by_skip), str(other), "--radii", "0", "0.5", "--out", str(tmp_path / "r")]) == 0
+    by_protocol = make_run(
+        tmp_path / "a",
+        0.25,
+        [(0.3, 1), (0.1, 1)],
+        subset={"skip": 1, "max": None, "images": 500, "indices": "range(0, 10000, 20)[:500]"},
+    )
+    by_skip = make_run(
+        tmp_path / "b",
+        0.5,
+        [(0.6, 1), (0.0, 0)],
+        subset={"skip": 20, "max": 500, "images": None, "indices": "range(0, 10000, 20)[:500]"},
+    )
+    other = make_run(
+        tmp_path / "c",
+        0.5,
+        [(0.6, 1), (0.0, 0)],
+        subset={"skip": 10, "max": 500, "images": None, "indices": "range(0, 10000, 10)[:500]"},
+    )
+    assert (
+        main(
+            [str(by_protocol), str(by_skip), str(other), "--radii", "0", "0.5", "--out", str(tmp_path / "r")]
+        )
+        == 0
+    )
     tables = (tmp_path / "r" / "analysis.md").read_text().split("### ")[1:]
     assert len(tables) == 2 and sum("| best |" in table for table in tables) == 1

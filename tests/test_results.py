@@ -190,11 +190,20 @@ def test_json_and_sha256(tmp_path):
     checkpoint.write_bytes(data)
     assert file_digest(str(checkpoint)) == "sha256:" + hashlib.sha256(data).hexdigest()
     path = tmp_path / "summary.json"
-    write_json(path, {"checkpoint": checkpoint, "certified_accuracy": certified_accuracy(RECORDS, IMAGENET_RADII)})
+    write_json(
+        path, {"checkpoint": checkpoint, "certified_accuracy": certified_accuracy(RECORDS, IMAGENET_RADII)}
+    )
     summary = read_json(path)
     assert summary == json.loads(path.read_text())
     assert summary["checkpoint"] == str(checkpoint)
-    assert summary["certified_accuracy"] == {"0": 0.5, "0.5": 0.25, "1": 0.125, "1.5": 0.0, "2": 0.0, "3": 0.0}
+    assert summary["certified_accuracy"] == {
+        "0": 0.5,
+        "0.5": 0.25,
+        "1": 0.125,
+        "1.5": 0.0,
+        "2": 0.0,
+        "3": 0.0,
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "summary.json"]  # no temp file left
 
 
@@ -210,8 +219,12 @@ def test_predict_records_and_optional_fields_round_trip(tmp_path):
 def test_max_certifiable_radius_is_n_out_of_n(sigma, n, alpha):
     # n successes out of n: the Clopper-Pearson bound is the alpha quantile of Beta(n, 1) = alpha^(1/n)
     p_lower = beta.ppf(alpha, n, 1)
-    assert max_certifiable_radius(GaussianNoise(sigma), n, alpha) == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-9)
-    assert max_certifiable_radius(GaussianNoise(0.25), 10_000, 0.001) == pytest.approx(0.7996, abs=1e-4)  # method.md: about 0.80
+    assert max_certifiable_radius(GaussianNoise(sigma), n, alpha) == pytest.approx(
+        sigma * norm.ppf(p_lower), rel=1e-9
+    )
+    assert max_certifiable_radius(GaussianNoise(0.25), 10_000, 0.001) == pytest.approx(
+        0.7996, abs=1e-4
+    )  # method.md: about 0.80
 
 
 def test_table_marks_radii_beyond_the_runs_reach():

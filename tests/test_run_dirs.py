@@ -45,13 +45,21 @@ def save_weights(path: Path, seed: int) -> Path:
 def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.update(OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def snapshot(path: Path) -> dict:
     """Every entry below ``path`` with its content and modification time."""
-    return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+    return {
+        p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+    }
 
 
 @contextmanager
@@ -60,7 +68,9 @@ def unwritable(path: Path):
     immutable attribute, which stops root too."""
     if os.geteuid() == 0:
         if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-            pytest.skip("running as root on a file system without chattr +i: cannot make a directory unwritable")
+            pytest.skip(
+                "running as root on a file system without chattr +i: cannot make a directory unwritable"
+            )
         undo = ["chattr", "-i", str(path)]
     else:
         mode = path.stat().st_mode
@@ -81,8 +91,20 @@ def test_run_directory_is_a_function_of_the_resolved_config(tmp_path, monkeypatc
     plain = hydra_run_dir(base)
     assert plain.parent == tmp_path / "logs" / "finetune_digits_sigma0.25" and len(plain.name) == 8
     # Typing a default, or where/how the job runs, does not change the directory.
-    assert hydra_run_dir([*base, "data=digits", "noise=sigma_0.25", "hardware=cpu", "logger=none",
-                          "data.num_workers=0", "ckpt_path=last"]) == plain
+    assert (
+        hydra_run_dir(
+            [
+                *base,
+                "data=digits",
+                "noise=sigma_0.25",
+                "hardware=cpu",
+                "logger=none",
+                "data.num_workers=0",
+                "ckpt_path=last",
+            ]
+        )
+        == plain
+    )
     # Everything that changes the results does, the initial weights by content.
     variants = {
         "pretrained a": [*base, f"pretrained={a}"],
@@ -116,10 +138,14 @@ def test_sweep_over_initial_weights_gives_two_directories_and_a_latest_link(tmp_
     home = tmp_path / "logs" / "finetune_digits_sigma0.25"
     dirs = sorted(p.parent.parent for p in home.glob("multirun/*/.hydra/identity.json"))
     assert len(dirs) == 2, dirs
-    initial = {json.loads((d / ".hydra" / "identity.json").read_text())["identity"]["pretrained"] for d in dirs}
+    initial = {
+        json.loads((d / ".hydra" / "identity.json").read_text())["identity"]["pretrained"] for d in dirs
+    }
     assert initial == {None, "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()}
     for d in dirs:
-        assert "last.ckpt" in [p.name for p in (d / "checkpoints").iterdir()]  # each point its own checkpoints
+        assert "last.ckpt" in [
+            p.name for p in (d / "checkpoints").iterdir()
+        ]  # each point its own checkpoints
         assert len((d / "csv" / "metrics.csv").read_text().splitlines()) > 1
         assert proc.stdout.count(f"run directory: {d}") == 1  # at the start
         assert proc.stdout.count(f"finished: {d} (also {home / 'latest'})") == 1
@@ -143,7 +169,9 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     before = snapshot(run)
 
     # Another configuration into the same directory: one line, nothing rewritten (.hydra/ included).
-    other = run_train(["experiment=pretrain_digits", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}"], tmp_path)
+    other = run_train(
+        ["experiment=pretrain_digits", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}"], tmp_path
+    )
     assert other.returncode == 1
     assert other.stderr.strip().splitlines() == [
         f"error: {run} holds the results of another configuration (trainer.max_epochs: 1 -> 2): "
@@ -153,7 +181,9 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
 
     # A run directory that cannot be written: one line, before any data or model is loaded.
     with unwritable(run / "pictures"):
-        proc = run_train(["experiment=pretrain_digits", *TINY, f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path)
+        proc = run_train(
+            ["experiment=pretrain_digits", *TINY, f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path
+        )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: cannot write to {run / 'pictures'} (permissions or a read-only file system): "
@@ -163,24 +193,47 @@ def test_full_disk_refused_and_unwritable_run_directories(tmp_path):
     # ... or whose parent cannot be: Hydra's mkdir would fail with a traceback.
     (tmp_path / "ro").mkdir()
     with unwritable(tmp_path / "ro"):
-        proc = run_train(["experiment=pretrain_digits", *TINY, f"paths.log_dir={tmp_path / 'ro' / 'logs'}"], tmp_path)
+        proc = run_train(
+            ["experiment=pretrain_digits", *TINY, f"paths.log_dir={tmp_path / 'ro' / 'logs'}"], tmp_path
+        )
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("error: cannot create the run directory") and "ro is not writable" in proc.stderr
+    assert (
+        proc.stderr.startswith("error: cannot create the run directory")
+        and "ro is not writable" in proc.stderr
+    )
 
 
 @pytest.mark.slow  # 7 subprocesses of ~7.5 s each (torch + Lightning imports); the suite's quick run has no room
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["experiment=finetune_digits", "pretrained=missing.ckpt"], "error: checkpoint missing.ckpt does not exist"),
-        (["experiment=finetune_imagenet_vit_base"], "error: this experiment needs pretrained=... on the command line"),
-        (["experiment=quickstart", "pretrained=x.ckpt"], "error: quickstart: pretrained=x.ckpt is not accepted"),
-        (["experiment=quickstart", "+foo=1"], "error: +foo=1: the train config has no key 'foo' and nothing reads it"),
+        (
+            ["experiment=finetune_digits", "pretrained=missing.ckpt"],
+            "error: checkpoint missing.ckpt does not exist",
+        ),
+        (
+            ["experiment=finetune_imagenet_vit_base"],
+            "error: this experiment needs pretrained=... on the command line",
+        ),
+        (
+            ["experiment=quickstart", "pretrained=x.ckpt"],
+            "error: quickstart: pretrained=x.ckpt is not accepted",
+        ),
+        (
+            ["experiment=quickstart", "+foo=1"],
+            "error: +foo=1: the train config has no key 'foo' and nothing reads it",
+        ),
         (["experiment=pretrain_digits", "+max_epoch=1"], "error: +max_epoch=1: the train config has no key"),
-        pytest.param(["experiment=pretrain_digits", "hardware=gpu"], "error: No supported gpu backend found!",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
-        pytest.param(["experiment=quickstart", "hardware=gpu"], "error: No supported gpu backend found!",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+        pytest.param(
+            ["experiment=pretrain_digits", "hardware=gpu"],
+            "error: No supported gpu backend found!",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
+        pytest.param(
+            ["experiment=quickstart", "hardware=gpu"],
+            "error: No supported gpu backend found!",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
     ],
 )
 def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
@@ -192,17 +245,26 @@ def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
 @pytest.mark.slow  # ~8 s: a fresh python certify.py (torch + Lightning imports)
 def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    proc = subprocess.run([sys.executable, str(REPO / "certify.py"), "ckpt_path=x.ckpt", "+n_samples=10"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "certify.py"), "ckpt_path=x.ckpt", "+n_samples=10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: +n_samples=10: the certify config has no key 'n_samples' and nothing reads it: "
-        "remove it or correct its name"]
+        "remove it or correct its name"
+    ]
     assert not (tmp_path / "logs").exists(), sorted((tmp_path / "logs").rglob("*"))
 
 
-@pytest.mark.parametrize("overrides", [["consistency.enabled=false", "+trainer.limit_val_batches=2"],
-                                       ["noise=sigma_0.5", "consistency.eta=1"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [["consistency.enabled=false", "+trainer.limit_val_batches=2"], ["noise=sigma_0.5", "consistency.eta=1"]],
+)
 def test_top_level_keys_of_groups_and_dotted_additions_are_not_refused(overrides, tmp_path):
     """The noise and task groups put ``consistency`` at the top level; dotted additions are Hydra's."""
     from dmae_lightning.jobs.rundir import _refuse_unread_additions
@@ -226,20 +288,29 @@ def test_damaged_records_links_and_files_in_the_way_are_one_line(tmp_path, caplo
         train(compose(CONF, "train", overrides, output_dir=run))
     assert "is a real directory, not the link this job keeps" in caplog.text
     assert sorted(p.name for p in (tmp_path / "logs" / "r").iterdir()) == ["key", "latest"]
-    assert (tmp_path / "logs" / "r" / "latest").is_dir() and not (tmp_path / "logs" / "r" / "latest").is_symlink()
+    assert (tmp_path / "logs" / "r" / "latest").is_dir() and not (
+        tmp_path / "logs" / "r" / "latest"
+    ).is_symlink()
 
     (run / "finished.json").unlink()  # as if interrupted: a resume appends to metrics.csv
     with unwritable(run / "csv" / "metrics.csv"):
-        with pytest.raises(ConfigError, match=f"^cannot write to {run / 'csv' / 'metrics.csv'} \\(permissions"):
+        with pytest.raises(
+            ConfigError, match=f"^cannot write to {run / 'csv' / 'metrics.csv'} \\(permissions"
+        ):
             train(compose(CONF, "train", overrides, output_dir=run))
     identity = run / ".hydra" / "identity.json"
     identity.write_text('{"key": "abc", "identity": ')
-    with pytest.raises(ConfigError, match=f"^{identity} is damaged \\(.*\\): it says which configuration {run} holds"):
+    with pytest.raises(
+        ConfigError, match=f"^{identity} is damaged \\(.*\\): it says which configuration {run} holds"
+    ):
         train(compose(CONF, "train", overrides, output_dir=run))
 
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=f"cannot create the run directory .*: {tmp_path / 'file'} is a file, not a "
-                       "directory; choose another paths.log_dir"):
+    with pytest.raises(
+        SystemExit,
+        match=f"cannot create the run directory .*: {tmp_path / 'file'} is a file, not a "
+        "directory; choose another paths.log_dir",
+    ):
         hydra_run_dir(["experiment=pretrain_digits", f"paths.log_dir={tmp_path / 'file'}"])
 
 
@@ -254,7 +325,9 @@ def test_a_job_refused_while_it_was_built_leaves_no_directory_even_with_a_log(tm
     cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
 
     def build():
-        (run / "certify.log").write_text("[INFO] loading the checkpoint\n")  # what Hydra's job log holds by then
+        (run / "certify.log").write_text(
+            "[INFO] loading the checkpoint\n"
+        )  # what Hydra's job log holds by then
         raise ConfigError("noise discrete_sigma0.25 on digits: discrete noise needs 8-bit images")
 
     with pytest.raises(ConfigError):
@@ -276,6 +349,9 @@ def test_a_full_disk_met_while_staging_elsewhere_names_the_run_directory(tmp_pat
     def fill(built):
         raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12cd/staged.ckpt")
 
-    with pytest.raises(ConfigError, match=rf"^no space left on the device of {run} \(while writing "
-                                          r"/tmp/tmpab12cd/staged.ckpt\): what was written before is kept"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^no space left on the device of {run} \(while writing "
+        r"/tmp/tmpab12cd/staged.ckpt\): what was written before is kept",
+    ):
         run_in_dir(cfg, lambda: None, fill, resume_hint="rerun the same command to resume")

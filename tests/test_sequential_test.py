@@ -72,7 +72,9 @@ def test_fixed_n_bound_reused_at_every_look_fails_the_same_harness():
 
 def test_futility_refutes_streams_at_the_threshold_at_most_its_level():
     """The upper side may only cost power: p = t(r) is refuted early with probability <= futility."""
-    test = SequentialTest(radii=(0.25,), noise=GaussianNoise(SIGMA), n_max=2000, alpha=0.05, block=100, futility=0.05)
+    test = SequentialTest(
+        radii=(0.25,), noise=GaussianNoise(SIGMA), n_max=2000, alpha=0.05, block=100, futility=0.05
+    )
     t = test.thresholds()[0]
     early = test.looks()[:-1]  # at the cap NO is the default answer, not a futility decision
 
@@ -84,12 +86,16 @@ def test_futility_refutes_streams_at_the_threshold_at_most_its_level():
 
 # ----------------------------------------------------------------------------------- closed forms
 def test_looks_are_block_multiples_ending_at_the_cap():
-    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_050, alpha=0.001, block=100, growth=1.5)
+    test = SequentialTest(
+        radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_050, alpha=0.001, block=100, growth=1.5
+    )
     assert test.looks() == (100, 200, 300, 500, 800, 1200, 1800, 2700, 4100, 6200, 9300, 10_050)
 
 
 def test_levels_sum_to_alpha_with_the_final_share_at_the_cap():
-    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8)
+    test = SequentialTest(
+        radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8
+    )
     levels = test.lower_levels()
     assert len(levels) == len(test.looks())
     assert math.fsum(levels) == pytest.approx(0.001, rel=1e-12)
@@ -122,7 +128,9 @@ def test_bounds_are_clopper_pearson_at_the_looks_level(successes):
 
 def test_all_successes_bound_is_alpha_to_the_one_over_n():
     """n successes out of n give L = alpha^(1/n): the largest radius is sigma * Phi^-1(alpha_J^(1/n))."""
-    test = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8)
+    test = SequentialTest(
+        radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, final_share=0.8
+    )
     expected = SIGMA * norm.ppf(0.0008 ** (1 / 10_000))
     assert test.max_radius() == pytest.approx(expected, rel=1e-9)
     assert 0.79 < expected < 0.80  # method.md: about 0.80 for sigma 0.25, n = 10,000 (at the full alpha)
@@ -135,13 +143,19 @@ def test_unreachable_radii_are_no_before_sampling():
     test0 = SequentialTest(radii=(0.0,), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100)
     top = test0.max_radius()
     test = SequentialTest(
-        radii=(0.5, top - 1e-6, top + 1e-6, 1.0), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100
+        radii=(0.5, top - 1e-6, top + 1e-6, 1.0),
+        noise=GaussianNoise(SIGMA),
+        n_max=10_000,
+        alpha=0.001,
+        block=100,
     )
     assert test.reachable() == (True, True, False, False)
     before = test.decide(0, 0)
     assert before.verdicts == (Verdict.UNDECIDED, Verdict.UNDECIDED, Verdict.NO, Verdict.NO)
     assert not before.stop
-    nothing = SequentialTest(radii=(0.9, 1.0), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100).decide(0, 0)
+    nothing = SequentialTest(
+        radii=(0.9, 1.0), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100
+    ).decide(0, 0)
     assert nothing.stop and nothing.verdicts == (Verdict.NO, Verdict.NO) and nothing.certified_radius is None
 
 
@@ -154,7 +168,9 @@ def test_zero_radius_needs_a_bound_strictly_above_one_half():
 # ----------------------------------------------------------------------------------- decisions
 def test_all_successes_stop_at_the_first_look_that_clears_the_top_radius():
     """p = 1: the first look n_j with alpha_j^(1/n_j) >= Phi(0.5 / sigma) decides everything YES."""
-    test = SequentialTest(radii=(0.0, 0.25, 0.5), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100)
+    test = SequentialTest(
+        radii=(0.0, 0.25, 0.5), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100
+    )
     t_top = norm.cdf(0.5 / SIGMA)
     first = next(n for n, a in zip(test.looks(), test.lower_levels()) if a ** (1 / n) >= t_top)
     decision = test.decide(0, 0)
@@ -195,7 +211,13 @@ def test_running_bounds_keep_an_earlier_yes_and_undecided_is_no_at_the_cap():
     ],
 )
 def test_bad_settings_raise_one_line(kwargs, message):
-    settings = {"radii": (0.0,), "noise": GaussianNoise(SIGMA), "n_max": 1000, "alpha": 0.001, "block": 100} | kwargs
+    settings = {
+        "radii": (0.0,),
+        "noise": GaussianNoise(SIGMA),
+        "n_max": 1000,
+        "alpha": 0.001,
+        "block": 100,
+    } | kwargs
     with pytest.raises((ValueError, TypeError), match=message) as err:
         SequentialTest(**settings)
     assert "\n" not in str(err.value)
@@ -241,24 +263,33 @@ def test_curtailment_answers_no_early_where_the_cap_could_not_certify():
     p_up = beta.isf(0.001, k + 1, n - k)  # 99.9% Clopper-Pearson upper bound from (k, n)
     assert binom.sf(needed - k - 1, 10_000 - n, p_up) < 0.001  # P(Bin(3800, p_up) >= needed - k)
     assert test.bounds(k, n)[1] >= t  # the upper (futility) side alone would keep sampling
-    no_curtailment = SequentialTest(radii=(0.0, 0.5), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100,
-                                    curtailment=0.0)
+    no_curtailment = SequentialTest(
+        radii=(0.0, 0.5), noise=GaussianNoise(SIGMA), n_max=10_000, alpha=0.001, block=100, curtailment=0.0
+    )
     assert no_curtailment.decide(k, n).verdicts == (Verdict.YES, Verdict.UNDECIDED)
     decision = test.decide(k, n)
     assert decision.verdicts == (Verdict.YES, Verdict.NO) and decision.stop and decision.trials == n
     # one success more than the count at which it would still be hopeful: not curtailed
-    hopeful = next(c for c in range(k, n) if binom.sf(needed - c - 1, 10_000 - n, beta.isf(0.001, c + 1, n - c))
-                   >= 0.001)
+    hopeful = next(
+        c for c in range(k, n) if binom.sf(needed - c - 1, 10_000 - n, beta.isf(0.001, c + 1, n - c)) >= 0.001
+    )
     assert test.decide(hopeful, n).verdicts[1] == Verdict.UNDECIDED
 
 
-@pytest.mark.parametrize(("radii", "cap", "saving"), [((0.0, 0.25, 0.5), 10_000, 1.03),
-                                                      ((0.0, 0.25, 0.5, 0.75), 100_000, 1.15)])
+@pytest.mark.parametrize(
+    ("radii", "cap", "saving"), [((0.0, 0.25, 0.5), 10_000, 1.03), ((0.0, 0.25, 0.5, 0.75), 100_000, 1.15)]
+)
 def test_curtailment_saves_samples_and_loses_a_negligible_certified_fraction(radii, cap, saving):
     """Paired: the same Bernoulli streams with and without curtailment (simulate draws every stream)."""
     p = digits_like_p(10_000, np.random.default_rng(0))
-    plain = simulate(SequentialTest(radii, GaussianNoise(SIGMA), cap, 0.001, 100, curtailment=0.0), p, np.random.default_rng(1))
-    curtailed = simulate(SequentialTest(radii, GaussianNoise(SIGMA), cap, 0.001, 100), p, np.random.default_rng(1))
+    plain = simulate(
+        SequentialTest(radii, GaussianNoise(SIGMA), cap, 0.001, 100, curtailment=0.0),
+        p,
+        np.random.default_rng(1),
+    )
+    curtailed = simulate(
+        SequentialTest(radii, GaussianNoise(SIGMA), cap, 0.001, 100), p, np.random.default_rng(1)
+    )
     assert plain.samples.mean() / curtailed.samples.mean() >= saving  # measured 1.05x and 1.19x
     assert not (curtailed.certified & ~plain.certified).any()  # it can only turn a YES into a NO
     lost = (plain.certified & ~curtailed.certified).mean(axis=0)  # [R]

@@ -61,8 +61,16 @@ CPU_SBATCH_ARGS = ("--gres=none", "--nodes=1", "--ntasks-per-node=2", "--cpus-pe
 
 # Terminal states that end a wait early when they are not among the awaited ones.
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
 }
 
 
@@ -261,9 +269,17 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     (REPO / "logs").mkdir(exist_ok=True)  # --output=logs/...: Slurm does not create it (the job would FAIL)
     env = slurm_cluster.env
     job = submit_job(
-        TEMPLATES / "certify.sbatch", env, sbatch_args=CPU_SBATCH_ARGS, cwd=REPO,
-        script_args=(f"ckpt_path={ckpt}", "data=digits", "trainer.accelerator=cpu", f"paths.log_dir={tmp_path}",
-                     *settings),
+        TEMPLATES / "certify.sbatch",
+        env,
+        sbatch_args=CPU_SBATCH_ARGS,
+        cwd=REPO,
+        script_args=(
+            f"ckpt_path={ckpt}",
+            "data=digits",
+            "trainer.accelerator=cpu",
+            f"paths.log_dir={tmp_path}",
+            *settings,
+        ),
     )
     out_path = REPO / "logs" / f"dmae-certify-{job}.out"
     try:
@@ -274,14 +290,19 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
         cancel_job(job, env)
     out = job_output(out_path)
     out_path.unlink(missing_ok=True)
-    assert info["Requeue"] == "1" and f"job {job} restart 0 on " in out and "1 node(s) x 2 task(s)" in out, out
+    assert info["Requeue"] == "1" and f"job {job} restart 0 on " in out and "1 node(s) x 2 task(s)" in out, (
+        out
+    )
     (tsv,) = tmp_path.glob(f"certify_digits_vit_micro_patch8_sigma0.25/slurm-{job}/*/certify.tsv")
     assert not list(tsv.parent.glob("certify.rank*.tsv"))  # shards merged and removed
     single = tmp_path / "single"
     certify_in_process(single, ckpt, *settings)
 
     def columns(path):
-        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n) for r in read_records(path, CertifyRecord)]
+        return [
+            (r.idx, r.label, r.predict, r.radius, r.correct, r.n_a, r.n)
+            for r in read_records(path, CertifyRecord)
+        ]
 
     assert [row[0] for row in columns(tsv)] == list(range(10))
     assert columns(tsv) == columns(single / "certify.tsv")
@@ -293,8 +314,12 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
 # SIGUSR1 surely arrives mid-training (the training itself takes ~1 s; the two imports take most of the time).
 MAX_EPOCHS, STEPS_PER_EPOCH = 10, 4
 TRAIN_OVERRIDES = (
-    "experiment=pretrain_digits", "model=vit_micro_patch8", "trainer.accelerator=cpu",
-    "data.subset_first=128", "data.batch_size=16", f"trainer.max_epochs={MAX_EPOCHS}",
+    "experiment=pretrain_digits",
+    "model=vit_micro_patch8",
+    "trainer.accelerator=cpu",
+    "data.subset_first=128",
+    "data.batch_size=16",
+    f"trainer.max_epochs={MAX_EPOCHS}",
     "+callbacks.probe._target_=helpers.probes.NoiseProbe",
 )
 SIGNAL_AFTER_STEP = 6  # mid-epoch (epoch 1, batch 2): the resume must land on the exact step, not an epoch
@@ -310,14 +335,18 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     (tmp_path / "conf").symlink_to(CONF)
     (tmp_path / "logs").mkdir()
     probe_dir = tmp_path / "probe"
-    env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(probe_dir), DMAE_PROBE_STEP_SLEEP="0.2", OMP_NUM_THREADS="1")
+    env = dict(
+        slurm_cluster.env, DMAE_PROBE_DIR=str(probe_dir), DMAE_PROBE_STEP_SLEEP="0.2", OMP_NUM_THREADS="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     job = submit_job(TEMPLATES / "train.sbatch", env, CPU_SBATCH_ARGS, TRAIN_OVERRIDES, cwd=tmp_path)
     out_path = tmp_path / "logs" / f"dmae-train-{job}.out"
     history: list[tuple[float, str, str]] = []
     t0 = time.monotonic()
     try:
-        wait_for_output(out_path, f"probe step global_step={SIGNAL_AFTER_STEP}\n", timeout=240, job_id=job, env=env)
+        wait_for_output(
+            out_path, f"probe step global_step={SIGNAL_AFTER_STEP}\n", timeout=240, job_id=job, env=env
+        )
         t_signal = time.monotonic()
         signal_job(job, "USR1", env)  # what --signal=SIGUSR1@90 sends 90 s before the time limit
         wait_for_output(out_path, "restart=1", timeout=180, job_id=job, env=env, history=history)
@@ -329,13 +358,17 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
         cancel_job(job, env)
     out = job_output(out_path)
     states = [f"{t - t_signal:+.1f}s {state} {reason}" for t, state, reason in history]
-    print(f"submit -> step {SIGNAL_AFTER_STEP}: {t_signal - t0:.1f} s; SIGUSR1 -> restarted tasks: "
-          f"{t_restart - t_signal:.1f} s; total {time.monotonic() - t0:.1f} s; states: {states}")
+    print(
+        f"submit -> step {SIGNAL_AFTER_STEP}: {t_signal - t0:.1f} s; SIGUSR1 -> restarted tasks: "
+        f"{t_restart - t_signal:.1f} s; total {time.monotonic() - t0:.1f} s; states: {states}"
+    )
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     assert f"job {job} restart 0 on " in out and f"job {job} restart 1 on " in out, out  # one appended file
 
     # Lightning saw SLURM on both ranks of both starts: SLURMEnvironment, ranks 0/1 of 2, from SLURM_PROCID.
-    starts = re.findall(r"probe setup global_rank=(\d) world_size=(\d) env=(\w+) slurm_procid=(\d) restart=(\d)", out)
+    starts = re.findall(
+        r"probe setup global_rank=(\d) world_size=(\d) env=(\w+) slurm_procid=(\d) restart=(\d)", out
+    )
     assert sorted(starts) == [(r, "2", "SLURMEnvironment", r, s) for r in "01" for s in "01"], starts
     assert out.count("SLURM auto-requeueing enabled. Setting signal handlers.") == 4, out
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out, out
@@ -346,7 +379,9 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     assert sorted(p.name for p in (tmp_path / "logs").rglob("*.log")) == ["train.log"]
     log_text = (run_dir / "train.log").read_text()  # appended by rank 0 of each start, never by rank 1
     assert log_text.count("probe log global_rank=0") == 2 and "global_rank=1" not in log_text, log_text
-    assert log_text.count("run directory:") == 2 and log_text.count("finished:") == 1, log_text  # each start, the end
+    assert log_text.count("run directory:") == 2 and log_text.count("finished:") == 1, (
+        log_text
+    )  # each start, the end
 
     # Lightning's auto-requeue: hpc checkpoint on SIGUSR1, `scontrol requeue`, restore at the exact step.
     assert "Handling auto-requeue signal: 10" in out and f"Requeued SLURM job: {job}" in out, out
@@ -359,7 +394,9 @@ def test_train_sbatch_ddp_job_requeues_on_sigusr1_and_resumes_at_the_exact_step(
     # last.ckpt was written at the last epoch's end, so it holds that epoch's index (Lightning's convention).
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (last["global_step"], last["epoch"]) == (MAX_EPOCHS * STEPS_PER_EPOCH, MAX_EPOCHS - 1), (
-        last["global_step"], last["epoch"])
+        last["global_step"],
+        last["epoch"],
+    )
 
     probes = load_probes(probe_dir)  # written at the end of training: the restarted ranks
     assert sorted(probes) == [(0, 1), (1, 1)], sorted(probes)
@@ -382,17 +419,36 @@ def test_submitit_sweep_point_requeues_through_lightning(slurm_cluster, tmp_path
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional extra [slurm]")
     import torch
 
-    env = dict(slurm_cluster.env, DMAE_PROBE_DIR=str(tmp_path / "probe"), DMAE_PROBE_STEP_SLEEP="0.2",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        slurm_cluster.env,
+        DMAE_PROBE_DIR=str(tmp_path / "probe"),
+        DMAE_PROBE_STEP_SLEEP="0.2",
+        OMP_NUM_THREADS="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
-    args = ["-m", "hydra/launcher=slurm", "hardware=slurm", "trainer.devices=2", "hydra.launcher.gpus_per_node=null",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", *TRAIN_OVERRIDES]
-    launcher = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "-m",
+        "hydra/launcher=slurm",
+        "hardware=slurm",
+        "trainer.devices=2",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=5",
+        *TRAIN_OVERRIDES,
+    ]
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (outs := list(tmp_path.glob("logs/*/multirun/.submitit/*/*_0_log.out"))) or (
-                f"probe step global_step={SIGNAL_AFTER_STEP}\n" not in job_output(outs[0])):
+            f"probe step global_step={SIGNAL_AFTER_STEP}\n" not in job_output(outs[0])
+        ):
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()[-4000:]
             time.sleep(0.2)
         job = outs[0].parent.name

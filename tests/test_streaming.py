@@ -117,7 +117,8 @@ def damage_index_without_chunks(shards: Path) -> str:  # what an interrupted pre
 
 
 @pytest.mark.parametrize(
-    "damage", [damage_truncated_chunk, damage_deleted_chunk, damage_garbage_index, damage_index_without_chunks]
+    "damage",
+    [damage_truncated_chunk, damage_deleted_chunk, damage_garbage_index, damage_index_without_chunks],
 )
 def test_damaged_shards_are_refused_up_front_with_one_line(imagenet, tmp_path: Path, damage):
     """Issue 22: a truncated or deleted chunk ended, once training read it, in a 92-line litdata
@@ -130,12 +131,17 @@ def test_damaged_shards_are_refused_up_front_with_one_line(imagenet, tmp_path: P
         ImageNetDataModule(root, batch_size=4, streaming=str(shards))
     message = str(info.value)
     rebuild = f"python prepare.py imagenet --root {root} --out {shards}"
-    assert re.fullmatch(rf"streaming shards {re.escape(str(shards))}: {what}: rebuild them with {re.escape(rebuild)}", message)
+    assert re.fullmatch(
+        rf"streaming shards {re.escape(str(shards))}: {what}: rebuild them with {re.escape(rebuild)}", message
+    )
 
 
 def test_batch_size_larger_than_the_shards_is_refused_up_front(imagenet):
     root, out = imagenet
-    with pytest.raises(ConfigError, match=rf"^streaming shards {re.escape(str(out))} hold 12 images, fewer than batch_size=5000"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^streaming shards {re.escape(str(out))} hold 12 images, fewer than batch_size=5000",
+    ):
         ImageNetDataModule(root, batch_size=5000, streaming=str(out))
 
 
@@ -155,12 +161,15 @@ def test_undecodable_stored_image_is_one_line(imagenet, workers: int, monkeypatc
         next(batches)
     error = info.value.with_traceback(None)  # its frames hold the loader's iterator
     del info
-    assert re.fullmatch(rf"item \d+ of streaming shards {re.escape(str(out))} cannot be decoded: .+", str(error))
+    assert re.fullmatch(
+        rf"item \d+ of streaming shards {re.escape(str(out))} cannot be decoded: .+", str(error)
+    )
     assert "\n" not in str(error)
     # A worker that raised does not leave by itself: PyTorch stops it after waiting 5 s, here 0.2 s.
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
     del batches
     gc.collect()  # (the loader and its iterator refer to each other)
+
 
 def test_prepare_refuses_a_hostile_cifar_batch_without_running_it(tmp_path: Path, relax_cifar_md5):
     """A batch that passes the md5 check (relaxed here) but is no CIFAR-10 batch: one line, its code never runs."""
@@ -169,7 +178,9 @@ def test_prepare_refuses_a_hostile_cifar_batch_without_running_it(tmp_path: Path
     write_hostile(path, marker)
     with pytest.raises(SystemExit) as info:
         prepare_main(["cifar10", "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"])
-    assert re.match(rf"error: CIFAR-10 file {re.escape(str(path))} is not a CIFAR-10 python batch", str(info.value))
+    assert re.match(
+        rf"error: CIFAR-10 file {re.escape(str(path))} is not a CIFAR-10 python batch", str(info.value)
+    )
     assert "\n" not in str(info.value) and not marker.exists()
 
 
@@ -177,7 +188,9 @@ def test_prepare_checks_the_published_md5_before_unpickling(tmp_path: Path):
     write_cifar(tmp_path)  # the real md5 check (no monkeypatch): written files are not the published ones
     path, marker = tmp_path / "cifar-10-batches-py" / "data_batch_1", tmp_path / "MARKER"
     write_hostile(path, marker)
-    damaged = rf"^error: CIFAR-10 file {re.escape(str(path))} is damaged \(its md5 differs from the published one\)"
+    damaged = (
+        rf"^error: CIFAR-10 file {re.escape(str(path))} is damaged \(its md5 differs from the published one\)"
+    )
     with pytest.raises(SystemExit, match=damaged):
         prepare_main(["cifar10", "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"])
     assert not marker.exists() and not (tmp_path / "out").exists()

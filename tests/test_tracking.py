@@ -27,8 +27,14 @@ def run_train(args: list[str], cwd: Path, timeout: float = 300, **env_extra: str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "WANDB_"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env_extra)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     print(f"python train.py {' '.join(args)}: {time.monotonic() - t0:.1f} s")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
@@ -54,8 +60,8 @@ def wandb_records(path: Path) -> list:
         if left < 7:  # block trailer
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:  # FULL
             out.append(chunk)
         elif kind == 2:  # FIRST
@@ -77,16 +83,23 @@ def read_offline_run(run_dir: Path) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run = rec.run
-            info |= dict(id=run.run_id, name=run.display_name, group=run.run_group, tags=list(run.tags),
-                         job_type=run.job_type, project=run.project)
+            info |= dict(
+                id=run.run_id,
+                name=run.display_name,
+                group=run.run_group,
+                tags=list(run.tags),
+                job_type=run.job_type,
+                project=run.project,
+            )
             updates = run.config.update
         elif kind == "config":
             updates = rec.config.update
         else:
             updates = ()
             if kind == "history":
-                info["history"].append({item.key or "/".join(item.nested_key): item.value_json
-                                        for item in rec.history.item})
+                info["history"].append(
+                    {item.key or "/".join(item.nested_key): item.value_json for item in rec.history.item}
+                )
             elif kind == "exit":
                 info["exit_code"] = rec.exit.exit_code
         for item in updates:
@@ -104,9 +117,21 @@ def no_interpolations(value) -> bool:
 
 @pytest.mark.slow  # ~25-35 s: one process, two jobs, two W&B offline runs
 def test_wandb_offline_sweep_over_sigma_gives_one_run_per_point(tmp_path):
-    out = run_train(["-m", "experiment=pretrain_digits", *TINY, "noise=sigma_0.25,sigma_0.5", "+trainer.max_steps=2",
-                     "logger=wandb", "logger.project=dmae-test", "logger.tags=[sweep,ci]"],
-                    tmp_path, WANDB_MODE="offline", WANDB_SILENT="true")
+    out = run_train(
+        [
+            "-m",
+            "experiment=pretrain_digits",
+            *TINY,
+            "noise=sigma_0.25,sigma_0.5",
+            "+trainer.max_steps=2",
+            "logger=wandb",
+            "logger.project=dmae-test",
+            "logger.tags=[sweep,ci]",
+        ],
+        tmp_path,
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+    )
     logs = tmp_path / "logs"
     dirs = run_dirs(logs)
     assert len(dirs) == 2, (dirs, out[-3000:])
@@ -138,8 +163,10 @@ def test_wandb_offline_sweep_over_sigma_gives_one_run_per_point(tmp_path):
 
 @pytest.mark.slow  # ~20-30 s: one process, two fast_dev_run jobs
 def test_local_sweep_over_consistency_weight_gives_each_point_its_directory(tmp_path):
-    out = run_train(["-m", "experiment=finetune_digits", *TINY, "consistency.lbd=1,4", "+trainer.fast_dev_run=1"],
-                    tmp_path)
+    out = run_train(
+        ["-m", "experiment=finetune_digits", *TINY, "consistency.lbd=1,4", "+trainer.fast_dev_run=1"],
+        tmp_path,
+    )
     logs = tmp_path / "logs"
     dirs = run_dirs(logs)
     assert len(dirs) == 2, (dirs, out[-3000:])
@@ -170,8 +197,16 @@ def compose_with_hydra(overrides: list[str]):
 
 def test_submitit_slurm_launcher_composes_with_lightning_owning_requeue():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional extra [slurm]")
-    cfg = compose_with_hydra(["hydra/launcher=slurm", "hardware=slurm", "trainer.num_nodes=4", "trainer.devices=8",
-                              "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=720"])
+    cfg = compose_with_hydra(
+        [
+            "hydra/launcher=slurm",
+            "hardware=slurm",
+            "trainer.num_nodes=4",
+            "trainer.devices=8",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=720",
+        ]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     # One SLURM task per device, nodes from the trainer config.
@@ -186,9 +221,15 @@ def test_submitit_slurm_launcher_composes_with_lightning_owning_requeue():
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = OmegaConf.to_container(launcher, resolve=True)
-    text = _make_sbatch_string(command="python -u -m submitit.core._submit x", folder="/tmp/x", nodes=4,
-                               ntasks_per_node=8, gpus_per_node=8, signal_delay_s=params["signal_delay_s"],
-                               additional_parameters=params["additional_parameters"])
+    text = _make_sbatch_string(
+        command="python -u -m submitit.core._submit x",
+        folder="/tmp/x",
+        nodes=4,
+        ntasks_per_node=8,
+        gpus_per_node=8,
+        signal_delay_s=params["signal_delay_s"],
+        additional_parameters=params["additional_parameters"],
+    )
     assert [line for line in text.splitlines() if "--signal" in line] == ["#SBATCH --signal=USR1@90"], text
     assert "#SBATCH --requeue" in text.splitlines()
 
@@ -221,7 +262,9 @@ def test_csv_metrics_survive_a_requeue_restart(monkeypatch, tmp_path, restart, k
     def log_steps(steps):
         logger = tracking.ResumableCSVLogger(str(tmp_path), name="csv", version="")
         for step in steps:
-            logger.log_metrics({"train/loss": float(step)} | ({"val/loss": 1.0} if step == 3 else {}), step=step)
+            logger.log_metrics(
+                {"train/loss": float(step)} | ({"val/loss": 1.0} if step == 3 else {}), step=step
+            )
         logger.save()
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)

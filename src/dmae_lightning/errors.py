@@ -19,8 +19,13 @@ class ConfigError(ValueError):
 
 # Errors that mean "bad config, data or checkpoint" when raised while a job is being built (Lightning's
 # MisconfigurationException: e.g. hardware=gpu on a machine without one).
-BAD_INPUT = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError,
-             MisconfigurationException)
+BAD_INPUT = (
+    ValueError,
+    FileNotFoundError,
+    MissingMandatoryValue,
+    InterpolationResolutionError,
+    MisconfigurationException,
+)
 
 
 def one_line(err: BaseException) -> str:

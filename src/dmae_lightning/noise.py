@@ -40,7 +40,9 @@ _REGISTRY: dict[str, type[Noise]] = {}  # "_target_" path -> class, filled by su
 class Noise(ABC):
     """Interface of a smoothing distribution (see the module docstring). Subclasses are frozen dataclasses."""
 
-    sigma: float  # the scale every distribution here is parametrised by (run names, the paper's eta per sigma)
+    sigma: (
+        float  # the scale every distribution here is parametrised by (run names, the paper's eta per sigma)
+    )
     tag_prefix: ClassVar[str]  # run names: <tag_prefix>sigma<sigma>
     # Set by @dataclass on every concrete subclass (config() and noise_from_config() read the fields);
     # declared here so that the type checker knows a Noise is a dataclass instance.
@@ -55,7 +57,9 @@ class Noise(ABC):
         """x + eps: a new tensor of x's shape, device and dtype ([..., C, H, W] of [0,1] pixels)."""
 
     @abstractmethod
-    def noisy_copies(self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+    def noisy_copies(
+        self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor
+    ) -> torch.Tensor:
         """``out`` ([k, C, H, W], contiguous) filled with k noisy copies of ``image`` ([C, H, W])."""
 
     @abstractmethod
@@ -86,7 +90,11 @@ class Noise(ABC):
 
 
 def _check_sigma(sigma) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not (math.isfinite(sigma) and float(sigma) > 0):
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, Real)
+        or not (math.isfinite(sigma) and float(sigma) > 0)
+    ):
         raise ValueError(f"noise.sigma must be a finite number > 0, got {sigma!r}")
 
 
@@ -108,7 +116,9 @@ class GaussianNoise(Noise):
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return eps.mul_(self.sigma).add_(x)
 
-    def noisy_copies(self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+    def noisy_copies(
+        self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor
+    ) -> torch.Tensor:
         return torch.randn(out.shape, generator=generator, out=out).mul_(self.sigma).add_(image)
 
     def radius(self, p_lower: float) -> float:
@@ -152,8 +162,10 @@ def _discrete_gaussian_table(sigma: float) -> tuple[tuple[int, ...], int, float]
 
 def _check_size(image: torch.Tensor) -> None:
     if image.numel() > D_MAX:
-        raise ValueError(f"an image of {image.numel()} coordinates, more than the {D_MAX} the discrete noise's "
-                         "certificate allows")
+        raise ValueError(
+            f"an image of {image.numel()} coordinates, more than the {D_MAX} the discrete noise's "
+            "certificate allows"
+        )
 
 
 @functools.lru_cache
@@ -225,7 +237,9 @@ class DiscreteGaussianNoise(Noise):
         levels = torch.round(x * 255).to(torch.int32)
         return self._noisy_levels(levels, x.shape, generator).to(x.dtype).div_(255)
 
-    def noisy_copies(self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+    def noisy_copies(
+        self, image: torch.Tensor, generator: torch.Generator, out: torch.Tensor
+    ) -> torch.Tensor:
         _check_size(image)
         levels = torch.round(image * 255).to(torch.int32)  # [C,H,W]
         return out.copy_(self._noisy_levels(levels, out.shape, generator)).div_(255)
@@ -235,8 +249,10 @@ class DiscreteGaussianNoise(Noise):
         scaled = image.detach().double() * 255
         off = float((scaled - scaled.round()).abs().max()) if image.numel() else 0.0
         if not off <= 1e-4:
-            raise ValueError(f"discrete noise needs 8-bit images (pixels k/255, e.g. CIFAR-10/ImageNet, not the "
-                             f"bundled digits): this one is {off / 255:.3g} off the 1/255 grid")
+            raise ValueError(
+                f"discrete noise needs 8-bit images (pixels k/255, e.g. CIFAR-10/ImageNet, not the "
+                f"bundled digits): this one is {off / 255:.3g} off the 1/255 grid"
+            )
 
     def radius(self, p_lower: float) -> float:
         """sigma Phi^-1(p_lower - deduction); negative below 1/2 + deduction, -inf up to the deduction."""

@@ -21,7 +21,17 @@ from dmae_lightning.training.finetune import BaseClassifierModule
 from . import CONF, REPO
 
 SIGMA = 0.25
-SMALL = ["model=vit_micro_patch8", "n0=10", "n=100", "batch=100", "max=12", "alpha=0.001", "split=test", "seed=0", "logger=none"]
+SMALL = [
+    "model=vit_micro_patch8",
+    "n0=10",
+    "n=100",
+    "batch=100",
+    "max=12",
+    "alpha=0.001",
+    "split=test",
+    "seed=0",
+    "logger=none",
+]
 
 
 def make_classifier_checkpoint(path: Path, steps: int = 40) -> Path:

@@ -59,7 +59,12 @@ def write_cifar(root: Path, per_batch: int = 2, n_test: int = 4, python2: bool =
         n = n_test if name == "test_batch" else per_batch
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()
-        entry = {"batch_label": name, "data": data, "labels": labels, "filenames": [f"{i}.png" for i in range(n)]}
+        entry = {
+            "batch_label": name,
+            "data": data,
+            "labels": labels,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         _dump(entry, folder / name, python2)
         written[name] = (data, labels)
     meta = {"label_names": LABEL_NAMES, "num_cases_per_batch": 10000, "num_vis": 3072}

@@ -34,14 +34,23 @@ class NoiseProbe(pl.Callback):
     def record(self, noise: torch.Tensor) -> None:
         if self.in_step:
             flat = noise.detach().flatten().float().cpu()
-            self.records.append({"global_step": self.step[0], "batch_idx": self.step[1],
-                                 "shape": list(noise.shape), "values": flat[:NUM_VALUES].tolist()})
+            self.records.append(
+                {
+                    "global_step": self.step[0],
+                    "batch_idx": self.step[1],
+                    "shape": list(noise.shape),
+                    "values": flat[:NUM_VALUES].tolist(),
+                }
+            )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         env = trainer.strategy.cluster_environment
-        print(f"probe setup global_rank={trainer.global_rank} world_size={trainer.world_size} "
-              f"env={type(env).__name__} slurm_procid={os.environ.get('SLURM_PROCID', '-')} "
-              f"restart={self.restart} pid={os.getpid()}", flush=True)
+        print(
+            f"probe setup global_rank={trainer.global_rank} world_size={trainer.world_size} "
+            f"env={type(env).__name__} slurm_procid={os.environ.get('SLURM_PROCID', '-')} "
+            f"restart={self.restart} pid={os.getpid()}",
+            flush=True,
+        )
         # Through the root logger, as every module's log does: only rank 0's Hydra file handler is the run's
         # <job>.log; the others write to /dev/null (conf/hydra/default.yaml).
         logging.getLogger("probes").info("probe log global_rank=%d", trainer.global_rank)
@@ -72,8 +81,11 @@ class NoiseProbe(pl.Callback):
             finetune_mod.mix_then_noise = probed_mix_then_noise
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        print(f"probe start global_rank={trainer.global_rank} global_step={trainer.global_step} "
-              f"epoch={trainer.current_epoch} restart={self.restart}", flush=True)
+        print(
+            f"probe start global_rank={trainer.global_rank} global_step={trainer.global_step} "
+            f"epoch={trainer.current_epoch} restart={self.restart}",
+            flush=True,
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self.in_step, self.step = True, (trainer.global_step, batch_idx)
@@ -87,9 +99,15 @@ class NoiseProbe(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(os.environ.get("DMAE_PROBE_DIR", trainer.default_root_dir))
         out.mkdir(parents=True, exist_ok=True)
-        info = {"global_rank": trainer.global_rank, "world_size": trainer.world_size,
-                "env": type(trainer.strategy.cluster_environment).__name__, "restart": self.restart,
-                "pid": os.getpid(), "final_global_step": trainer.global_step, "records": self.records}
+        info = {
+            "global_rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "env": type(trainer.strategy.cluster_environment).__name__,
+            "restart": self.restart,
+            "pid": os.getpid(),
+            "final_global_step": trainer.global_step,
+            "records": self.records,
+        }
         path = out / f"probe-rank{trainer.global_rank}-restart{self.restart}.json"
         path.write_text(json.dumps(info))
 
@@ -116,12 +134,16 @@ def check_noise_per_rank(probes: dict[tuple[int, int], dict], seed: int = 0, res
     """Every recorded draw equals the design's, and the ranks' draws differ at every step; returns #steps."""
     ranks = sorted(rank for rank, rs in probes if rs == restart)
     assert len(ranks) >= 2, f"probe files of ranks {ranks} only"
-    steps = [{(r["global_step"], r["batch_idx"]): r for r in probes[(rank, restart)]["records"]} for rank in ranks]
+    steps = [
+        {(r["global_step"], r["batch_idx"]): r for r in probes[(rank, restart)]["records"]} for rank in ranks
+    ]
     assert steps[0] and all(s.keys() == steps[0].keys() for s in steps), [sorted(s) for s in steps]
     for (global_step, batch_idx), _ in steps[0].items():
         drawn = [s[(global_step, batch_idx)]["values"] for s in steps]
         for rank, values in zip(ranks, drawn):
-            want = expected_noise(seed, rank, global_step, batch_idx, steps[0][(global_step, batch_idx)]["shape"])
+            want = expected_noise(
+                seed, rank, global_step, batch_idx, steps[0][(global_step, batch_idx)]["shape"]
+            )
             assert torch.allclose(torch.tensor(values), torch.tensor(want), atol=1e-5), (rank, global_step)
         for i in range(len(drawn)):
             for j in range(i + 1, len(drawn)):

@@ -71,7 +71,9 @@ class CertificationCallback(pl.Callback):
         training job calls it before the first step (a discrete noise refuses images off the 8-bit grid, such
         as the bundled digits), ``setup`` again for a Trainer built by hand."""
         if datamodule is None or not hasattr(datamodule, "dataset"):
-            raise ValueError("CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)")
+            raise ValueError(
+                "CertificationCallback needs a datamodule with dataset(split) (dmae_lightning.data)"
+            )
         if not isinstance(noise, Noise):
             raise ValueError("CertificationCallback needs a module with a noise (BaseClassifierModule)")
         dataset = datamodule.dataset(self.split)
@@ -86,7 +88,9 @@ class CertificationCallback(pl.Callback):
         if stage != "fit":
             return
         if "num_classes" not in getattr(pl_module, "hparams", {}):
-            raise ValueError("CertificationCallback needs a module with hparams num_classes (BaseClassifierModule)")
+            raise ValueError(
+                "CertificationCallback needs a module with hparams num_classes (BaseClassifierModule)"
+            )
         # Lightning sets Trainer.datamodule at run time; its class does not declare it
         self.check(trainer.datamodule, getattr(pl_module, "noise", None))  # type: ignore[attr-defined]
 
@@ -123,7 +127,9 @@ class CertificationCallback(pl.Callback):
             model.train(was_training)
         records = self._gather(trainer, mine_records, pl_module.device)
         reach = max_certifiable_radius(noise, self.n, self.alpha)
-        accuracy = within_reach(certified_accuracy(records, radii), reach)  # beyond reach: not logged, never 0.0
+        accuracy = within_reach(
+            certified_accuracy(records, radii), reach
+        )  # beyond reach: not logged, never 0.0
         metrics = {f"cert/acc@{key}": value for key, value in accuracy.items() if value is not None}
         metrics["cert/acr"] = average_certified_radius(records)
         metrics["cert/abstain_rate"] = abstain_rate(records)

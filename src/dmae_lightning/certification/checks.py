@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from numbers import Integral, Real
 
-MAX_COUNT = 10**12  # noisy samples: a decade of a GPU's draws per image; beyond it float64 bounds lose their meaning
+MAX_COUNT = (
+    10**12
+)  # noisy samples: a decade of a GPU's draws per image; beyond it float64 bounds lose their meaning
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")  # autocast choices of the sampler (auto: bf16 on CUDA)
 
 

@@ -218,7 +218,10 @@ class SequentialTest:
 
         needed = []
         for r in range(len(self.radii)):
-            low, high = 0, self.n_max + 1  # the answer lies in [low, high]; n_max + 1 means "no count certifies r"
+            low, high = (
+                0,
+                self.n_max + 1,
+            )  # the answer lies in [low, high]; n_max + 1 means "no count certifies r"
             while low < high:
                 middle = (low + high) // 2
                 low, high = (low, middle) if clears(middle)[r] else (middle + 1, high)
@@ -363,7 +366,9 @@ def simulate(test: SequentialTest, p_values, rng: np.random.Generator) -> Simula
         lo, up = test.bounds(successes[active], look)
         lower[active] = np.maximum(lower[active], lo)
         upper[active] = np.minimum(upper[active], up)
-        codes[active] = test._curtail(test.classify(lower[active], upper[active], look), successes[active], look)
+        codes[active] = test._curtail(
+            test.classify(lower[active], upper[active], look), successes[active], look
+        )
         active &= (codes == Verdict.UNDECIDED).any(axis=1)
         done = look
     return SimulationResult(test.radii, samples, codes == Verdict.YES)

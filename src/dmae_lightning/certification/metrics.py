@@ -22,7 +22,9 @@ R = TypeVar("R", bound=Record)
 IMAGENET_RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 CIFAR10_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_MODE = "certify_radii"  # the procedure that answers only at its grid radii (drawn as points)
-DEFAULT_RHO = 0.001  # failure probability of the data-set-level lower bound (see certified_accuracy_lower_bound)
+DEFAULT_RHO = (
+    0.001  # failure probability of the data-set-level lower bound (see certified_accuracy_lower_bound)
+)
 
 
 def default_radii(dataset: str) -> tuple[float, ...]:
@@ -121,6 +123,6 @@ def best_over_sigma(rows: Mapping[str, Mapping[str, float | None]]) -> dict[str,
     """Envelope of several certified-accuracy dicts: the best value per radius, as papers report it (None
     where no row reaches the radius)."""
     first, *_ = rows.values()
-    return {key: max((v for row in rows.values() if (v := row[key]) is not None), default=None) for key in first}
-
-
+    return {
+        key: max((v for row in rows.values() if (v := row[key]) is not None), default=None) for key in first
+    }

@@ -88,7 +88,9 @@ class Certify(Procedure):
             return CertifyRecord(idx, label, guess, 0.0, 0, 0, 0, 0.0)
         n_a = int((yield Draw(stage=1, num=self.n))[guess])
         p_lower = lower_confidence_bound(n_a, self.n, self.alpha)
-        if p_lower < noise.probability_for_radius(0.0):  # 1/2, plus what a noise deducts for its sampling error
+        if p_lower < noise.probability_for_radius(
+            0.0
+        ):  # 1/2, plus what a noise deducts for its sampling error
             return CertifyRecord(idx, label, ABSTAIN, 0.0, 0, n_a, self.n, 0.0)
         return CertifyRecord(idx, label, guess, noise.radius(p_lower), int(guess == label), n_a, self.n, 0.0)
 
@@ -182,7 +184,9 @@ class CertifyRadii(Procedure):
 
     def run(self, idx: int, label: int, noise: Noise) -> Run:
         if label < 0:
-            raise ValueError(f"image {idx}: certify_radii counts the draws that return the label, and it has none")
+            raise ValueError(
+                f"image {idx}: certify_radii counts the draws that return the label, and it has none"
+            )
         test = self.test(noise)
         decision, successes, drawn = test.decide(0, 0), 0, 0
         for look in test.looks():
@@ -190,16 +194,26 @@ class CertifyRadii(Procedure):
                 break
             counts = yield Draw(stage=self.stage, num=look - drawn)  # [K]
             if label >= len(counts):
-                raise ValueError(f"image {idx}: label {label} is not a class of this {len(counts)}-class model")
+                raise ValueError(
+                    f"image {idx}: label {label} is not a class of this {len(counts)}-class model"
+                )
             successes, drawn = successes + int(counts[label]), look
             decision = test.decide(successes, look, decision)
-        return RadiiRecord(idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0)
+        return RadiiRecord(
+            idx, label, decision.certified_radius, decision.trials, decision.lower, decision.upper, 0.0
+        )
 
     def settings(self) -> dict:
         looks = look_schedule(self.n, NOISE_BLOCK, SequentialTest.growth)
-        return {"radii": list(self.radii), "n": self.n, "alpha": self.alpha, "looks": list(looks),
-                "lower_levels": list(spend_alpha(self.alpha, len(looks), SequentialTest.final_share)),
-                "curtailment": SequentialTest.curtailment, "noise_stage": self.stage}
+        return {
+            "radii": list(self.radii),
+            "n": self.n,
+            "alpha": self.alpha,
+            "looks": list(looks),
+            "lower_levels": list(spend_alpha(self.alpha, len(looks), SequentialTest.final_share)),
+            "curtailment": SequentialTest.curtailment,
+            "noise_stage": self.stage,
+        }
 
     def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
         tested = of_type(records, RadiiRecord)

@@ -31,7 +31,9 @@ class Draw:
     num: int
 
 
-Run = Generator[Draw, torch.Tensor, Record]  # a procedure run: yields Draws, receives [K] counts, returns a record
+Run = Generator[
+    Draw, torch.Tensor, Record
+]  # a procedure run: yields Draws, receives [K] counts, returns a record
 
 
 class Procedure(ABC):

@@ -88,7 +88,9 @@ class Record:
         fields = dataclasses.fields(cls)
         values = line.split("\t")
         if len(values) != len(fields):
-            raise ValueError(f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}")
+            raise ValueError(
+                f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}"
+            )
         try:
             return cls(*(_PARSERS[str(f.type)](v) for f, v in zip(fields, values)))
         except ValueError as err:
@@ -166,7 +168,9 @@ def of_type(records: Iterable[Record], record_type: type[R]) -> list[R]:
     checked = []
     for record in records:
         if not isinstance(record, record_type):
-            raise TypeError(f"expected {record_type.__name__} records, got a {type(record).__name__}: {record}")
+            raise TypeError(
+                f"expected {record_type.__name__} records, got a {type(record).__name__}: {record}"
+            )
         checked.append(record)
     return checked
 

@@ -47,7 +47,11 @@ def format_table(
     body = [[label, *(cell(row[k]) for k in keys), *acr_cells(label)] for label, row in rows.items()]
     beyond = any(BEYOND in cells for cells in body)
     if fmt == "markdown":
-        lines = [[label_header, *(f"r={key}" for key in keys), *extra], ["---", *("---:" for _ in keys + extra)], *body]
+        lines = [
+            [label_header, *(f"r={key}" for key in keys), *extra],
+            ["---", *("---:" for _ in keys + extra)],
+            *body,
+        ]
         text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
         note = f"\n\n{BEYOND}: beyond the largest radius the run can certify (n successes out of n)"
         return text + (note if beyond else "")
@@ -95,7 +99,11 @@ def plot_certified_accuracy(
     import numpy as np
     from matplotlib.figure import Figure  # draws with the Agg canvas, leaves the pyplot backend alone
 
-    limits = {label: limits.get(label, math.inf) for label in curves} if limits else dict.fromkeys(curves, math.inf)
+    limits = (
+        {label: limits.get(label, math.inf) for label in curves}
+        if limits
+        else dict.fromkeys(curves, math.inf)
+    )
     # Radii of the correctly certified images, sorted, per curve.
     certified = {
         label: np.sort([c for rec in recs if (c := rec.certified_correct_radius) is not None])
@@ -117,8 +125,12 @@ def plot_certified_accuracy(
         (line,) = ax.plot(xs, acc, label=label, **style)
         if math.isfinite(limits[label]):
             name = "" if len(curves) == 1 else f" ({label})"
-            ax.axvline(limits[label], color=line.get_color(), linestyle=":",
-                       label=f"largest certifiable radius {limits[label]:.3g}{name}")
+            ax.axvline(
+                limits[label],
+                color=line.get_color(),
+                linestyle=":",
+                label=f"largest certifiable radius {limits[label]:.3g}{name}",
+            )
     if envelope and len(curves) > 1:
         best = np.full(len(xs), np.nan)
         reached = ~np.all(np.isnan(accuracies), axis=0)  # [G]

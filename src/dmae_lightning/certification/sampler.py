@@ -43,7 +43,9 @@ from dmae_lightning.noise import Noise
 from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
 
 NOISE_BLOCK = 100  # samples per seeded noise block
-NOISE_SCHEME = f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
+NOISE_SCHEME = (
+    f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
+)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; plus "auto"
 PIXEL_TOLERANCE = 1e-4  # images may leave [0,1] by this much through rounding in the data pipeline
 
@@ -79,7 +81,9 @@ class _Image:
     def __init__(self, idx: int, image: torch.Tensor, run: Run, num_classes: int):
         self.idx, self.image, self.run = idx, image, run
         self.drawn: dict[int, int] = {}  # stage -> samples of its stream used so far
-        self.cache: tuple[int, int, torch.Tensor] | None = None  # (stage, block, noisy copies [NOISE_BLOCK,C,H,W]) in use
+        self.cache: tuple[int, int, torch.Tensor] | None = (
+            None  # (stage, block, noisy copies [NOISE_BLOCK,C,H,W]) in use
+        )
         self.started = time.perf_counter()
         self._request: Draw | None = None  # set by the first ask() that does not finish the run
         self.assigned = 0  # rows of the request put into forward batches so far
@@ -128,7 +132,9 @@ class Sampler:
     ):
         self.device = torch.device(device)
         if not isinstance(noise, Noise):
-            raise TypeError(f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}")
+            raise TypeError(
+                f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}"
+            )
         self._noise = noise
         self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
         self.precision = resolve_precision(precision, self.device)
@@ -147,24 +153,32 @@ class Sampler:
     def pending_rows(self) -> int:
         return sum(im.request.num - im.assigned for im in self.images)
 
-    def add(self, idx: int, image: torch.Tensor, label: int, procedure: Procedure) -> tuple[int, Record] | None:
+    def add(
+        self, idx: int, image: torch.Tensor, label: int, procedure: Procedure
+    ) -> tuple[int, Record] | None:
         """Start ``procedure``'s run on ``image`` [C,H,W] with this sampler's noise; returns ``(idx, record)``
         at once if it needs no samples."""
         if not isinstance(procedure, Procedure):  # e.g. a run started elsewhere, with another noise
-            raise TypeError(f"the sampler starts the run itself, with its own noise: pass a Procedure "
-                            f"(Certify, Predict, CertifyRadii), got {type(procedure).__name__}")
+            raise TypeError(
+                f"the sampler starts the run itself, with its own noise: pass a Procedure "
+                f"(Certify, Predict, CertifyRadii), got {type(procedure).__name__}"
+            )
         for name, value in (("idx", idx), ("label", label)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
         if any(item.idx == idx for item in self.images):
-            raise ValueError(f"image idx {idx} is already being certified: every image needs its own idx "
-                             "(its noise is seeded by it)")
+            raise ValueError(
+                f"image idx {idx} is already being certified: every image needs its own idx "
+                "(its noise is seeded by it)"
+            )
         image = check_image(image).to(self.device)
         self._noise.check_input(image)
         if self.buffer is None or self.buffer.shape[1:] != image.shape:
             if self.images and self.buffer is not None:
-                raise ValueError(f"image {idx} has shape {tuple(image.shape)}, the images in flight "
-                                 f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size")
+                raise ValueError(
+                    f"image {idx} has shape {tuple(image.shape)}, the images in flight "
+                    f"{tuple(self.buffer.shape[1:])}: one run certifies images of one size"
+                )
             self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
             self._ones = torch.ones(self.batch_size, dtype=torch.long, device=self.device)  # [B]
         item = _Image(idx, image, procedure.run(idx, label, self._noise), self.num_classes)
@@ -185,10 +199,14 @@ class Sampler:
             block, offset = divmod(start, NOISE_BLOCK)
             k = min(NOISE_BLOCK - offset, take - pos)
             if k == NOISE_BLOCK:  # a whole block: drawn straight into the batch
-                self._noise.noisy_copies(item.image, self._generator(item.idx, stage, block), out[pos : pos + k])
+                self._noise.noisy_copies(
+                    item.image, self._generator(item.idx, stage, block), out[pos : pos + k]
+                )
             else:  # part of a block: draw it whole once, keep it until its last row is used
                 if item.cache is None or item.cache[:2] != (stage, block):
-                    block_out = torch.empty((NOISE_BLOCK, *item.image.shape), device=self.device)  # [NOISE_BLOCK,C,H,W]
+                    block_out = torch.empty(
+                        (NOISE_BLOCK, *item.image.shape), device=self.device
+                    )  # [NOISE_BLOCK,C,H,W]
                     self._noise.noisy_copies(item.image, self._generator(item.idx, stage, block), block_out)
                     item.cache = (stage, block, block_out)
                 out[pos : pos + k].copy_(item.cache[2][offset : offset + k])
@@ -214,7 +232,9 @@ class Sampler:
             if rows == self.batch_size:
                 break
         if not segments:  # images in flight but nothing to draw: a request was left by an aborted call
-            raise RuntimeError("sampler: images in flight have no pending samples (call reset() after an error)")
+            raise RuntimeError(
+                "sampler: images in flight have no pending samples (call reset() after an error)"
+            )
         batch = buffer if self.compile else buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
         if self.compile and rows < self.batch_size:
             buffer[rows:].zero_()

@@ -41,7 +41,9 @@ class Smooth:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not isinstance(noise, Noise):
-            raise TypeError(f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}")
+            raise TypeError(
+                f"noise must be a dmae_lightning.noise.Noise (e.g. GaussianNoise(0.25)), got {noise!r}"
+            )
         check_precision(precision)  # refuses an unknown name now, not at the first image
         self._noise = noise
         self.base_classifier, self.num_classes = base_classifier, num_classes
@@ -55,8 +57,10 @@ class Smooth:
 
     @noise.setter
     def noise(self, value: Noise) -> None:
-        raise AttributeError(f"Smooth.noise is fixed at construction ({self._noise!r}): build a new "
-                             f"Smooth(base_classifier, num_classes, {value!r}) to certify with another noise")
+        raise AttributeError(
+            f"Smooth.noise is fixed at construction ({self._noise!r}): build a new "
+            f"Smooth(base_classifier, num_classes, {value!r}) to certify with another noise"
+        )
 
     def sampler(self, batch_size: int, seed: int, device: torch.device | str) -> Sampler:
         check_counts(batch_size=batch_size)
@@ -65,8 +69,14 @@ class Smooth:
         key = (batch_size, seed, str(device), self._noise)  # a sampler serves one noise only
         if key not in self._samplers:
             self._samplers[key] = Sampler(
-                self.base_classifier, self.num_classes, self._noise, seed, batch_size,
-                self.precision, self.compile, device,
+                self.base_classifier,
+                self.num_classes,
+                self._noise,
+                seed,
+                batch_size,
+                self.precision,
+                self.compile,
+                device,
             )
         return self._samplers[key]
 
@@ -78,8 +88,10 @@ class Smooth:
         seen: set[int] = set()
         for idx, *_ in images:
             if idx in seen:
-                raise ValueError(f"two images share idx {idx}: every image needs its own idx (its noise is "
-                                 "seeded by it, and its record is found by it)")
+                raise ValueError(
+                    f"two images share idx {idx}: every image needs its own idx (its noise is "
+                    "seeded by it, and its record is found by it)"
+                )
             seen.add(idx)
         records: dict[int, Record] = {}
         sampler = None

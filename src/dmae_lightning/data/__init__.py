@@ -26,6 +26,16 @@ from dmae_lightning.data.errors import UNDECODABLE, BrokenImageError, DataError
 from dmae_lightning.data.imagenet import ImageNetDataModule
 
 __all__ = [
-    "CIFAR10_FOLDER", "SPLITS", "UNDECODABLE", "BrokenImageError", "CIFAR10Batches", "CIFAR10DataModule", "DataError",
-    "DigitsDataModule", "ImageDataModule", "ImageNetDataModule", "cifar10_problem", "read_cifar10_batch",
+    "CIFAR10_FOLDER",
+    "SPLITS",
+    "UNDECODABLE",
+    "BrokenImageError",
+    "CIFAR10Batches",
+    "CIFAR10DataModule",
+    "DataError",
+    "DigitsDataModule",
+    "ImageDataModule",
+    "ImageNetDataModule",
+    "cifar10_problem",
+    "read_cifar10_batch",
 ]

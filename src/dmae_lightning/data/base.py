@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 # The splits each Lightning stage needs; a stage not listed here (or None) builds all three.
-_STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+}
 
 
 def dataset_size(dataset: Dataset) -> int:
@@ -110,25 +114,33 @@ class ImageDataModule(pl.LightningDataModule):
         if not self.STREAMS:
             raise ValueError(f"{self.name} has no streaming shards: set data.streaming=null")
         if subset_every != 1 or subset_first is not None:
-            raise ValueError("subset_every / subset_first do not apply to streaming shards: prepare a smaller set")
+            raise ValueError(
+                "subset_every / subset_first do not apply to streaming shards: prepare a smaller set"
+            )
         if "://" in streaming:  # an object store: litdata reads the index when the loader is built
             return
         from dmae_lightning.data.streaming import check_shards  # litdata: imported only when streaming
 
         command = self._prepare_command(streaming)
         if not (Path(streaming) / "index.json").is_file():
-            raise FileNotFoundError(f"streaming shards {streaming} are missing (no index.json): write them with {command}")
+            raise FileNotFoundError(
+                f"streaming shards {streaming} are missing (no index.json): write them with {command}"
+            )
         count = check_shards(streaming, command)
         if count < self.batch_size:
-            raise ConfigError(f"streaming shards {streaming} hold {count} images, fewer than "
-                              f"batch_size={self.batch_size}: lower data.batch_size")
+            raise ConfigError(
+                f"streaming shards {streaming} hold {count} images, fewer than "
+                f"batch_size={self.batch_size}: lower data.batch_size"
+            )
 
     def _prepare_command(self, out: str) -> str:
         """The prepare.py command that writes this data set's shards to ``out`` (subclasses set ``root``
         before the base constructor's checks, whose messages give it)."""
         root = getattr(self, "root", None)
         if root is None:
-            raise NotImplementedError(f"{type(self).__name__} sets STREAMS but no root to prepare shards from")
+            raise NotImplementedError(
+                f"{type(self).__name__} sets STREAMS but no root to prepare shards from"
+            )
         return shlex.join(["python", "prepare.py", self.name, "--root", str(root), "--out", str(out)])
 
     def _stream_decode(self) -> Callable:
@@ -199,8 +211,13 @@ class ImageDataModule(pl.LightningDataModule):
             )
 
             loader = streaming_loader(
-                self.streaming, self._stream_decode(), self.batch_size, self.num_workers, self.seed,
-                collate_fn=self._collate("train"), pin_memory=self.pin_memory,
+                self.streaming,
+                self._stream_decode(),
+                self.batch_size,
+                self.num_workers,
+                self.seed,
+                collate_fn=self._collate("train"),
+                pin_memory=self.pin_memory,
             )
             if self._stream_state is not None:
                 loader.load_state_dict(self._stream_state)
@@ -224,5 +241,3 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
-
-

@@ -63,7 +63,9 @@ def _unpickle_cifar10(path: Path, key: str) -> dict:
             entry = _BatchUnpickler(f, encoding="latin1").load()
     except Exception as err:  # a refused global, or a pickle broken in any of many ways
         reason = one_line(err)
-        raise DataError(f"CIFAR-10 file {path} is not a CIFAR-10 python batch ({reason}): refusing it") from None
+        raise DataError(
+            f"CIFAR-10 file {path} is not a CIFAR-10 python batch ({reason}): refusing it"
+        ) from None
     if not isinstance(entry, dict) or key not in entry:
         raise DataError(f"CIFAR-10 file {path} is not a CIFAR-10 python batch (no {key!r} entry)")
     return entry
@@ -73,11 +75,19 @@ def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     """A python batch's images, uint8 [N, 32, 32, 3] (HWC, as torchvision's CIFAR10), and labels."""
     entry = _unpickle_cifar10(path, "data")
     data, labels = entry["data"], entry.get("labels")
-    images = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
-    if not (images and isinstance(labels, list) and len(labels) == len(data)
-            and all(isinstance(y, int) for y in labels)):
-        raise DataError(f"CIFAR-10 file {path} is not a CIFAR-10 python batch (expected uint8 [N, 3072] data and "
-                        "N int labels)")
+    images = (
+        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+    )
+    if not (
+        images
+        and isinstance(labels, list)
+        and len(labels) == len(data)
+        and all(isinstance(y, int) for y in labels)
+    ):
+        raise DataError(
+            f"CIFAR-10 file {path} is not a CIFAR-10 python batch (expected uint8 [N, 3072] data and "
+            "N int labels)"
+        )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
@@ -175,7 +185,9 @@ class CIFAR10DataModule(ImageDataModule):
             # download whose md5 differs (torchvision's RuntimeError), an archive that does not unpack
             except (OSError, RuntimeError, tarfile.TarError, EOFError) as err:
                 if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError):
-                    reason = one_line(err.reason) if isinstance(err.reason, BaseException) else str(err.reason)
+                    reason = (
+                        one_line(err.reason) if isinstance(err.reason, BaseException) else str(err.reason)
+                    )
                 else:
                     reason = one_line(err)
                 raise DataError(
@@ -199,5 +211,3 @@ class CIFAR10DataModule(ImageDataModule):
         if problem is not None:
             raise DataError(f"{problem}: remove the folder and set data.download=true")
         return CIFAR10Batches(self.folder, train=source == "train", transform=self._transform(source))
-
-

@@ -24,7 +24,7 @@ def _raised_in_worker(text: str, error_type: type) -> str:
     prefix = f"{error_type.__module__}.{error_type.__qualname__}: "
     for line in reversed(text.splitlines()):
         if line.startswith(prefix):
-            return line[len(prefix):]
+            return line[len(prefix) :]
     return text
 
 
@@ -70,7 +70,13 @@ class BrokenImageError(DataError):
 # PIL: truncated or unidentified files (OSError), bad headers (SyntaxError), images over its pixel limit
 # (DecompressionBombError; the warning between 1x and 2x the limit too, where warnings are errors);
 # RuntimeError: torchvision's JPEG decoder (the tensor pipeline).
-UNDECODABLE = (OSError, SyntaxError, RuntimeError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+UNDECODABLE = (
+    OSError,
+    SyntaxError,
+    RuntimeError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 def _why_undecodable(path: str, err: BaseException) -> str:

@@ -105,7 +105,11 @@ class ImageNetDataModule(ImageDataModule):
         classes = datasets.folder.find_classes(folder)[0]
         empty = [wnid for wnid in classes if not _has_images(folder / wnid)]
         if len(empty) < len(classes):
-            more = f" (nor do {', '.join(empty[1:4])}{', ...' if len(empty) > 4 else ''})" if len(empty) > 1 else ""
+            more = (
+                f" (nor do {', '.join(empty[1:4])}{', ...' if len(empty) > 4 else ''})"
+                if len(empty) > 1
+                else ""
+            )
             return FileNotFoundError(
                 f"ImageNet class folder {folder / empty[0]} has no image files{more}: expected "
                 f"{folder / empty[0]}/<image>.JPEG"
@@ -157,7 +161,9 @@ class ImageNetDataModule(ImageDataModule):
             return tensor_train_transform(224, self._crop_scale, randaug)
         steps = [
             open_rgb,
-            transforms.RandomResizedCrop(224, scale=self._crop_scale, interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomResizedCrop(
+                224, scale=self._crop_scale, interpolation=InterpolationMode.BICUBIC
+            ),
             transforms.RandomHorizontalFlip(),
             *([randaug] if randaug else []),
             transforms.ToTensor(),
@@ -195,5 +201,3 @@ class ImageNetDataModule(ImageDataModule):
             # Labels are indices into the sorted wnids: differing folders would silently shift them.
             raise ValueError(f"class folders of {folder} differ from those of the other ImageNet split")
         return data
-
-

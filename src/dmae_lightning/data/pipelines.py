@@ -98,8 +98,14 @@ class DraftResizedCropFlip:
         else:
             pixels = TF.pil_to_tensor(img.convert("RGB"))  # uint8 [3, H, W]
         crop = TF.resized_crop(
-            pixels, top, left, height, width, [self.size, self.size],
-            interpolation=InterpolationMode.BICUBIC, antialias=True,
+            pixels,
+            top,
+            left,
+            height,
+            width,
+            [self.size, self.size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
         )  # uint8 [3, S, S]
         return TF.horizontal_flip(crop) if flip else crop
 
@@ -135,7 +141,14 @@ def decode_crop_flip(
     for k, image in enumerate(images):
         top, left, height, width, flip = draw_crop_flip(image, scale)
         crop = TF.resized_crop(
-            image, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
+            image,
+            top,
+            left,
+            height,
+            width,
+            [size, size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
         )  # uint8 [3, S, S]
         out[k] = TF.horizontal_flip(crop) if flip else crop
     return out.float().div_(255)

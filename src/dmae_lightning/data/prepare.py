@@ -30,8 +30,13 @@ def _write(fn: Callable, inputs: list, out: Path | str, workers: int) -> None:
     start_method = multiprocessing.get_start_method(allow_none=True)
     try:
         optimize(
-            fn=fn, inputs=inputs, output_dir=str(out), chunk_bytes=CHUNK_BYTES, num_workers=workers,
-            mode="overwrite", verbose=False,
+            fn=fn,
+            inputs=inputs,
+            output_dir=str(out),
+            chunk_bytes=CHUNK_BYTES,
+            num_workers=workers,
+            mode="overwrite",
+            verbose=False,
         )
     finally:
         multiprocessing.set_start_method(start_method, force=True)
@@ -44,7 +49,9 @@ def prepare_imagenet(root: str | Path, out: str | Path, workers: int = 4) -> int
     """
     folder = Path(root) / "train"
     if not folder.is_dir():
-        raise FileNotFoundError(f"ImageNet train folder {folder} is missing: expected {folder}/<wnid>/<image>.JPEG")
+        raise FileNotFoundError(
+            f"ImageNet train folder {folder} is missing: expected {folder}/<wnid>/<image>.JPEG"
+        )
     samples = datasets.ImageFolder(folder, loader=read_file).samples
     _write(_imagenet_item, samples, out, workers)
     return len(samples)
@@ -71,7 +78,9 @@ def prepare_cifar10(root: str | Path, out: str | Path, workers: int = 1) -> int:
         raise DataError(f"{problem}: download the published batches again")
     items = []
     for name in names:
-        pixels, labels = read_cifar10_batch(folder / name)  # [N, 32, 32, 3] uint8, HWC as torchvision's CIFAR10
+        pixels, labels = read_cifar10_batch(
+            folder / name
+        )  # [N, 32, 32, 3] uint8, HWC as torchvision's CIFAR10
         items += list(zip(pixels, labels))
     _write(_cifar_item, items, out, workers)
     return len(items)
@@ -87,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="prepare.py", description="Write the training split as litdata shards for data.streaming=..."
     )
     parser.add_argument("data", choices=sorted(PREPARERS))
-    parser.add_argument("--root", required=True, help="the data module's root (ImageNet folder, CIFAR-10 root)")
+    parser.add_argument(
+        "--root", required=True, help="the data module's root (ImageNet folder, CIFAR-10 root)"
+    )
     parser.add_argument("--out", required=True, help="output folder or object-store URL (s3://bucket/prefix)")
     parser.add_argument("--workers", type=int, default=4, help="processes reading and writing")
     args = parser.parse_args(argv)
@@ -95,4 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         count = PREPARERS[args.data](args.root, args.out, workers=args.workers)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {count} {args.data} training images to {args.out}: train with data={args.data} data.streaming={args.out}")
+    print(
+        f"wrote {count} {args.data} training images to {args.out}: train with data={args.data} data.streaming={args.out}"
+    )

@@ -44,8 +44,9 @@ def check_shards(input_dir: str | Path, rebuild: str) -> int:
     try:
         meta = json.loads(index.read_bytes())
         chunks, config = meta["chunks"], meta["config"]
-        if not isinstance(chunks, list) or not all(isinstance(c, dict) and isinstance(c.get("filename"), str)
-                                                   for c in chunks):
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("filename"), str) for c in chunks
+        ):
             raise ValueError('"chunks" is not a list of chunks with file names')
         compressed = bool(config.get("compression")) if isinstance(config, dict) else False
         count = sum(int(c.get("chunk_size") or 0) for c in chunks)
@@ -91,7 +92,9 @@ class SeededStreamingImages(StreamingDataset):
                 empty = isinstance(item["image"], bytes) and not item["image"]
                 reason = "the stored file is empty (0 bytes)" if empty else one_line(err)
                 # a DataError: one line, also from a loader worker (see data.DataError)
-                raise DataError(f"item {int(key)} of streaming shards {self.source} cannot be decoded: {reason}") from None
+                raise DataError(
+                    f"item {int(key)} of streaming shards {self.source} cannot be decoded: {reason}"
+                ) from None
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
@@ -120,7 +123,9 @@ def streaming_loader(
     batch dropped, as the folder loader does)."""
     dataset = SeededStreamingImages(input_dir, decode, seed)
     if len(dataset) < batch_size:
-        raise ValueError(f"streaming shards {input_dir} hold {len(dataset)} images, fewer than batch_size={batch_size}")
+        raise ValueError(
+            f"streaming shards {input_dir} hold {len(dataset)} images, fewer than batch_size={batch_size}"
+        )
     return ResumableStreamingDataLoader(
         dataset,
         batch_size=batch_size,
@@ -129,5 +134,3 @@ def streaming_loader(
         pin_memory=pin_memory,
         collate_fn=collate_fn,
     )
-
-

@@ -42,7 +42,17 @@ from dmae_lightning.certification.report import (
 # What a run's numbers depend on besides sigma: runs differing in any of these never share a table
 # ("noise" is the distribution's class: Gaussian and discrete-Gaussian runs are not rows of one table).
 GROUP_KEYS = (
-    "mode", "noise", "model_name", "dataset", "split", "subset", "data_subset", "n0", "n", "alpha", "precision",
+    "mode",
+    "noise",
+    "model_name",
+    "dataset",
+    "split",
+    "subset",
+    "data_subset",
+    "n0",
+    "n",
+    "alpha",
+    "precision",
     "grid",
 )
 
@@ -71,15 +81,21 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Record]]:
     try:
         summary = read_json(summary_path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{summary_path}: damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                         "python certify.py with the run's command rebuilds it from the per-image file") from None
+        raise ValueError(
+            f"{summary_path}: damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "python certify.py with the run's command rebuilds it from the per-image file"
+        ) from None
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path}: a JSON {type(summary).__name__}, not a run summary")
     procedure = PROCEDURES.get(summary.get("mode", "certify"))
     if procedure is None or "certified_accuracy" not in summary or "sigma" not in summary:
         raise ValueError(f"{run_dir}: no certified radii in this run (mode {summary.get('mode')!r})")
     sigma = summary["sigma"]
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not (math.isfinite(sigma) and sigma > 0):
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, int | float)
+        or not (math.isfinite(sigma) and sigma > 0)
+    ):
         raise ValueError(f"{summary_path}: sigma must be a number > 0, got {sigma!r}")
     if not isinstance(summary["certified_accuracy"], dict):
         raise ValueError(f"{summary_path}: certified_accuracy is not a table of radii")
@@ -107,7 +123,9 @@ def row_labels(members: list) -> dict[Path, str]:
     for sigma, dirs in by_sigma.items():
         common = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else None
         for run_dir in dirs:
-            labels[run_dir] = sigma if common is None else f"{sigma} ({run_dir.relative_to(common).as_posix()})"
+            labels[run_dir] = (
+                sigma if common is None else f"{sigma} ({run_dir.relative_to(common).as_posix()})"
+            )
     return labels
 
 
@@ -126,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="certification run directories")
     parser.add_argument("--radii", nargs="+", type=float, help="table columns (default: the runs' own radii)")
-    parser.add_argument("--out", type=Path, help="where to write tables and plots (default: the runs' common parent)")
+    parser.add_argument(
+        "--out", type=Path, help="where to write tables and plots (default: the runs' common parent)"
+    )
     args = parser.parse_args(argv)
 
     runs = []
@@ -160,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(out, os.W_OK | os.X_OK):
             raise PermissionError(f"{out} is not writable")
     except OSError as err:
-        print(f"analyze: error: cannot write the tables to {out} ({err.strerror or err}): choose another --out",
-              file=sys.stderr)
+        print(
+            f"analyze: error: cannot write the tables to {out} ({err.strerror or err}): choose another --out",
+            file=sys.stderr,
+        )
         return 2
 
     markdown, latex = [], []
@@ -189,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.update(bounds)
         num_images = len(members[0][2])
         note = bound_note(rho, false_certificates_allowed(num_images, first["alpha"], rho), num_images)
-        title = f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, " \
-                f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
-        markdown.append(f"### {title}\n\n{format_table(rows, radii, acr=acr or None)}\n\n{note}" + "".join(c for c in costs if c))
+        title = (
+            f"{group_label(key, varying)}: {first['model_name']} on {first['dataset']} {first['split']}, "
+            f"{num_images} images, {sample_budget(first['mode'], first['n'])}, alpha={first['alpha']}"
+        )
+        markdown.append(
+            f"### {title}\n\n{format_table(rows, radii, acr=acr or None)}\n\n{note}"
+            + "".join(c for c in costs if c)
+        )
         latex.append(f"% {title}\n{format_table(rows, radii, fmt='latex', acr=acr or None)}")
         png = out / ("analysis.png" if len(groups) == 1 else f"analysis_{number}.png")
         grid = first["radii"] if first["mode"] == GRID_MODE else None

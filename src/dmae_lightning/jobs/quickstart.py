@@ -46,8 +46,18 @@ DONE = "stage_done.json"
 # group): passed to that stage by run_quickstart, whether typed or not.
 CERTIFY_SETTINGS = ("split", "n0", "n", "alpha", "skip", "max", "batch")
 # Keys of the quickstart job itself (not passed on), and keys each stage sets itself (refused).
-OWN = ("experiment", "pretrain", "procedure", "quickstart", "run_name", "hydra", "hydra/launcher", "protocol",
-       "images", *CERTIFY_SETTINGS)
+OWN = (
+    "experiment",
+    "pretrain",
+    "procedure",
+    "quickstart",
+    "run_name",
+    "hydra",
+    "hydra/launcher",
+    "protocol",
+    "images",
+    *CERTIFY_SETTINGS,
+)
 SET_BY_QUICKSTART = {
     "task": "each stage has its own task",
     "pretrained": "fine-tuning starts from the pre-training stage (pretrain=false: from scratch)",
@@ -83,11 +93,14 @@ def stage_overrides(conf_dir: str, stages: DictConfig, typed: list[str]) -> dict
             reason = SET_BY_QUICKSTART[key.split(".")[0]]
             raise ConfigError(f"quickstart: {override.input_line} is not accepted ({reason})")
         takers = [
-            name for name in STAGES
+            name
+            for name in STAGES
             if _stage_has(conf_dir, CONFIG_NAME[name], out[name], key, override.is_add())
         ]
         if not takers:
-            raise ConfigError(f"quickstart: {override.input_line} applies to none of its stages ({', '.join(STAGES)})")
+            raise ConfigError(
+                f"quickstart: {override.input_line} applies to none of its stages ({', '.join(STAGES)})"
+            )
         for name in takers:
             out[name].append(override.input_line)
     return out
@@ -122,21 +135,26 @@ def _finished_key(stage_dir: Path, config_name: str) -> str | None:
     return str(record.get("key", ""))
 
 
-def _run_stage(name: str, config_name: str, overrides: list[str], stage_dir: Path, conf_dir: str,
-               logger: str | None) -> None:
+def _run_stage(
+    name: str, config_name: str, overrides: list[str], stage_dir: Path, conf_dir: str, logger: str | None
+) -> None:
     """Run one stage in ``stage_dir`` unless it finished there before with the same identity; ``logger``: the
     job's logger choice (None: logger=none), named when a finished stage logs nothing new."""
     key = _stage_key(conf_dir, config_name, overrides, stage_dir)
     done = _finished_key(stage_dir, config_name)
     if done is not None:
         if done not in ("", key):  # a trained stage whose identity changed under the same quickstart key
-            raise ConfigError(f"quickstart: {stage_dir} was finished with other settings: give these settings "
-                              "their own run, e.g. run_name=quickstart_2 (the finished stage is kept)")
+            raise ConfigError(
+                f"quickstart: {stage_dir} was finished with other settings: give these settings "
+                "their own run, e.g. run_name=quickstart_2 (the finished stage is kept)"
+            )
         note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
         log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
         return
     log.info("quickstart: %s -> %s", name, stage_dir)
-    cfg = compose(conf_dir, config_name, overrides, output_dir=stage_dir)  # an interrupted stage resumes by itself
+    cfg = compose(
+        conf_dir, config_name, overrides, output_dir=stage_dir
+    )  # an interrupted stage resumes by itself
     result = (train if config_name == "train" else certify)(cfg)
     record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
     (stage_dir / DONE).write_text(json.dumps({**record, "key": key}))
@@ -176,14 +194,20 @@ def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
         subset_indices(dataset_size(images), params)
         noise_from_config(certify_cfg.noise).check_input(images[0][0])
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"quickstart: the certification stage would refuse its settings: {one_line(err)}") from None
+        raise ConfigError(
+            f"quickstart: the certification stage would refuse its settings: {one_line(err)}"
+        ) from None
     return conf_dir, overrides
 
 
 def quickstart(cfg: DictConfig) -> dict:
     """The whole pipeline in its run directory's lifecycle (as :func:`~dmae_lightning.jobs.train.train`)."""
-    return run_in_dir(cfg, lambda: quickstart_stages(cfg), lambda stages: run_quickstart(cfg, *stages),
-                      resume_hint="rerun the same command to resume (finished stages are kept)")
+    return run_in_dir(
+        cfg,
+        lambda: quickstart_stages(cfg),
+        lambda stages: run_quickstart(cfg, *stages),
+        resume_hint="rerun the same command to resume (finished stages are kept)",
+    )
 
 
 def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str]]) -> dict:
@@ -212,17 +236,27 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
         "per-image results": certified / f"{summary['mode']}.tsv",
         "summary": certified / "summary.json",
     }
-    draws = f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
+    draws = (
+        f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
+    )
     lines = [
         f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
         f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
-        format_table(row, radii, fmt="markdown", label_header=f"model (sigma={summary['sigma']:g})",
-                     acr=None if summary.get("average_certified_radius") is None
-                     else {label: summary["average_certified_radius"]}),
+        format_table(
+            row,
+            radii,
+            fmt="markdown",
+            label_header=f"model (sigma={summary['sigma']:g})",
+            acr=None
+            if summary.get("average_certified_radius") is None
+            else {label: summary["average_certified_radius"]},
+        ),
         *filter(None, [sample_saving(summary)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
     if summary["mode"] == "certify":  # the cheaper way to the same table
-        lines.append("Certified accuracy at fixed radii only: add procedure=certify_radii (sequential, far fewer samples)")
+        lines.append(
+            "Certified accuracy at fixed radii only: add procedure=certify_radii (sequential, far fewer samples)"
+        )
     print("\n".join(lines), flush=True)
     return summary

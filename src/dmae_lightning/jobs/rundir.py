@@ -119,7 +119,9 @@ def job_identity(cfg: DictConfig) -> dict:
         copy.pop("hydra", None)
         if "paths" in copy:  # Hydra names the run directory from this: other keys may point below it
             copy.paths.output_dir = "<run dir>"
-    identity = _mapping(OmegaConf.to_container(copy, resolve=True))  # resolved first: kept keys may use ignored ones
+    identity = _mapping(
+        OmegaConf.to_container(copy, resolve=True)
+    )  # resolved first: kept keys may use ignored ones
     for key in spec.ignore:
         _drop(identity, key)
     trainer = identity.get("trainer", {})
@@ -164,13 +166,19 @@ def note_new_dir(path: str) -> str:
     if str(absolute) not in MADE_FOR_JOB and not absolute.is_dir():
         existing = absolute
         while not existing.is_dir():
-            if existing.exists() or existing.is_symlink():  # a file (or a dangling link) where a folder must go
-                raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is a file, not a "
-                                 "directory; choose another paths.log_dir")
+            if (
+                existing.exists() or existing.is_symlink()
+            ):  # a file (or a dangling link) where a folder must go
+                raise SystemExit(
+                    f"error: cannot create the run directory {absolute}: {existing} is a file, not a "
+                    "directory; choose another paths.log_dir"
+                )
             existing = existing.parent
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise SystemExit(f"error: cannot create the run directory {absolute}: {existing} is not writable "
-                             "(permissions or a read-only file system); choose another paths.log_dir")
+            raise SystemExit(
+                f"error: cannot create the run directory {absolute}: {existing} is not writable "
+                "(permissions or a read-only file system); choose another paths.log_dir"
+            )
         MADE_FOR_JOB[str(absolute)] = str(existing)
     return path
 
@@ -194,8 +202,19 @@ def _unwritable(path: Path) -> Path | None:
     if existing != path:
         return None if os.access(existing, os.W_OK | os.X_OK) else existing
     entries = [path, *path.rglob("*")]
-    return next((p for p in entries if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)
-                 or p.is_file() and not p.is_symlink() and not os.access(p, os.W_OK)), None)
+    return next(
+        (
+            p
+            for p in entries
+            if p.is_dir()
+            and not p.is_symlink()
+            and not os.access(p, os.W_OK | os.X_OK)
+            or p.is_file()
+            and not p.is_symlink()
+            and not os.access(p, os.W_OK)
+        ),
+        None,
+    )
 
 
 def _results_present(path: Path) -> list[str]:
@@ -213,8 +232,10 @@ def _check_run_dir(path: Path, identity: dict) -> None:
     """Refuse (one line, nothing written) a run directory that cannot be written or holds other results."""
     blocked = _unwritable(path)
     if blocked is not None:
-        raise ConfigError(f"cannot write to {blocked} (permissions or a read-only file system): "
-                          "fix its permissions or choose another paths.log_dir")
+        raise ConfigError(
+            f"cannot write to {blocked} (permissions or a read-only file system): "
+            "fix its permissions or choose another paths.log_dir"
+        )
     recorded = path / ".hydra" / IDENTITY_FILE
     if recorded.is_file():
         try:
@@ -222,9 +243,11 @@ def _check_run_dir(path: Path, identity: dict) -> None:
             if not isinstance(old, dict) or not isinstance(old.get("identity"), dict) or "key" not in old:
                 raise ValueError("not the record of a configuration")
         except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{recorded} is damaged ({one_line(err)}): it says which configuration {path} holds, "
-                              "so nothing there can be resumed safely; restore it, or choose another run "
-                              "directory") from None
+            raise ConfigError(
+                f"{recorded} is damaged ({one_line(err)}): it says which configuration {path} holds, "
+                "so nothing there can be resumed safely; restore it, or choose another run "
+                "directory"
+            ) from None
         if old["key"] != identity_key(identity):
             diff = _differences(old["identity"], identity)
             raise ConfigError(
@@ -248,8 +271,10 @@ def _refuse_unread_additions() -> None:
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
         key = override.key_or_group
         if override.is_add() and not any(c in key for c in "./") and key not in hydra_cfg.runtime.choices:
-            raise ConfigError(f"{override.input_line}: the {hydra_cfg.job.config_name} config has no key {key!r} "
-                              "and nothing reads it: remove it or correct its name")
+            raise ConfigError(
+                f"{override.input_line}: the {hydra_cfg.job.config_name} config has no key {key!r} "
+                "and nothing reads it: remove it or correct its name"
+            )
 
 
 class RunDirLock:
@@ -270,8 +295,10 @@ class RunDirLock:
         except BlockingIOError:
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise ConfigError(f"another job is running in {path} (pid {holder}): wait for it to finish, or "
-                              "stop it and run the same command again to resume") from None
+            raise ConfigError(
+                f"another job is running in {path} (pid {holder}): wait for it to finish, or "
+                "stop it and run the same command again to resume"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
 
@@ -290,12 +317,16 @@ def _record_config(path: Path, cfg: DictConfig, identity: dict) -> None:
     hydra_dir = path / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     record = {"key": identity_key(identity), "identity": identity}
-    atomic_write_text(hydra_dir / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(
+        hydra_dir / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+    )
     atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
-        atomic_write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra_cfg)}))
+        atomic_write_text(
+            hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra_cfg)})
+        )
 
 
 def _point_latest(path: Path, cfg: DictConfig) -> Path | None:
@@ -310,8 +341,12 @@ def point_latest(home: Path, path: Path) -> Path | None:
         return None
     link = home / LATEST
     if link.exists() and not link.is_symlink():  # a user's copy: never replaced, never deleted
-        log.warning("%s is a real directory, not the link this job keeps: not pointed at %s (move it away to get "
-                    "the link back)", link, path)
+        log.warning(
+            "%s is a real directory, not the link this job keeps: not pointed at %s (move it away to get "
+            "the link back)",
+            link,
+            path,
+        )
         return None
     tmp = home / f".{LATEST}.tmp{os.getpid()}"
     tmp.unlink(missing_ok=True)
@@ -344,8 +379,14 @@ def _remove_if_made_for_job(path: Path, *, recorded: bool = False) -> None:
         current = current.parent
 
 
-def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *, resume_hint: str,
-               finished: Callable[[Path], R | None] | None = None) -> R:
+def run_in_dir(
+    cfg: DictConfig,
+    build: Callable[[], T],
+    run: Callable[[T], R],
+    *,
+    resume_hint: str,
+    finished: Callable[[Path], R | None] | None = None,
+) -> R:
     """The run directory's lifecycle, the same for every job (training, quickstart, certification):
 
     1. before anything is loaded: no ``+key`` that nothing reads, the directory (``paths.output_dir``) can be
@@ -371,7 +412,9 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
             raise ConfigError(one_line(err)) from None
         _check_run_dir(path, identity)
         if global_rank() == 0:
-            note_new_dir(str(path))  # made here when Hydra did not make it (compose): removed again on refusal
+            note_new_dir(
+                str(path)
+            )  # made here when Hydra did not make it (compose): removed again on refusal
             lock = RunDirLock(path)
         done = finished(path) if finished is not None else None
         if done is not None:
@@ -382,7 +425,9 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
     except BaseException:
         if global_rank() == 0:
             if lock is not None:
-                lock.release(remove=not _results_present(path) and not (path / ".hydra" / IDENTITY_FILE).exists())
+                lock.release(
+                    remove=not _results_present(path) and not (path / ".hydra" / IDENTITY_FILE).exists()
+                )
             _remove_if_made_for_job(path)
         raise
     try:
@@ -397,7 +442,9 @@ def run_in_dir(cfg: DictConfig, build: Callable[[], T], run: Callable[[T], R], *
                 lock = None
             _remove_if_made_for_job(path, recorded=True)
         raise
-    except SIGTERMException:  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
+    except (
+        SIGTERMException
+    ):  # Lightning's loops stop after a SIGTERM with a bare SystemExit: status 0, no word
         raise SIGTERMException(f"interrupted; {resume_hint}") from None
     except SystemExit as err:  # Lightning turns a Ctrl-C into a bare sys.exit(1) after "graceful shutdown"
         if isinstance(err.__context__, KeyboardInterrupt):

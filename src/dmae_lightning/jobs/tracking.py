@@ -184,8 +184,13 @@ def keep_logged_metrics(loggers: list) -> None:
 # ------------------------------------------------------------------------------------------ output
 # Lightning's info lines that say nothing about the run: advertising tips, device availability repeated by every
 # Trainer of a process (the job logs its devices once), the stepping-batch estimate.
-_LIGHTNING_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:",
-                      "Loading `train_dataloader` to estimate")
+_LIGHTNING_CHATTER = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Loading `train_dataloader` to estimate",
+)
 
 
 class _DropLightningChatter(logging.Filter):
@@ -206,4 +211,6 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropLightningChatter())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if slurm_job_tag() is None:
-        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+        warnings.filterwarnings(
+            "ignore", message="The `srun` command is available on your system but is not used"
+        )

@@ -78,14 +78,21 @@ def check_run_settings(cfg: DictConfig) -> None:
     max_epochs = trainer.get("max_epochs")
     if not _is_int(max_epochs) or max_epochs < 1:
         if not (max_epochs in (None, -1) and max_steps >= 1):
-            raise ValueError(f"trainer.max_epochs must be an integer >= 1 (or -1 with trainer.max_steps), got "
-                             f"{max_epochs!r}")
-    for key in ("accumulate_grad_batches", "num_nodes"):  # (devices may also be a list or "auto": Lightning's)
+            raise ValueError(
+                f"trainer.max_epochs must be an integer >= 1 (or -1 with trainer.max_steps), got "
+                f"{max_epochs!r}"
+            )
+    for key in (
+        "accumulate_grad_batches",
+        "num_nodes",
+    ):  # (devices may also be a list or "auto": Lightning's)
         value = trainer.get(key, 1)
         if not _is_int(value) or value < 1:
             raise ValueError(f"trainer.{key} must be an integer >= 1, got {value!r}")
     precision = str(trainer.get("precision", "32-true"))
-    on_cpu = trainer.get("accelerator") == "cpu" or (trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    on_cpu = trainer.get("accelerator") == "cpu" or (
+        trainer.get("accelerator") == "auto" and not torch.cuda.is_available()
+    )
     if on_cpu and precision in ("16-mixed", "16", "16-true"):  # Lightning would run bf16 and record 16
         raise ValueError(f"trainer.precision={precision} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
@@ -97,10 +104,17 @@ def train(cfg: DictConfig) -> dict:
     pipeline of :func:`~dmae_lightning.jobs.quickstart.quickstart`, which ``train.py`` dispatches to.)
     """
     if cfg.task.name == "quickstart":
-        raise ConfigError("task=quickstart is the whole pipeline: run it with python train.py experiment=quickstart "
-                          "or dmae_lightning.jobs.quickstart.quickstart(cfg)")
-    return run_in_dir(cfg, lambda: prepare(cfg), lambda prepared: fit(cfg, *prepared),
-                      resume_hint="rerun the same command to resume", finished=finished_run)
+        raise ConfigError(
+            "task=quickstart is the whole pipeline: run it with python train.py experiment=quickstart "
+            "or dmae_lightning.jobs.quickstart.quickstart(cfg)"
+        )
+    return run_in_dir(
+        cfg,
+        lambda: prepare(cfg),
+        lambda prepared: fit(cfg, *prepared),
+        resume_hint="rerun the same command to resume",
+        finished=finished_run,
+    )
 
 
 def finished_run(path: Path) -> dict[str, float] | None:
@@ -116,10 +130,14 @@ def finished_run(path: Path) -> dict[str, float] | None:
         if not isinstance(metrics, dict):
             raise ValueError("not a JSON object")
     except ValueError as err:
-        raise ConfigError(f"{record} is damaged ({one_line(err)}): the run finished; to train it again "
-                          "remove that file") from None
-    log.info("training already finished in %s: nothing to do (a new seed, trainer.max_epochs or another "
-             "setting of the run trains a new run in its own directory)", path)
+        raise ConfigError(
+            f"{record} is damaged ({one_line(err)}): the run finished; to train it again remove that file"
+        ) from None
+    log.info(
+        "training already finished in %s: nothing to do (a new seed, trainer.max_epochs or another "
+        "setting of the run trains a new run in its own directory)",
+        path,
+    )
     return metrics
 
 
@@ -152,21 +170,32 @@ def _warn_on_other_workers(cfg: DictConfig) -> None:
         return
     now = OmegaConf.select(cfg, "data.num_workers")
     if before is not None and before != now:
-        log.warning("resuming with data.num_workers=%s where the run so far used %s: the rest of the run draws "
-                    "other augmentations than an uninterrupted run would (pass data.num_workers=%s to keep it exact)",
-                    now, before, before)
+        log.warning(
+            "resuming with data.num_workers=%s where the run so far used %s: the rest of the run draws "
+            "other augmentations than an uninterrupted run would (pass data.num_workers=%s to keep it exact)",
+            now,
+            before,
+            before,
+        )
 
 
 def fit(cfg: DictConfig, ckpt_path: str | None, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
     if cfg.ckpt_path or ckpt_path:
         keep_logged_metrics(trainer.loggers)  # a resumed run appends to what the attempts before it logged
     if trainer.is_global_zero:
-        summary = ModelSummary(module, max_depth=0)  # one line instead of Lightning's table (enable_model_summary)
-        log.info("%s: %s parameters (%s trainable) on %d %s device(s) x %d node(s), precision %s",
-                 type(module.model).__name__, get_human_readable_count(summary.total_parameters),
-                 get_human_readable_count(summary.trainable_parameters), trainer.num_devices,
-                 type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(), trainer.num_nodes,
-                 trainer.precision)
+        summary = ModelSummary(
+            module, max_depth=0
+        )  # one line instead of Lightning's table (enable_model_summary)
+        log.info(
+            "%s: %s parameters (%s trainable) on %d %s device(s) x %d node(s), precision %s",
+            type(module.model).__name__,
+            get_human_readable_count(summary.total_parameters),
+            get_human_readable_count(summary.trainable_parameters),
+            trainer.num_devices,
+            type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+            trainer.num_nodes,
+            trainer.precision,
+        )
         for lg in trainer.loggers:  # the full resolved config as the run's hyper-parameters
             lg.log_hyperparams(resolved_config(cfg))
     try:

@@ -73,10 +73,17 @@ def _timm_entry(name: str):
     """timm's registry calls ``fn(pretrained=..., pretrained_cfg=..., pretrained_cfg_overlay=..., cache_dir=...,
     **kwargs)``; the download options mean nothing here."""
 
-    def build(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-              **overrides: Any):
+    def build(
+        pretrained: bool = False,
+        pretrained_cfg=None,
+        pretrained_cfg_overlay=None,
+        cache_dir=None,
+        **overrides: Any,
+    ):
         if pretrained:  # timm would download; the DMAE releases are loaded with models.weights.load_weights
-            raise ValueError(f"{name}: no weights to download; build it and load_weights(model, 'dmae_base.pth')")
+            raise ValueError(
+                f"{name}: no weights to download; build it and load_weights(model, 'dmae_base.pth')"
+            )
         return create_model(name, **overrides)
 
     build.__name__ = build.__qualname__ = name
@@ -87,5 +94,12 @@ def _timm_entry(name: str):
 for _name in ENCODERS:  # the classifiers (timm's registry holds classifiers, not pre-training models)
     register_model(_timm_entry(_name))
 
-__all__ = ["DECODERS", "ENCODERS", "DMAEViT", "VisionTransformerClassifier", "create_model", "list_models",
-           "model_config"]
+__all__ = [
+    "DECODERS",
+    "ENCODERS",
+    "DMAEViT",
+    "VisionTransformerClassifier",
+    "create_model",
+    "list_models",
+    "model_config",
+]

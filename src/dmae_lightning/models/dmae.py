@@ -38,7 +38,14 @@ class DMAEViT(ViTEncoderBase):
         # checked before the (for ViT-L, seconds-long) construction
         noise = noise_from_config(noise)
         super().__init__(
-            img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            drop_path_rate,
             learnable_pos_embed=False,
         )
         self.noise = noise
@@ -50,7 +57,9 @@ class DMAEViT(ViTEncoderBase):
         self.decoder_pos_embed = nn.Parameter(
             sincos_pos_embed_2d(decoder_embed_dim, self.grid_size), requires_grad=False
         )  # [1, 1+L, Dd]
-        self.decoder_blocks = transformer_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        self.decoder_blocks = transformer_blocks(
+            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio
+        )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
 
@@ -95,7 +104,9 @@ class DMAEViT(ViTEncoderBase):
         mask = torch.gather(mask, 1, ids_restore)  # [B, L]
         return kept, mask, ids_restore
 
-    def forward_encoder(self, pixels: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+    def forward_encoder(
+        self, pixels: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ):
         x = self.embed_patches(pixels)  # [B, L, D]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)  # [B, K, D]
         x = self.run_blocks(self.prepend_cls(x))  # [B, 1+K, D]

@@ -16,7 +16,10 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+)  # (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -33,7 +36,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
     rows, cols = torch.meshgrid(
-        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+        torch.arange(grid_size, dtype=torch.float64),
+        torch.arange(grid_size, dtype=torch.float64),
+        indexing="ij",
     )
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
@@ -72,7 +77,11 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, d
     rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
     return nn.ModuleList(
         Block(
-            dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
+            dim,
+            num_heads,
+            mlp_ratio,
+            qkv_bias=True,
+            drop_path=rate,
             # timm annotates Type[nn.Module] but calls any factory (its own models pass partial(LayerNorm, eps=1e-6))
             norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
         )
@@ -123,7 +132,10 @@ class ViTEncoderBase(nn.Module):
             stem=r"^cls_token|^pos_embed|^patch_embed",
             # Not timm's (99999,), which merges the final norm and head into the last block's group: MAE
             # and BEiT give them a layer of their own (scale decay^0, the last block decay^1).
-            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|fc_norm|head_norm|head)\b", (len(self.blocks) + 1,))],
+            blocks=[
+                (r"^blocks\.(\d+)", None),
+                (r"^(?:norm|fc_norm|head_norm|head)\b", (len(self.blocks) + 1,)),
+            ],
         )
 
     def init_encoder_weights(self) -> None:

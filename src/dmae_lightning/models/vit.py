@@ -36,7 +36,14 @@ class VisionTransformerClassifier(ViTEncoderBase):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         super().__init__(
-            img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate,
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            drop_path_rate,
             learnable_pos_embed=True,
         )
         self.global_pool = global_pool
@@ -45,7 +52,9 @@ class VisionTransformerClassifier(ViTEncoderBase):
             self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head_norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6) if head_batchnorm else nn.Identity()
+        self.head_norm = (
+            nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6) if head_batchnorm else nn.Identity()
+        )
         self.head = nn.Linear(embed_dim, num_classes)
         self.head_init_std = head_init_std
 

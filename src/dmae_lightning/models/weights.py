@@ -42,7 +42,11 @@ class LoadReport:
         """One short line: counts and the first few keys (an official file drops two dozen decoder keys)."""
         parts = [
             f"{label} {len(keys)} ({_short(keys, 3)})"
-            for label, keys in (("resampled", self.interpolated), ("fresh", self.reinitialised), ("dropped", self.dropped))
+            for label, keys in (
+                ("resampled", self.interpolated),
+                ("fresh", self.reinitialised),
+                ("dropped", self.dropped),
+            )
             if keys
         ]
         return "; ".join(parts) or "every tensor loaded as is"
@@ -64,7 +68,9 @@ def _load_failure(err: Exception) -> str:
     lines = [
         line.strip()
         for line in text.splitlines()
-        if line.strip() and "weights_only" not in line and not line.strip().startswith("Check the documentation")
+        if line.strip()
+        and "weights_only" not in line
+        and not line.strip().startswith("Check the documentation")
     ]
     detail = f"{type(err).__name__}: {lines[-1][:200]}" if lines else type(err).__name__
     return f"damaged or not in PyTorch's format ({detail})"
@@ -115,7 +121,9 @@ def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[
         raise ValueError(f"{path} holds no model tensors")
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:  # a diverged run's weights: certifying them would give every image the top radius
-        raise ValueError(f"{path} holds non-finite (NaN/Inf) weights in {_short(broken)}: a diverged or damaged model")
+        raise ValueError(
+            f"{path} holds non-finite (NaN/Inf) weights in {_short(broken)}: a diverged or damaged model"
+        )
     return state, layout
 
 
@@ -138,7 +146,9 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, report: L
             new = int(round((dst.shape[1] - 1) ** 0.5))
             if src.shape[-1] != dst.shape[-1] or old * old != src.shape[1] - 1:
                 continue  # not resamplable: reported as mis-shaped below
-            state[key] = resample_abs_pos_embed(src, new_size=[new, new], old_size=[old, old], num_prefix_tokens=1)
+            state[key] = resample_abs_pos_embed(
+                src, new_size=[new, new], old_size=[old, old], num_prefix_tokens=1
+            )
             report.interpolated.append(f"{key} {old}x{old}->{new}x{new}")
     head = [k for k in ("head.weight", "head.bias") if k in state and k in target]
     if head and any(state[k].shape != target[k].shape for k in head):
@@ -177,7 +187,11 @@ def load_weights(model: DMAEViT | VisionTransformerClassifier, path: str | Path)
     if missing or unexpected or misshaped:
         parts = [
             f"{label}: {_short(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped))
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped (file vs model)", misshaped),
+            )
             if keys
         ]
         raise ValueError(f"{path} does not fit {type(model).__name__} ({layout} layout): " + "; ".join(parts))

@@ -57,7 +57,13 @@ class NoisyTrainingModule(pl.LightningModule):
     model: DMAEViT | VisionTransformerClassifier
     noise: Noise
 
-    def attach(self, model: DMAEViT | VisionTransformerClassifier, noise: Noise | Mapping, optimizer: dict | None, compile: bool | dict) -> None:
+    def attach(
+        self,
+        model: DMAEViT | VisionTransformerClassifier,
+        noise: Noise | Mapping,
+        optimizer: dict | None,
+        compile: bool | dict,
+    ) -> None:
         """The shared tail of the constructors: noise as plain data, network compiled in place, optimiser checked."""
         self.noise = noise_from_config(noise)
         self.hparams["noise"] = self.noise.config()  # plain data: checkpoints load with weights_only=True
@@ -72,8 +78,9 @@ class NoisyTrainingModule(pl.LightningModule):
 
     def training_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
         """The batch's noise: a pure function of (seed, rank, step, batch), so a resumed run draws the same."""
-        return seeded_generator(self.hparams["seed"], TRAIN_STREAM, self.global_rank, self.global_step, batch_idx,
-                                device=device)
+        return seeded_generator(
+            self.hparams["seed"], TRAIN_STREAM, self.global_rank, self.global_step, batch_idx, device=device
+        )
 
     def validation_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
         """The same noise (and masks) every epoch and on every rank count, so curves are comparable."""

@@ -108,7 +108,9 @@ def labelled_picture(grid: torch.Tensor, panel: int, headers: list[str], title: 
     (nearest neighbour: pixels stay exact, just bigger) under a white band with ``title`` and one header per
     column. torchvision's make_grid has no labels, hence PIL."""
     scale = max(1, math.ceil(MIN_PANEL_PX / panel))
-    body = to_pil_image(grid.clamp(0, 1).mul(255).add(0.5).to(torch.uint8).cpu())  # rounded, as save_image does
+    body = to_pil_image(
+        grid.clamp(0, 1).mul(255).add(0.5).to(torch.uint8).cpu()
+    )  # rounded, as save_image does
     body = body.resize((body.width * scale, body.height * scale), Image.Resampling.NEAREST)
     font = ImageFont.load_default(size=14)
     line = 20
@@ -127,13 +129,24 @@ class ReconstructionPictures(pl.Callback):
     """Every ``every_n_epochs`` validation epochs and at the end of training, saves a reconstruction
     grid of a fixed set of validation images (fixed noise and masks) as PNG and logs it."""
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, dirname: str = "pictures"):
+    def __init__(
+        self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, dirname: str = "pictures"
+    ):
         if every_n_epochs < 1 or num_images < 1:
-            raise ValueError(f"every_n_epochs and num_images must be >= 1, got {every_n_epochs}, {num_images}")
-        self.every_n_epochs, self.num_images, self.seed, self.dirname = every_n_epochs, num_images, seed, dirname
+            raise ValueError(
+                f"every_n_epochs and num_images must be >= 1, got {every_n_epochs}, {num_images}"
+            )
+        self.every_n_epochs, self.num_images, self.seed, self.dirname = (
+            every_n_epochs,
+            num_images,
+            seed,
+            dirname,
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1  # the epoch this validation ends, counted from 1 (not yet counted done)
+        epoch = (
+            trainer.current_epoch + 1
+        )  # the epoch this validation ends, counted from 1 (not yet counted done)
         if not trainer.sanity_checking and epoch % self.every_n_epochs == 0:
             self.save(trainer, pl_module, epoch, f"reconstruction_epoch{epoch:04d}")
 
@@ -146,8 +159,10 @@ class ReconstructionPictures(pl.Callback):
         if not trainer.is_global_zero:
             return None
         if not isinstance(pl_module, DMAEPretrainModule):
-            raise TypeError(f"ReconstructionPictures draws a DMAEPretrainModule's reconstructions, got a "
-                            f"{type(pl_module).__name__}")
+            raise TypeError(
+                f"ReconstructionPictures draws a DMAEPretrainModule's reconstructions, got a "
+                f"{type(pl_module).__name__}"
+            )
         dataset = trainer.datamodule.dataset("val")  # type: ignore[attr-defined]  # Lightning sets Trainer.datamodule at run time; its class does not declare it
         imgs = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
         was_training = pl_module.training
@@ -157,8 +172,15 @@ class ReconstructionPictures(pl.Callback):
         pl_module.train(was_training)
         sigma = model.noise.sigma
         picture = labelled_picture(
-            grid, model.img_size,
-            headers=["clean", f"noisy (sigma {sigma:g})", f"masked ({ratio:.0%})", "reconstruction", "pasted"],
+            grid,
+            model.img_size,
+            headers=[
+                "clean",
+                f"noisy (sigma {sigma:g})",
+                f"masked ({ratio:.0%})",
+                "reconstruction",
+                "pasted",
+            ],
             title=f"epoch {epoch}, step {trainer.global_step}: sigma {sigma:g}, mask ratio {ratio:g}",
         )
         path = Path(trainer.default_root_dir) / self.dirname / f"{name}.png"

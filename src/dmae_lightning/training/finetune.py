@@ -84,17 +84,23 @@ class BaseClassifierModule(NoisyTrainingModule):
         super().__init__()
         noise = noise_from_config(noise)
         if model_name.startswith("dmae_"):
-            raise ValueError(f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}")
+            raise ValueError(
+                f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}"
+            )
         defaults: dict[str, Any] = dict(enabled=False, m=2, lbd=2.0, eta=0.5)
         consistency = defaults | dict(consistency or {})
-        if consistency["enabled"] and (consistency["m"] < 2 or consistency["lbd"] < 0 or consistency["eta"] < 0):
+        if consistency["enabled"] and (
+            consistency["m"] < 2 or consistency["lbd"] < 0 or consistency["eta"] < 0
+        ):
             raise ValueError(f"consistency needs m >= 2 and lbd, eta >= 0, got {consistency}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
         model = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         if not isinstance(model, VisionTransformerClassifier):
-            raise ValueError(f"fine-tuning needs a classifier model, got {model_name!r}: a {type(model).__name__}")
+            raise ValueError(
+                f"fine-tuning needs a classifier model, got {model_name!r}: a {type(model).__name__}"
+            )
         self.model: VisionTransformerClassifier = model
         if freeze_encoder:  # linear probing: only the head (and its BatchNorm statistics) learn
             for name, param in self.model.named_parameters():
@@ -142,7 +148,11 @@ class BaseClassifierModule(NoisyTrainingModule):
         acc = self.trainer.callback_metrics.get("val/acc_noisy")
         chance = 1.0 / self.hparams["num_classes"]
         if acc is not None and float(acc) < CHANCE_MARGIN * chance and self.trainer.is_global_zero:
-            log.warning("fine-tuning ended at chance level: noisy validation accuracy %.4f, clean %.4f (chance %.4f "
-                        "for %d classes); train longer (trainer.max_epochs) or check the learning rate",
-                        float(acc), float(self.trainer.callback_metrics["val/acc_clean"]), chance,
-                        self.hparams["num_classes"])
+            log.warning(
+                "fine-tuning ended at chance level: noisy validation accuracy %.4f, clean %.4f (chance %.4f "
+                "for %d classes); train longer (trainer.max_epochs) or check the learning rate",
+                float(acc),
+                float(self.trainer.callback_metrics["val/acc_clean"]),
+                chance,
+                self.hparams["num_classes"],
+            )

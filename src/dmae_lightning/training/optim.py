@@ -56,10 +56,17 @@ def check_optimizer_config(config: dict) -> None:
     accepted = list(inspect.signature(configure_optimizer).parameters)[2:]
     unknown = sorted(set(config) - set(accepted))
     if unknown:
-        raise ValueError(f"task.module.optimizer has no key {unknown[0]!r}: the keys are {', '.join(accepted)}")
+        raise ValueError(
+            f"task.module.optimizer has no key {unknown[0]!r}: the keys are {', '.join(accepted)}"
+        )
     for key in ("base_lr", "weight_decay", "warmup_epochs", "min_lr", "momentum"):
         value = config.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ValueError(f"task.module.optimizer.{key} must be a finite number >= 0, got {value!r}")
 
 
@@ -123,10 +130,20 @@ def configure_optimizer(
         optimizer, lambda step: warmup_cosine_factor(step, warmup, total, min_ratio)
     )
     if trainer.is_global_zero:  # a log line like every other (module.print bypasses the log format)
-        log.info("lr %.3e (base %g x effective batch %d / 256), %d warm-up of %d steps", peak, base_lr, eff, warmup,
-                 total)
+        log.info(
+            "lr %.3e (base %g x effective batch %d / 256), %d warm-up of %d steps",
+            peak,
+            base_lr,
+            eff,
+            warmup,
+            total,
+        )
     if warmup >= total and trainer.is_global_zero:
-        log.warning("the warm-up (%d steps, warmup_epochs=%g) is not shorter than the run (%d steps): the lr never "
-                    "reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs",
-                    warmup, warmup_epochs, total)
+        log.warning(
+            "the warm-up (%d steps, warmup_epochs=%g) is not shorter than the run (%d steps): the lr never "
+            "reaches its peak; raise trainer.max_epochs or lower task.module.optimizer.warmup_epochs",
+            warmup,
+            warmup_epochs,
+            total,
+        )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -59,8 +59,14 @@ class ProgressLog(pl.Callback):
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         log.info(
             "epoch %d/%s%s | step %d/%s | loss %s | %.1f images/s | elapsed %s | ETA %s",
-            trainer.current_epoch + 1, max_epochs, suffix, trainer.global_step,
-            int(total) if math.isfinite(total) else "?", loss, self._images / max(elapsed, 1e-9),
-            _duration(elapsed), _duration(left),
+            trainer.current_epoch + 1,
+            max_epochs,
+            suffix,
+            trainer.global_step,
+            int(total) if math.isfinite(total) else "?",
+            loss,
+            self._images / max(elapsed, 1e-9),
+            _duration(elapsed),
+            _duration(left),
         )
         self._last, self._losses = now, []

@@ -51,7 +51,7 @@ def check_matches(path: str | Path, module) -> None:
     differ = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
     model = (ckpt.get("hyper_parameters") or {}).get("model_name", "an unnamed model")
     first = differ[0]
-    detail = (f"{first}: {theirs.get(first, 'absent')} there, {ours.get(first, 'absent')} here")
+    detail = f"{first}: {theirs.get(first, 'absent')} there, {ours.get(first, 'absent')} here"
     raise ValueError(
         f"{path} is a checkpoint of {model} ({len(differ)} tensors differ, e.g. {detail}); this run trains "
         f"{getattr(module.hparams, 'model_name', type(module).__name__)}: resume a checkpoint of this run, or "
@@ -63,7 +63,9 @@ def _newest_first(folder: Path) -> list[Path]:
     """``last.ckpt``, then the other checkpoints of ``folder``, newest first, each file once."""
     last = folder / f"{LAST}.ckpt"
     others = sorted(
-        (p for p in folder.glob("*.ckpt") if p != last and p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+        (p for p in folder.glob("*.ckpt") if p != last and p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
     )
     paths, seen = [], set()
     for path in ([last] if last.is_symlink() or last.exists() else []) + others:
@@ -101,8 +103,10 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             return str(hpc[-1])
         if not newest:
             return None
-        _warn(f"{folder} holds the checkpoints of an interrupted run: resuming it (ckpt_path=last), not "
-              "starting over; to train from step 0, change a setting of the run (a new run directory)")
+        _warn(
+            f"{folder} holds the checkpoints of an interrupted run: resuming it (ckpt_path=last), not "
+            "starting over; to train from step 0, change a setting of the run (a new run directory)"
+        )
         ckpt_path = LAST
     if ckpt_path != LAST:
         check_resumable(ckpt_path)

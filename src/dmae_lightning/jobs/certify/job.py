@@ -118,7 +118,9 @@ def load_classifier(
         if name.startswith("dmae_"):  # first: no model= override can make a pre-training file certifiable
             raise ConfigError(f"{path} holds the pre-training model {name}: certify a fine-tuned classifier")
         if other_group:
-            raise ConfigError(f"{path} holds a {name} classifier: add model={name}")  # names the run directory
+            raise ConfigError(
+                f"{path} holds a {name} classifier: add model={name}"
+            )  # names the run directory
         if file_classes is None:
             raise ConfigError(
                 f"{path} has no classification head (a pre-training file?): certify a fine-tuned classifier"
@@ -167,7 +169,9 @@ def certify(cfg: DictConfig) -> dict:
     everything validated and loaded by :func:`prepare` before anything is written.
     """
     return run_in_dir(
-        cfg, lambda: prepare(cfg), lambda job: run(cfg, job),
+        cfg,
+        lambda: prepare(cfg),
+        lambda job: run(cfg, job),
         resume_hint="run the same command again to resume",  # the images already done are kept
     )
 
@@ -189,7 +193,9 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise ConfigError(str(err)) from None
     classifier, info = load_classifier(cfg, params.ckpt_path, num_classes, datamodule.name)
     if info.trained_noise is not None and info.trained_noise != params.noise:
-        log.warning("the classifier was trained with %s, certification uses %s", info.trained_noise, params.noise)
+        log.warning(
+            "the classifier was trained with %s, certification uses %s", info.trained_noise, params.noise
+        )
     skip, indices = subset_indices(len(dataset), params)
     if not indices:
         raise ConfigError(f"the {datamodule.name} {params.split} split is empty")
@@ -200,9 +206,16 @@ def prepare(cfg: DictConfig) -> Prepared:
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     bar = [ImageProgressBar(procedure.name)] if cfg.trainer.get("enable_progress_bar") else []
     trainer = _instantiate(
-        cfg.trainer, "trainer", logger=logger, callbacks=bar, use_distributed_sampler=False, enable_checkpointing=False
+        cfg.trainer,
+        "trainer",
+        logger=logger,
+        callbacks=bar,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
     )
-    params = dataclasses.replace(params, precision=resolve_precision(params.precision, trainer.strategy.root_device))
+    params = dataclasses.replace(
+        params, precision=resolve_precision(params.precision, trainer.strategy.root_device)
+    )
     run_dir = Path(cfg.paths.output_dir)
     key = {
         "mode": procedure.name,
@@ -225,11 +238,30 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise ConfigError(str(err)) from None
     todo = [idx for idx in indices if idx not in done]
     module = SmoothingPredictor(
-        classifier, num_classes, procedure, params, dataset, todo, run_dir,
+        classifier,
+        num_classes,
+        procedure,
+        params,
+        dataset,
+        todo,
+        run_dir,
         num_workers=getattr(datamodule, "num_workers", 0),
     )
-    return Prepared(params, procedure, datamodule.name, len(dataset), tuple(radii), skip, indices, todo, trainer,
-                    module, info, key, started)
+    return Prepared(
+        params,
+        procedure,
+        datamodule.name,
+        len(dataset),
+        tuple(radii),
+        skip,
+        indices,
+        todo,
+        trainer,
+        module,
+        info,
+        key,
+        started,
+    )
 
 
 def run(cfg: DictConfig, job: Prepared) -> dict:
@@ -241,9 +273,19 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         log.info(
             "%s with classifier %s from %s (%s layout, architecture from %s), precision %s%s; %s %s split: "
             "%d images (skip=%d, max=%s), %d already done",
-            procedure.name, info.model_name, params.ckpt_path, info.layout, info.source, params.precision,
-            ", compiled" if params.compile else "", job.dataset_name, params.split, len(job.indices), job.skip,
-            params.images or params.max, len(job.indices) - len(job.todo),
+            procedure.name,
+            info.model_name,
+            params.ckpt_path,
+            info.layout,
+            info.source,
+            params.precision,
+            ", compiled" if params.compile else "",
+            job.dataset_name,
+            params.split,
+            len(job.indices),
+            job.skip,
+            params.images or params.max,
+            len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved_config(cfg))
@@ -285,7 +327,9 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         summary.update(
             certified_accuracy=within_reach(summary["certified_accuracy"], limit),
             # certify_radii's records hold grid radii: their mean is no ACR comparable with CERTIFY's
-            average_certified_radius=None if procedure.name == GRID_MODE else average_certified_radius(subset),
+            average_certified_radius=None
+            if procedure.name == GRID_MODE
+            else average_certified_radius(subset),
             rho=params.rho,
             false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
             certified_accuracy_lower_bound=within_reach(
@@ -300,7 +344,11 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
         label = f"sigma={params.noise.sigma:g}"
         grid = summary["radii"] if procedure.name == GRID_MODE else None
         plot_certified_accuracy(
-            {label: subset}, png, title=plot_title(summary), limits={label: summary["max_certifiable_radius"]}, grid=grid
+            {label: subset},
+            png,
+            title=plot_title(summary),
+            limits={label: summary["max_certifiable_radius"]},
+            grid=grid,
         )
         outputs.append(png)
     log.info("%s", report(summary))
@@ -325,25 +373,36 @@ def report(summary: dict) -> str:
             f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
         )
     label = f"{summary['sigma']:g}"
-    rows = {label: summary["certified_accuracy"], f"{label} lower bound": summary["certified_accuracy_lower_bound"]}
+    rows = {
+        label: summary["certified_accuracy"],
+        f"{label} lower bound": summary["certified_accuracy_lower_bound"],
+    }
     acr = summary.get("average_certified_radius")
     table = format_table(rows, summary["radii"], acr=None if acr is None else {label: acr})
     table += "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
-    extra = [f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"]
+    extra = [
+        f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"
+    ]
     if "abstain_rate" in summary:
         rate = summary["abstain_rate"]
-        extra.append("abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}")
+        extra.append(
+            "abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}"
+        )
     saving = sample_saving(summary)
-    return (f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n"
-            f"{table}{f'{chr(10)}{saving}' if saving else ''}")
+    return (
+        f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n"
+        f"{table}{f'{chr(10)}{saving}' if saving else ''}"
+    )
 
 
 def sample_saving(summary: dict) -> str | None:
     """The samples a sequential procedure used against fixed-n certify's (n0 + n per image), as one line."""
     if not summary.get("saving_vs_fixed_n"):
         return None
-    return (f"{summary['mode']} used {summary['samples']:,} noisy samples where fixed-n certify would use "
-            f"{summary['fixed_n_samples']:,} (n0 + n per image): {summary['saving_vs_fixed_n']:.1f}x fewer")
+    return (
+        f"{summary['mode']} used {summary['samples']:,} noisy samples where fixed-n certify would use "
+        f"{summary['fixed_n_samples']:,} (n0 + n per image): {summary['saving_vs_fixed_n']:.1f}x fewer"
+    )
 
 
 def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> None:
@@ -360,8 +419,11 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
     for lg in trainer.loggers:
         # a radius beyond the run's reach: BEYOND in the CSV file, left out where a metric must be a number
         # (Lightning's signature says float; the CSV writer writes any value)
-        lg.log_metrics({key: BEYOND if value is None else value for key, value in metrics.items()}  # type: ignore[misc]
-                       if isinstance(lg, CSVLogger) else {k: v for k, v in metrics.items() if v is not None})
+        lg.log_metrics(
+            {key: BEYOND if value is None else value for key, value in metrics.items()}  # type: ignore[misc]
+            if isinstance(lg, CSVLogger)
+            else {k: v for k, v in metrics.items() if v is not None}
+        )
         if isinstance(lg, WandbLogger) and png is not None:
             keys = [radius_key(r) for r in summary["radii"]]
             row = [summary["sigma"], *(summary["certified_accuracy"][k] for k in keys)]
@@ -371,4 +433,3 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
         lg.finalize("success")
         if isinstance(lg, WandbLogger):
             lg.experiment.finish()
-

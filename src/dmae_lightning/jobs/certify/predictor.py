@@ -96,8 +96,9 @@ class SmoothingPredictor(pl.LightningModule):
         self.sampler = Sampler(
             self.model, self.num_classes, p.noise, p.seed, p.batch, p.precision, p.compile, self.device
         )
-        self.writer = ShardWriter(self.run_dir / f"{self.procedure.name}.rank{self.global_rank}.tsv",
-                                  self.procedure.record_type)
+        self.writer = ShardWriter(
+            self.run_dir / f"{self.procedure.name}.rank{self.global_rank}.tsv", self.procedure.record_type
+        )
         self._started = self._last_log = time.perf_counter()
 
     def predict_step(self, batch, batch_idx: int) -> None:
@@ -149,7 +150,11 @@ class SmoothingPredictor(pl.LightningModule):
         eta = (len(self.share) - self._done) / rate if rate > 0 else float("inf")
         log.info(
             "rank 0: %d/%d images, %.3g images/s, ETA %s (world size %d)",
-            self._done, len(self.share), rate, duration(eta), self.trainer.world_size,
+            self._done,
+            len(self.share),
+            rate,
+            duration(eta),
+            self.trainer.world_size,
         )
 
     def on_predict_end(self) -> None:

@@ -25,7 +25,9 @@ from dmae_lightning.errors import ConfigError, one_line
 def shard_paths(run_dir: Path, mode: str) -> list[Path]:
     """Shards of every rank of every session so far (the world size may have changed between them)."""
     pattern = re.compile(rf"{re.escape(mode)}\.rank(\d+)\.tsv")
-    found = [(int(m.group(1)), p) for p in run_dir.glob(f"{mode}.rank*.tsv") if (m := pattern.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in run_dir.glob(f"{mode}.rank*.tsv") if (m := pattern.fullmatch(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -36,7 +38,9 @@ def results_path(run_dir: Path, mode: str) -> Path:
 def done_records(run_dir: Path, mode: str, record_type: type[Record]) -> list[Record]:
     """One record per image already on disk (merged file and all shards), ordered by idx."""
     sources = [results_path(run_dir, mode), *shard_paths(run_dir, mode)]
-    return one_per_idx((r, path) for path in sources if path.is_file() for r in read_records(path, record_type))
+    return one_per_idx(
+        (r, path) for path in sources if path.is_file() for r in read_records(path, record_type)
+    )
 
 
 def merge_results(run_dir: Path, mode: str, record_type: type[Record]) -> list[Record]:
@@ -61,10 +65,14 @@ def check_params(run_dir: Path, key: dict, mode: str) -> None:
             if not isinstance(previous, dict):
                 raise ValueError(f"a JSON {type(previous).__name__}, not an object")
         except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is damaged ({one_line(err)}): it says which settings the results in "
-                              f"{run_dir} came from, so they cannot be resumed safely; restore it, or choose "
-                              "another run_name (or hydra.run.dir) for a new run") from None
-        differ = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in key.items() if previous.get(k) != v]
+            raise ConfigError(
+                f"{path} is damaged ({one_line(err)}): it says which settings the results in "
+                f"{run_dir} came from, so they cannot be resumed safely; restore it, or choose "
+                "another run_name (or hydra.run.dir) for a new run"
+            ) from None
+        differ = [
+            f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in key.items() if previous.get(k) != v
+        ]
         if differ:
             raise ConfigError(
                 f"run directory {run_dir} holds {mode} results of other settings ({'; '.join(differ)}): "
