@@ -23,10 +23,10 @@ from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import seeded_generator
 from dmae_lightning.training.finetune import (
     BaseClassifierModule,
-    consistency_terms,
     mix_then_noise,
     smoothed_one_hot,
 )
+from dmae_lightning.training.objectives import consistency_terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch")
@@ -451,3 +451,33 @@ def test_chance_level_margin_is_twice_chance(acc, warns, caplog):
     with caplog.at_level(logging.WARNING, logger="dmae_lightning"):
         module.on_train_end()
     assert any("chance level" in r.getMessage() for r in caplog.records) == warns
+
+
+def test_objectives_equal_a_float64_hand_computation():
+    """The fine-tuning objectives (training/objectives.py) on a fixed batch of logits and soft targets: plain
+    Gaussian augmentation is the soft-target cross-entropy; Consistency adds lbd * KL(p_avg || p_i) + eta * H(p_avg),
+    all recomputed here in float64 with numpy."""
+    from dmae_lightning.training.objectives import Consistency, GaussianAugmentation
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 4))  # m = 2 copies of 3 images, copy-major
+    targets = rng.dirichlet(np.ones(4), size=3)[
+        np.tile(np.arange(3), 2)
+    ]  # each copy shares its image's target
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ce = -(targets * log_p).sum(1).mean()
+    p = np.exp(log_p).reshape(2, 3, 4)
+    p_avg = p.mean(0)
+    kl = (p_avg[None] * (np.log(p_avg)[None] - np.log(p))).sum(2).mean()
+    entropy = -(p_avg * np.log(p_avg)).sum(1).mean()
+    t_logits, t_targets = (
+        torch.tensor(logits, dtype=torch.float32),
+        torch.tensor(targets, dtype=torch.float32),
+    )
+    plain, terms = GaussianAugmentation().loss(t_logits, t_targets)
+    assert float(plain) == pytest.approx(ce, rel=1e-5) and set(terms) == {"ce"}
+    loss, terms = Consistency(copies=2, lbd=2.0, eta=0.1).loss(t_logits, t_targets)
+    assert float(loss) == pytest.approx(ce + 2.0 * kl + 0.1 * entropy, rel=1e-5)
+    assert set(terms) == {"ce", "consistency_kl", "consistency_entropy"}
+    with pytest.raises(ValueError, match="consistency needs m >= 2"):
+        Consistency(copies=1)

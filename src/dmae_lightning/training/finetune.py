@@ -21,25 +21,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from dmae_lightning.models import VisionTransformerClassifier, create_model
 from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
 from dmae_lightning.training.base import NoisyTrainingModule
+from dmae_lightning.training.objectives import objective_from_consistency
 
 log = logging.getLogger(__name__)
 # A validation accuracy below 2 / num_classes at the end of fine-tuning: (near) chance level. The README's plain-RS
 # digits command with the ImageNet recipe ended at 0.172 noisy accuracy (train loss 2.295 = about ln 10).
 CHANCE_MARGIN = 2.0
-
-
-def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jeong & Shin (2020) consistency regulariser on ``m`` noisy copies per image.
-
-    ``logits`` is [m*B, C] laid out copy-major (copy j of image i at row j*B + i). Returns the mean
-    over images of mean_j KL(p_avg || p_j) and of the entropy H(p_avg).
-    """
-    log_p = F.log_softmax(logits.float(), dim=1).unflatten(0, (m, -1))  # [m, B, C]
-    p_avg = log_p.exp().mean(dim=0)  # [B, C]
-    log_avg = p_avg.clamp_min(1e-20).log()  # [B, C]
-    kl = (p_avg.unsqueeze(0) * (log_avg.unsqueeze(0) - log_p)).sum(dim=2).mean(dim=0)  # [B]
-    entropy = -(p_avg * log_avg).sum(dim=1)  # [B]
-    return kl.mean(), entropy.mean()
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -89,10 +76,7 @@ class BaseClassifierModule(NoisyTrainingModule):
             )
         defaults: dict[str, Any] = dict(enabled=False, m=2, lbd=2.0, eta=0.5)
         consistency = defaults | dict(consistency or {})
-        if consistency["enabled"] and (
-            consistency["m"] < 2 or consistency["lbd"] < 0 or consistency["eta"] < 0
-        ):
-            raise ValueError(f"consistency needs m >= 2 and lbd, eta >= 0, got {consistency}")
+        self.objective = objective_from_consistency(consistency)  # checks m, lbd, eta
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
@@ -107,7 +91,6 @@ class BaseClassifierModule(NoisyTrainingModule):
                 param.requires_grad = name.startswith("head.")
         self.attach(model, noise, optimizer, compile)
         self.consistency = consistency
-        self.copies: int = consistency["m"] if consistency["enabled"] else 1
         mixup = dict(mixup or {})
         self.mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
@@ -122,16 +105,11 @@ class BaseClassifierModule(NoisyTrainingModule):
 
     def training_loss(self, batch, generator: torch.Generator) -> torch.Tensor:
         imgs, labels = batch  # [B, 3, H, W] in [0,1], [B]
-        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, self.copies, generator)
-        logits = self(inputs)  # [m*B, C]
-        ce = F.cross_entropy(logits.float(), targets)
-        loss = ce
-        self.log("train/ce", ce, on_step=True, on_epoch=True, sync_dist=True)
-        if self.consistency["enabled"]:
-            kl, entropy = consistency_terms(logits, self.copies)
-            loss = ce + self.consistency["lbd"] * kl + self.consistency["eta"] * entropy
-            self.log("train/consistency_kl", kl, on_step=True, on_epoch=True, sync_dist=True)
-            self.log("train/consistency_entropy", entropy, on_step=True, on_epoch=True, sync_dist=True)
+        copies = self.objective.copies
+        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, copies, generator)
+        loss, terms = self.objective.loss(self(inputs), targets)  # logits [m*B, C]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int):
