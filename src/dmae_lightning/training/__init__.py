@@ -1,5 +1,6 @@
 """Training: the LightningModules of DMAE pre-training (:mod:`.pretrain`) and of the base classifier's
-fine-tuning and linear probing (:mod:`.finetune`), their optimiser and schedule (:mod:`.optim`), callbacks
+fine-tuning and linear probing (:mod:`.finetune`) on their shared skeleton (:mod:`.base`), the fine-tuning
+objectives (:mod:`.objectives`), their optimiser and schedule (:mod:`.optim`), callbacks
 (:mod:`.callbacks`, :mod:`.progress`) and the checkpoint a run resumes from (:mod:`.resume`).
 
 Imports: torch, Lightning, timm, and from this package :mod:`dmae_lightning.models`, :mod:`dmae_lightning.noise`,
