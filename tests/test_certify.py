@@ -482,3 +482,22 @@ def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):
         output.strip().splitlines()[-1]
         == "error: ckpt_path is required: python certify.py ckpt_path=PATH ..."
     )
+
+
+def test_the_classifier_file_is_read_once(ckpt, tmp_path, monkeypatch):
+    """Issue 23: the certify job read the checkpoint with torch.load twice (architecture, then weights)."""
+    import dmae_lightning.jobs.certify.job as job_mod
+    import dmae_lightning.models.weights as weights_mod
+
+    reads = []
+    real = weights_mod.read_checkpoint
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(weights_mod, "read_checkpoint", counting)
+    monkeypatch.setattr(job_mod, "read_checkpoint", counting)
+    cfg = compose_cfg(tmp_path / "once", ckpt)
+    model, info = job_mod.load_classifier(cfg, Path(ckpt), 10, "digits")
+    assert reads == [Path(ckpt)] and info.model_name == "vit_micro_patch8"

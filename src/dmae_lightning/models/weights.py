@@ -170,9 +170,13 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_weights(model: DMAEViT | VisionTransformerClassifier, path: str | Path) -> LoadReport:
-    """Load ``path`` into ``model`` (in place). Raises one clear ValueError when the tensors do not fit."""
-    state, layout = checkpoint_state_dict(read_checkpoint(path), path)
+def load_weights(
+    model: DMAEViT | VisionTransformerClassifier, path: str | Path, ckpt: dict | None = None
+) -> LoadReport:
+    """Load ``path`` into ``model`` (in place). Raises one clear ValueError when the tensors do not fit.
+    ``ckpt``: the file's content when the caller has read it already (:func:`read_checkpoint`), so a large
+    checkpoint is read once."""
+    state, layout = checkpoint_state_dict(read_checkpoint(path) if ckpt is None else ckpt, path)
     report = LoadReport(layout=layout)
     state = adapt_state_dict(state, model, report)
     target = model.state_dict()

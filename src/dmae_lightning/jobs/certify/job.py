@@ -114,7 +114,7 @@ def load_classifier(
             kwargs = {"img_size": cfg.model.img_size}
             source = f"model={cfg.model.name}"
             trained_noise = None
-        del ckpt, state
+        del state
         if name.startswith("dmae_"):  # first: no model= override can make a pre-training file certifiable
             raise ConfigError(f"{path} holds the pre-training model {name}: certify a fine-tuned classifier")
         if other_group:
@@ -128,7 +128,8 @@ def load_classifier(
         if int(file_classes) != num_classes:
             raise ConfigError(f"{path} classifies {file_classes} classes but {dataset} has {num_classes}")
         model = create_model(name, num_classes=num_classes, **kwargs)
-        report = load_weights(model, path)
+        report = load_weights(model, path, ckpt)  # the file read above, not a second time
+        del ckpt
     except (ValueError, FileNotFoundError) as err:
         if isinstance(err, ConfigError):
             raise
