@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TESTS
+from helpers import TESTS
 from helpers.probes import check_noise_per_rank, load_probes
 from helpers.rundirs import single_run_dir
+from helpers.scripts import clean_env, run_script
 
 DDP = ("hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp")
 # 64 images / 2 ranks / batch 16 = 2 steps per epoch: 3 steps cross an epoch end (last.ckpt is written).
@@ -35,25 +34,14 @@ SMALL = (
 
 def subprocess_env(probe_dir: Path, **extra: str) -> dict[str, str]:
     """This environment minus any SLURM job of the caller, with tests/ importable (for helpers/probes.py)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
-    env.update(DMAE_PROBE_DIR=str(probe_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    return env
+    pythonpath = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return clean_env(PYTHONPATH=pythonpath, DMAE_PROBE_DIR=str(probe_dir), **extra)
 
 
 def run_train(
     args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    print(f"python train.py {' '.join(args)}: {time.monotonic() - t0:.1f} s")
+    proc = run_script("train.py", args, cwd, env, timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from helpers import CONF, REPO
+from helpers.scripts import clean_env
 from PIL import Image
 
 from dmae_lightning.data import BrokenImageError, CIFAR10DataModule, DataError, ImageNetDataModule
@@ -48,9 +49,7 @@ TINY = [
 
 def subprocess_env() -> dict[str, str]:
     """This environment minus any SLURM job of the caller (a restart count would change the run)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
+    return clean_env()
 
 
 def train_script(logs: Path, *args: str) -> subprocess.Popen:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CONF, REPO
+from helpers.scripts import run_script
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -43,16 +44,7 @@ def save_weights(path: Path, seed: int) -> Path:
 
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("train.py", args, cwd, timeout=timeout)
 
 
 def snapshot(path: Path) -> dict:

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import CONF, REPO
+from helpers import CONF
+from helpers.scripts import OUTSIDE, clean_env, run_script
 from omegaconf import OmegaConf
 
 from dmae_lightning.jobs import tracking
@@ -24,18 +21,7 @@ TINY = ("model=vit_micro_patch8", "data.subset_first=64", "data.batch_size=16")
 
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300, **env_extra: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "WANDB_"))}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env_extra)
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    print(f"python train.py {' '.join(args)}: {time.monotonic() - t0:.1f} s")
+    proc = run_script("train.py", args, cwd, clean_env((*OUTSIDE, "WANDB_"), **env_extra), timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
     return out

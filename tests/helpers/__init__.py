@@ -9,6 +9,7 @@ never imports another test module.
 - ``helpers.certify``: a small classifier checkpoint and the certification job run in-process or as a script
 - ``helpers.noise``: the documented certification noise scheme written out (``reference_noise``)
 - ``helpers.rundirs``: a fake certification run directory (``make_run``), the one run directory of a logs tree
+- ``helpers.scripts``: ``python train.py ...`` in a fresh interpreter (``run_script``, ``clean_env``)
 - ``helpers.probes``: the ``NoiseProbe`` callback that training subprocesses load
   (``+callbacks.probe._target_=helpers.probes.NoiseProbe``, ``tests/`` on ``PYTHONPATH``) and its checks
 
