@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.certify import SIGMA, compose_cfg, finish, overrides_with, run, script
+from helpers.certify import (
+    SIGMA,
+    certify_on_two_cpu_processes,
+    compose_cfg,
+    finish,
+    overrides_with,
+    run,
+    script,
+)
 from helpers.noise import reference_noise
 from scipy.stats import beta, binom, binomtest, norm
 
@@ -329,19 +337,7 @@ def test_sigterm_stops_at_the_next_image_keeps_the_records_and_resumes(ckpt, uni
 def test_two_ddp_processes_equal_one(base, ckpt, tmp_path):
     """Lightning's DDP on the CPU (gloo, 2 processes, 6 + 5 images): each image once, the same lines as 1."""
     out, _ = base
-    args = [
-        f"ckpt_path={ckpt}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        *overrides_with("max=11"),
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-    ]
-    log = tmp_path / "out.log"
-    proc = script(log, *args)
-    output = finish(proc, log, 400)
-    assert proc.returncode == 0, output
-    (merged,) = (tmp_path / "logs").glob("*/latest/certify.tsv")  # the finished run
+    merged = certify_on_two_cpu_processes(ckpt, tmp_path, "max=11") / "certify.tsv"  # the finished run
     assert results(merged) == results(out / "certify.tsv")[:11]
     summary = read_json(merged.parent / "summary.json")
     assert summary["world_size"] == 2 and summary["num_images"] == 11

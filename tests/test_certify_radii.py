@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from helpers.certify import finish, overrides_with, run, script
+from helpers.certify import certify_on_two_cpu_processes, run
 from scipy.stats import norm
 from torch import nn
 
@@ -150,19 +150,7 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one(sequential, ckpt, tmp_path):
     out, _ = sequential
-    args = [
-        f"ckpt_path={ckpt}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        *overrides_with(*RADII, "max=11"),
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-    ]
-    log = tmp_path / "out.log"
-    proc = script(log, *args)
-    output = finish(proc, log, 400)
-    assert proc.returncode == 0, output
-    (merged,) = (tmp_path / "logs").glob("*/latest/certify_radii.tsv")
+    merged = certify_on_two_cpu_processes(ckpt, tmp_path, *RADII, "max=11") / "certify_radii.tsv"
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)][:11]
     assert [record_tuple(r) for r in read_records(merged, RadiiRecord)] == reference
 

@@ -82,6 +82,25 @@ def overrides_with(*overrides: str) -> list[str]:
     return list(merged.values())
 
 
+def certify_on_two_cpu_processes(ckpt_path: Path, tmp_path: Path, *overrides: str) -> Path:
+    """``python certify.py`` with Lightning's DDP on the CPU (gloo, 2 processes), SMALL with ``overrides``;
+    the run directory of the finished run."""
+    args = [
+        f"ckpt_path={ckpt_path}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *overrides_with(*overrides),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    log = tmp_path / "out.log"
+    proc = script(log, *args)
+    output = finish(proc, log, 400)
+    assert proc.returncode == 0, output
+    (run_dir,) = (tmp_path / "logs").glob("*/latest")
+    return run_dir
+
+
 def compose_cfg(out_dir: Path, ckpt_path: Path | str, *overrides: str):
     """conf/certify.yaml as ``python certify.py`` would see it, with the run directory at ``out_dir``."""
     return compose(CONF, "certify", [f"ckpt_path='{ckpt_path}'", *overrides_with(*overrides)], out_dir)
