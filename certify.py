@@ -1,10 +1,13 @@
-"""Certify a smoothed classifier: python certify.py ckpt_path=PATH [key=value ...] (conf/certify.yaml)."""
+"""Certify a smoothed classifier: python certify.py weights=PATH [key=value ...] (conf/certify.yaml)."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.jobs.certify.job import certify
+from dmae_lightning.jobs.vocabulary import exit_on_old_spellings
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="certify")
@@ -16,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_old_spellings("certify", sys.argv[1:])
     main()

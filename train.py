@@ -1,11 +1,14 @@
 """Train a DMAE model: python train.py experiment=pretrain_digits (see README.md)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from dmae_lightning.errors import ConfigError
 from dmae_lightning.jobs.quickstart import quickstart
 from dmae_lightning.jobs.train import train
+from dmae_lightning.jobs.vocabulary import exit_on_old_spellings
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_old_spellings("train", sys.argv[1:])
     main()

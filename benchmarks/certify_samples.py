@@ -65,7 +65,7 @@ def main() -> None:
         records = smooth.run(procedure, images, args.batch, args.seed)
         synchronize(args.device)
         seconds = time.perf_counter() - start
-        samples = procedure.summarise(records, tuple(args.grid), noise)["samples"]
+        samples = procedure.summarise(records, tuple(args.grid), noise).samples
         rows[name] = {
             "certified_accuracy": certified_accuracy(records, args.grid),
             "samples": samples,

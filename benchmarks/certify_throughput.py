@@ -2,7 +2,7 @@
 
     python benchmarks/certify_throughput.py                       # small models on the CPU, seconds
     python benchmarks/certify_throughput.py --device cuda --models vit_base_patch16 vit_large_patch16 \
-        --img-size 224 --n 10000 --precision auto fp32 bf16 --compile
+        --img-size 224 --n 10000 --precision default 32-true bf16-mixed --compile
 
 For each model: noisy samples per second of
 - ``reference``: a loop written the way the official code (quanlin-wu/dmae ``util/smooth.py``) does it:
@@ -95,13 +95,14 @@ def bench_model(name, args, matmul_rate) -> list[dict]:
     procedure = Certify(args.n0, args.n, ALPHA)
     for precision in args.precision:
         for compile in [False, True] if args.compile else [False]:
-            smooth = Smooth(model, num_classes, GaussianNoise(SIGMA), precision=precision, compile=compile)
+            chosen = None if precision == "default" else precision  # None: Smooth's by-device default
+            smooth = Smooth(model, num_classes, GaussianNoise(SIGMA), precision=chosen, compile=compile)
             warm_procedure = Certify(args.n0, args.batch, ALPHA)
             compile_s = timed(device, smooth.run, warm_procedure, warm, args.batch)
             sampler = smooth.sampler(args.batch, 0, device)
             seconds = timed(device, smooth.run, procedure, images, args.batch)
             label = f"ours {sampler.precision}{' compiled' if compile else ''}" + (
-                " (auto)" if precision == "auto" else ""
+                " (default)" if chosen is None else ""
             )
             row(label, seconds, {"warm_up_s": compile_s})
     batch = torch.rand(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -134,7 +135,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--precision", nargs="+", default=["auto"], help="auto fp32 bf16 fp16")
+    parser.add_argument(
+        "--precision", nargs="+", default=["default"], help="default (by device) 32-true bf16-mixed 16-mixed"
+    )
     parser.add_argument("--compile", action="store_true", help="also run the compiled sampler and forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

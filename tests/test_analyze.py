@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.rundirs import make_run
 
+from dmae_lightning.certification.records import RadiiRecord, ShardWriter, read_json, write_json
 from dmae_lightning.jobs.analyze import main
 
 
@@ -124,17 +125,20 @@ def test_runs_as_a_module(two_runs, tmp_path):
 
 
 def test_sequential_runs_show_their_samples_and_saving(tmp_path):
-    run = make_run(
-        tmp_path / "seq",
-        0.25,
-        [(0.5, 1), (0.25, 1), (0.0, 0), (0.5, 1)],
-        mode="certify",
-        samples=4_000,
-        saving_vs_fixed_n=10.1,
-    )
+    """A certify_radii run (in an older summary.json: "mode", "batch"): its samples and their saving against
+    fixed n, and no ACR (its grid radii give none comparable with CERTIFY's)."""
+    run = tmp_path / "seq"
+    with ShardWriter(run / "certify_radii.tsv", RadiiRecord) as writer:
+        for i, radius in enumerate((0.5, 0.25, None, 0.5)):
+            writer.write(RadiiRecord(i, 1, radius, 1000, 0.9, 1.0, 0.0))
+    summary = read_json(make_run(tmp_path / "fixed", 0.25, [(0.5, 1)]) / "summary.json")
+    summary = {k: v for k, v in summary.items() if k != "procedure"}
+    summary.update(mode="certify_radii", batch=100, radii=[0.0, 0.25, 0.5], num_images=4, samples=4_000)
+    summary.update(samples_at_cap=4, fixed_n_samples=40_400, saving_vs_fixed_n=10.1)
+    write_json(run / "summary.json", summary)
     assert main([str(run), "--radii", "0", "0.5", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "analysis.md").read_text()
-    assert "| 0.25 | 75.0 | 50.0 | 0.312 |" in text
+    assert "| 0.25 | 75.0 | 50.0 |\n" in text and "ACR" not in text and "cap n=1000" in text
     assert "- sigma=0.25: 4,000 noisy samples (1,000 per image, 10.1x fewer than fixed n)" in text
 
 

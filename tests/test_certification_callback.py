@@ -19,7 +19,7 @@ from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.training.finetune import BaseClassifierModule
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # CIFAR-10's, the default for digits
-SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch=60, split="val", seed=3)
+SETTINGS = dict(num_images=12, n0=10, n=60, alpha=0.001, batch_size=60, split="val", seed=3)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

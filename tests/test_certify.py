@@ -112,7 +112,7 @@ def test_outputs_and_summary_match_the_records(base, ckpt):
     )
     assert on_disk["num_images"] == 12
     assert (on_disk["sigma"], on_disk["n0"], on_disk["n"], on_disk["alpha"]) == (SIGMA, 10, 100, 0.001)
-    assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "fp32", False)
+    assert (on_disk["seed"], on_disk["precision"], on_disk["skip_wrong_guess"]) == (0, "32-true", False)
     assert (on_disk["dataset"], on_disk["split"]) == ("digits", "test")
     assert on_disk["subset"]["skip"] == 1 and on_disk["subset"]["max"] == 12
     assert on_disk["checkpoint"] == str(ckpt.resolve())
@@ -164,7 +164,7 @@ def test_same_seed_and_other_batch_give_identical_results(base, ckpt, tmp_path):
     # The noise of an image does not depend on how it is batched: blocks split (30, 45), several images
     # per forward pass (250).
     for batch in (30, 45, 250):
-        run(tmp_path / f"batch{batch}", ckpt, f"batch={batch}")
+        run(tmp_path / f"batch{batch}", ckpt, f"batch_size={batch}")
         assert results(tmp_path / f"batch{batch}" / "certify.tsv") == results(out / "certify.tsv")
 
 
@@ -245,14 +245,16 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
     state = torch.load(ckpt, weights_only=True)
     state["state_dict"]["model.head.bias"] += 1.0
     torch.save(state, other)
-    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(ckpt_path"):
+    with pytest.raises(ConfigError, match=r"holds the results of another configuration \(weights"):
         run(run_dir, other)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # left as it was
     # What the config does not show (another noise scheme, precision resolved on another device) is in
     # certify.params.json: a resume that would mix two noise schemes is refused too.
     params = json.loads((run_dir / "certify.params.json").read_text())
     (run_dir / "certify.params.json").write_text(json.dumps({**params, "noise_scheme": "block100-v0"}))
-    with pytest.raises(ConfigError, match=r"other settings \(noise_scheme: 'block100-v0' there"):
+    with pytest.raises(
+        ConfigError, match=r"another configuration \(noise_scheme: block100-v0 -> block100-v1\)"
+    ):
         run(run_dir, ckpt)
     # issue 22: a damaged params file was a JSON traceback
     (run_dir / "certify.params.json").write_text('{"n0": 100, ')
@@ -260,7 +262,7 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(base, ckpt, tmp_pat
         run(run_dir, ckpt)
 
 
-KILLED = ("max=6", "n=10000", "batch=1000")  # about 1.5 s per image: time to stop a real process mid-run
+KILLED = ("max=6", "n=10000", "batch_size=1000")  # about 1.5 s per image: time to stop a real process mid-run
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +274,7 @@ def uninterrupted(tmp_path_factory, ckpt) -> Path:
 
 
 def killed_args(ckpt: Path, logs: Path) -> list[str]:
-    return [f"ckpt_path={ckpt}", f"paths.log_dir={logs}", *overrides_with(*KILLED)]
+    return [f"weights={ckpt}", f"paths.log_dir={logs}", *overrides_with(*KILLED)]
 
 
 def wait_for_records(proc: subprocess.Popen, logs: Path, log: Path, count: int) -> Path:
@@ -348,7 +350,7 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
     """Lightning refuses an empty loader on one rank while another has batches (1 image, 2 ranks)."""
     params = validate(compose_cfg(tmp_path, ckpt))
     dataset = DigitsDataModule().dataset("test")
-    procedure = PROCEDURES[params.mode].from_params(params, (0.0,))
+    procedure = PROCEDURES[params.procedure].from_params(params, (0.0,))
     module = SmoothingPredictor(classifier(ckpt), 10, procedure, params, dataset, todo=[7], run_dir=tmp_path)
     assert [idx for idx, *_ in module.loader([7], 0, 2)] == [7]
     assert [idx for idx, *_ in module.loader([7], 1, 2)] == [-1] and module.share == []
@@ -358,7 +360,7 @@ def test_a_rank_without_images_gets_a_placeholder(ckpt, tmp_path):
 
 # --------------------------------------------------------------------------------------------- predict
 def test_predict_mode(base, ckpt, tmp_path):
-    summary = run(tmp_path / "predict", ckpt, "mode=predict", "max=6")
+    summary = run(tmp_path / "predict", ckpt, "procedure=predict", "max=6")
     path = tmp_path / "predict" / "predict.tsv"
     lines = path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 7
@@ -414,18 +416,27 @@ def bad_files(tmp_path_factory, ckpt) -> dict[str, Path]:
         (["alpha=0"], "alpha must lie strictly between 0 and 1, got 0"),
         (["alpha=1"], "alpha must lie strictly between 0 and 1, got 1"),
         (["rho=0"], "rho must lie strictly between 0 and 1, got 0"),
-        (["noise.sigma=-1"], "noise.sigma must be a finite number > 0, got -1"),
-        (["noise.sigma=0"], "noise.sigma must be a finite number > 0, got 0"),
-        (["batch=0"], "batch must be an integer in [1, 10^12], got 0"),
+        (
+            ["noise=sigma_0.25", "noise.sigma=-1", "noise_override=true"],
+            "noise.sigma must be a finite number > 0, got -1",
+        ),
+        (
+            ["noise=sigma_0.25", "noise.sigma=0", "noise_override=true"],
+            "noise.sigma must be a finite number > 0, got 0",
+        ),
+        (["batch_size=0"], "batch_size must be an integer in [1, 10^12], got 0"),
         (["skip=0"], "skip must be an integer >= 1, got 0"),
         (["max=0"], "max must be an integer >= 1 or null, got 0"),
-        (["precision=fp64"], "precision must be one of auto|fp32|bf16|fp16, got 'fp64'"),
-        (["mode=guess"], "mode must be one of certify|predict"),
+        (["precision=fp64"], "precision must be one of 32-true|bf16-mixed|16-mixed, got 'fp64'"),
+        (["procedure=guess"], "procedure must be one of certify|predict"),
         (["split=dev"], "split must be one of train|val|test"),
         (["radii=[0.5,-1]"], "radii must be null or a non-empty list of numbers >= 0"),
-        (["trainer.precision=bf16-mixed"], "leave it at 32-true"),
+        (["trainer.precision=bf16-mixed"], "trainer.precision is now precision"),
         (
-            ["noise=discrete_gaussian_sigma_0.25"],  # digits are in 1/16 steps, bicubic-resized: not 8-bit
+            [
+                "noise=discrete_gaussian_sigma_0.25",
+                "noise_override=true",
+            ],  # digits are in 1/16 steps, bicubic-resized: not 8-bit
             "noise discrete_sigma0.25 on digits: discrete noise needs 8-bit images",
         ),
     ],
@@ -469,15 +480,12 @@ def test_a_classifier_with_non_finite_logits_is_never_certified(bad_files, tmp_p
 
 
 @pytest.mark.slow  # ~7 s: a fresh python certify.py (torch + Lightning imports)
-def test_missing_ckpt_path_is_one_line_from_the_script(tmp_path):
+def test_missing_weights_is_one_line_from_the_script(tmp_path):
     log = tmp_path / "out.log"
     proc = script(log, f"paths.log_dir={tmp_path}", "n0=0")
     output = finish(proc, log, 120)
     assert proc.returncode == 1
-    assert (
-        output.strip().splitlines()[-1]
-        == "error: ckpt_path is required: python certify.py ckpt_path=PATH ..."
-    )
+    assert output.strip().splitlines()[-1] == "error: weights is required: python certify.py weights=PATH ..."
 
 
 def test_the_classifier_file_is_read_once(ckpt, tmp_path, monkeypatch):
@@ -497,3 +505,34 @@ def test_the_classifier_file_is_read_once(ckpt, tmp_path, monkeypatch):
     cfg = compose_cfg(tmp_path / "once", ckpt)
     model, info = job_mod.load_classifier(cfg, Path(ckpt), 10, "digits")
     assert reads == [Path(ckpt)] and info.model_name == "vit_micro_patch8"
+
+
+def test_noise_comes_from_the_checkpoint_and_another_is_refused_unless_overridden(ckpt, tmp_path):
+    """Issue 23: the checkpoint records its training noise (sigma 0.25): certify.py takes it when no noise is
+    chosen; another noise is refused in one line before anything is written, unless noise_override=true, which
+    summary.json records with the training noise."""
+    from dmae_lightning.jobs.certify.job import prepare
+
+    cfg = compose_cfg(tmp_path / "own", ckpt)
+    assert validate(cfg).noise == GaussianNoise(SIGMA) and cfg.run_name.endswith("sigma0.25")
+    other = compose_cfg(tmp_path / "other", ckpt, "noise=sigma_0.5")
+    with pytest.raises(
+        ConfigError, match=r"was trained with noise sigma0.25, not sigma0.5: .*noise_override=true"
+    ):
+        prepare(other)
+    assert not (tmp_path / "other").exists()
+    summary = run(tmp_path / "override", ckpt, "noise=sigma_0.5", "noise_override=true", "max=2")
+    assert summary["sigma"] == 0.5 and summary["trained_noise"] == GaussianNoise(SIGMA).config()
+
+
+def test_a_file_without_its_noise_needs_one(ckpt, tmp_path):
+    """An official or plain file records no noise: one line asks for it (a missing file is named as missing)."""
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": classifier(ckpt).state_dict()}, plain)
+    with pytest.raises(
+        ConfigError, match=r"does not record the noise it was trained with .*noise=sigma_0.25"
+    ):
+        validate(compose_cfg(tmp_path / "a", plain))
+    with pytest.raises(ConfigError, match=r"weights=\S*missing.pth does not exist"):
+        validate(compose_cfg(tmp_path / "b", tmp_path / "missing.pth"))
+    assert validate(compose_cfg(tmp_path / "c", plain, "noise=sigma_0.5")).noise == GaussianNoise(0.5)

@@ -1,4 +1,4 @@
-"""mode=certify_radii: sequential certification at fixed radii, end to end through the sampler and the job.
+"""procedure=certify_radii: sequential certification at fixed radii, end to end through the sampler and the job.
 
 The statistics alone are tested in test_sequential_test.py; here the whole path (block-seeded noise,
 packing, looks, records, resume, ranks) is checked against a closed form, against fixed-n CERTIFY, and
@@ -17,7 +17,7 @@ from helpers.certify import certify_on_two_cpu_processes, run
 from scipy.stats import norm
 from torch import nn
 
-from dmae_lightning.certification import CertifyRadii, Smooth
+from dmae_lightning.certification import CertifyRadii, RunSummary, Smooth
 from dmae_lightning.certification.confidence import SequentialTest
 from dmae_lightning.certification.records import RadiiRecord, read_json, read_records
 from dmae_lightning.jobs.certify.job import report
@@ -80,7 +80,7 @@ def record_tuple(r: RadiiRecord) -> tuple:
     return dataclasses.astuple(dataclasses.replace(r, time=0.0))
 
 
-RADII = ["mode=certify_radii", "radii=[0,0.25,0.5]", "n=1000", "max=24"]
+RADII = ["procedure=certify_radii", "radii=[0,0.25,0.5]", "n=1000", "max=24"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_records_and_summary(sequential):
     assert summary["saving_vs_fixed_n"] == pytest.approx(summary["fixed_n_samples"] / summary["samples"])
     # The saving is said on the console too, with the numbers of the summary (issue 17.4.5).
     saving = summary["fixed_n_samples"] / summary["samples"]
-    assert report(summary).splitlines()[-1] == (
+    assert report(RunSummary.from_json(summary)).splitlines()[-1] == (
         f"certify_radii used {summary['samples']:,} noisy samples where fixed-n certify would use "
         f"{24 * 1010:,} (n0 + n per image): {saving:.1f}x fewer"
     )
@@ -112,8 +112,8 @@ def test_records_and_summary(sequential):
     }
     assert summary["certified_accuracy"] == pytest.approx(expected)
     # issue 22: no "ACR" of grid radii (0.467 beside CERTIFY's 0.580 on the quickstart: not comparable)
-    assert summary["average_certified_radius"] is None and "ACR" not in report(summary)
-    assert read_json(out / "summary.json")["mode"] == "certify_radii"
+    assert summary["average_certified_radius"] is None and "ACR" not in report(RunSummary.from_json(summary))
+    assert read_json(out / "summary.json")["procedure"] == "certify_radii"
     assert (out / "certified_accuracy.png").exists()
 
 
@@ -130,7 +130,7 @@ def test_identical_for_other_batch_sizes_and_resumes(sequential, ckpt, tmp_path)
     out, _ = sequential
     reference = [record_tuple(r) for r in read_records(out / "certify_radii.tsv", RadiiRecord)]
     for batch in (70, 1000):
-        run(tmp_path / f"b{batch}", ckpt, *RADII, f"batch={batch}")
+        run(tmp_path / f"b{batch}", ckpt, *RADII, f"batch_size={batch}")
         got = [
             record_tuple(r) for r in read_records(tmp_path / f"b{batch}" / "certify_radii.tsv", RadiiRecord)
         ]

@@ -83,7 +83,7 @@ def test_compiled_finetuning_steps_match_eager(make_trainer, make_digits, tmp_pa
         return BaseClassifierModule(
             "vit_micro_patch4",
             num_classes=10,
-            consistency=dict(enabled=True, m=2, lbd=2.0, eta=0.5),
+            objective=dict(name="consistency", copies=2, lbd=2.0, eta=0.5),
             optimizer=dict(OPT),
             compile={"backend": "aot_eager"} if compiled else False,
         )

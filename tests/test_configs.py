@@ -49,13 +49,13 @@ def test_paper_recipes(tmp_path):
     module = cfg.task.module
     assert cfg.data.batch_size * cfg.trainer.devices == 1024
     assert (module.optimizer.layer_decay, module.model_kwargs.drop_path_rate) == (0.65, 0.1)
-    assert (module.consistency.lbd, module.consistency.eta, module.consistency.m) == (2.0, 0.1, 2)
+    assert module.objective == {"name": "consistency", "copies": 2, "lbd": 2.0, "eta": None}
     assert (module.mixup.mixup_alpha, module.mixup.cutmix_alpha, module.label_smoothing) == (0.8, 1.0, 0.1)
     cfg = compose_train(
         ["experiment=finetune_imagenet_vit_large", "pretrained=x", "noise=sigma_0.5"], tmp_path
     )
     assert (cfg.task.module.optimizer.layer_decay, cfg.task.module.model_kwargs.drop_path_rate) == (0.75, 0.2)
-    assert cfg.task.module.consistency.eta == 0.5 and cfg.trainer.max_epochs == 50
+    assert cfg.objective.name == "consistency" and cfg.trainer.max_epochs == 50
     cfg = compose_train(["experiment=linprobe_imagenet_vit_base", "pretrained=x"], tmp_path)
     eff = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
     assert eff == 16384 and cfg.task.module.optimizer.name == "lars"
@@ -103,7 +103,7 @@ def test_sweep_points_get_distinct_run_directories(monkeypatch):
             ["+task.module.optimizer.lr=0.1"],
             "task.module.optimizer has no key 'lr': the keys are name, base_lr",
         ),
-        (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU: on the CPU use bf16-mixed"),
+        (["precision=16-mixed"], "precision=16-mixed needs a GPU: on the CPU use bf16-mixed"),
         # issue 21.3: refused at build, not by a traceback at the first certification epoch
         (
             ["experiment=finetune_digits", "noise=discrete_gaussian_sigma_0.25"],
@@ -170,3 +170,43 @@ def test_fast_dev_run_every_task(task, tmp_path):
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "new"),
+    [
+        ("certify", "mode=predict", "procedure"),
+        ("certify", "ckpt_path=x.ckpt", "weights"),
+        ("certify", "batch=10", "batch_size"),
+        ("certify", "images=500", "num_images"),
+        ("certify", "trainer.precision=bf16-mixed", "precision"),
+        ("train", "consistency.enabled=false", "the objective group"),
+        ("train", "consistency.eta=0.1", "the objective group: .*objective.eta"),
+        ("train", "task.callbacks.certification.n=10", "callbacks"),
+        ("train", "callbacks.certification.batch=10", "callbacks.certification.batch_size"),
+        ("train", "batch=1100", "batch_size"),  # the quickstart's certification settings
+    ],
+)
+def test_old_spellings_are_refused_naming_the_new_key(config, override, new, tmp_path):
+    """Issue 23.2: one vocabulary; an old key is one line naming its new spelling, from compose and from the
+    entry scripts' check of the command line (before Hydra, which would only say the key does not exist)."""
+    from dmae_lightning.jobs.vocabulary import exit_on_old_spellings
+
+    with pytest.raises(ConfigError, match=rf"^{override}: \S+ is now {new}"):
+        compose(CONF, config, ["experiment=finetune_digits", override] if config == "train" else [override])
+    with pytest.raises(SystemExit, match=rf"^error: {override}: "):
+        exit_on_old_spellings(config, ["-m", override])
+    exit_on_old_spellings(
+        "train", ["ckpt_path=last", "objective=gaussian", "--cfg", "job"]
+    )  # today's keys pass
+
+
+def test_precision_is_one_vocabulary_set_by_the_hardware_group(tmp_path):
+    """Training and certification share Lightning's precision names; the hardware group sets both."""
+    train_cfg = compose_train(["hardware=gpu"], tmp_path)
+    assert train_cfg.precision == "bf16-mixed" and train_cfg.trainer.precision == "bf16-mixed"
+    certify_cfg = compose(
+        CONF, "certify", ["hardware=gpu", "weights=x", "noise=sigma_0.25"], output_dir=tmp_path
+    )
+    assert certify_cfg.precision == "bf16-mixed" and certify_cfg.trainer.precision == "32-true"
+    assert compose_train([], tmp_path).precision == "32-true"

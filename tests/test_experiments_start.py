@@ -16,14 +16,7 @@ from dmae_lightning.jobs.train import train
 from dmae_lightning.models import create_model
 
 QUICK = [
-    "hardware=cpu",
-    "trainer.devices=1",
-    "trainer.accumulate_grad_batches=1",
-    "+trainer.fast_dev_run=1",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "data.pin_memory=false",
-    "data.persistent_workers=false",
+    "debug=tiny",  # one real training and validation batch on the CPU
     "seed=1",  # not the default: module and data module must agree on it (issue 17.4.1)
 ]
 

@@ -42,7 +42,7 @@ TINY = [
     "data.augment=shift",  # random crops: the RNG states must come back too
     "trainer.log_every_n_steps=1",
     "task.module.optimizer.warmup_epochs=1",
-    "task.callbacks.reconstruction_pictures.num_images=1",
+    "callbacks.reconstruction_pictures.num_images=1",
     "logger=csv",
 ]
 
@@ -629,9 +629,9 @@ def test_certification_stops_at_a_truncated_jpeg_with_one_line_and_keeps_the_res
     torch.save(state, tmp_path / "two.ckpt")
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "certify.py"), f"ckpt_path={tmp_path / 'two.ckpt'}", "data=imagenet",
+        [sys.executable, str(REPO / "certify.py"), f"weights={tmp_path / 'two.ckpt'}", "data=imagenet",
          f"data.root={root}", "data.num_classes=2", "data.num_workers=1", "model=vit_micro_patch8", "split=val", "n0=10", "n=100",
-         "batch=100", "logger=none", f"hydra.run.dir={out}"],
+         "batch_size=100", "logger=none", f"hydra.run.dir={out}"],
         capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0

@@ -76,7 +76,7 @@ def test_training_step_loss_is_ce_plus_weighted_consistency(make_digits, make_tr
         "vit_micro_patch4",
         num_classes=10,
         noise=GaussianNoise(0.5),
-        consistency=dict(enabled=True, m=m, lbd=lbd, eta=eta),
+        objective=dict(name="consistency", copies=m, lbd=lbd, eta=eta),
         mixup=None,
         label_smoothing=smoothing,
         optimizer=dict(base_lr=1e-3, weight_decay=0.05, warmup_epochs=0),
@@ -309,7 +309,7 @@ def finetune_run(tmp_path_factory, single_thread):
             "trainer.max_epochs=2",
             "task.module.optimizer.base_lr=1e-2",
             "task.module.optimizer.warmup_epochs=1",
-            "task.callbacks.reconstruction_pictures.num_images=2",
+            "callbacks.reconstruction_pictures.num_images=2",
         ],
         output_dir=pre_out,
     )
@@ -385,7 +385,12 @@ def test_finetune_checkpoint_is_plain_data(finetune_run):
         return value is None or type(value) in (str, int, float, bool)
 
     assert plain(hparams), hparams
-    assert hparams["consistency"] == {"enabled": True, "m": 2, "lbd": 2.0, "eta": 0.5}
+    assert hparams["objective"] == {
+        "name": "consistency",
+        "copies": 2,
+        "lbd": 2.0,
+        "eta": 0.5,
+    }  # eta as trained
     assert (
         hparams["model_name"] == "vit_micro_patch8"
         and hparams["noise"] == GaussianNoise(0.25).config()
@@ -400,7 +405,7 @@ def test_plain_rs_finetuning_logs_no_consistency_terms(make_digits, make_trainer
     module = BaseClassifierModule(
         "vit_micro_patch4",
         num_classes=10,
-        consistency=dict(enabled=False),
+        objective=dict(name="gaussian"),
         optimizer=dict(base_lr=1e-3, weight_decay=0.05, warmup_epochs=0),
     )
     trainer = make_trainer(max_steps=1, limit_val_batches=1)

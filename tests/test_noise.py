@@ -19,7 +19,7 @@ NOISES = sorted(p.stem for p in (CONF / "noise").glob("*.yaml"))
 
 @pytest.mark.parametrize("choice", NOISES)
 def test_every_noise_option_instantiates_and_round_trips(choice, tmp_path):
-    cfg = compose(CONF, "certify", [f"noise={choice}", "ckpt_path=x"], output_dir=tmp_path)
+    cfg = compose(CONF, "certify", [f"noise={choice}", "weights=x"], output_dir=tmp_path)
     noise = instantiate(cfg.noise)
     assert isinstance(noise, Noise) and noise.sigma == float(choice.rsplit("_", 1)[1])
     assert noise_from_config(noise.config()) == noise == noise_from_config(OmegaConf.to_container(cfg.noise))
@@ -86,5 +86,7 @@ def test_the_job_builds_one_noise_for_module_and_model(experiment, tmp_path):
     assert module.noise == GaussianNoise(0.5)
     assert getattr(module.model, "noise", module.noise) is module.noise  # the DMAE model corrupts with it
     if experiment == "finetune_digits":
-        assert module.consistency["eta"] == 0.5  # the noise group's paper weight
+        assert (
+            module.hparams["objective"]["eta"] == 0.5
+        )  # the paper's weight at sigma 0.5 (objective.eta null)
     assert cfg.run_name.endswith("sigma0.5")

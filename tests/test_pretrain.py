@@ -57,7 +57,7 @@ def pretrain_run(tmp_path_factory, single_thread):
         "trainer.log_every_n_steps=1",
         "task.module.optimizer.base_lr=1e-2",
         "task.module.optimizer.warmup_epochs=1",
-        f"task.callbacks.reconstruction_pictures.num_images={PICTURE_IMAGES}",
+        f"callbacks.reconstruction_pictures.num_images={PICTURE_IMAGES}",
         "logger=csv",
     ]
     cfg = compose(CONF, "train", overrides, output_dir=out)
@@ -281,7 +281,7 @@ def test_resume_with_the_default_callbacks_through_train_cfg(tmp_path):
         "data.augment=shift",
         "logger=csv",
         "task.module.optimizer.warmup_epochs=1",
-        "task.callbacks.reconstruction_pictures.num_images=1",
+        "callbacks.reconstruction_pictures.num_images=1",
     ]
     train(compose(CONF, "train", [*common, "trainer.max_epochs=2"], output_dir=tmp_path / "full"))
     train(compose(CONF, "train", [*common, "trainer.max_epochs=1"], output_dir=tmp_path / "first"))

@@ -257,7 +257,8 @@ def test_predict_decision_matches_scipy_binomtest():
 
 
 @pytest.mark.parametrize(
-    "precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+    "precision,dtype",
+    [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)],
 )
 def test_precision_runs_the_forward_under_autocast(precision, dtype):
     torch.manual_seed(0)
@@ -359,7 +360,7 @@ def test_one_noise_samples_and_certifies():
     p_lower = 0.001 ** (1 / 1000)  # 1000 successes of 1000
     assert record.radius == pytest.approx(0.25 * norm.ppf(p_lower), rel=1e-12)
     assert 0.61 < record.radius < 0.62  # not 2.46 (sigma 1.0)
-    assert Certify(100, 1000, 0.001).summarise([record], (0.0,), smooth.noise)["max_certifiable_radius"] == (
+    assert Certify(100, 1000, 0.001).summarise([record], (0.0,), smooth.noise).max_certifiable_radius == (
         pytest.approx(record.radius, rel=1e-12)
     )
 
@@ -397,7 +398,7 @@ def test_results_identical_for_every_batch_size_and_packing(device):
     """Several images share forward batches; each image's record equals certifying it alone, for batch
     sizes that split blocks (37), align with them (100, 200) and hold several images (1000)."""
     weights = torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
-    smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, GaussianNoise(0.5), precision="fp32")
+    smooth = Smooth(Recording(lambda z: z.flatten(1) @ weights.T), 3, GaussianNoise(0.5), precision="32-true")
     images = [(idx, x.to(device), label) for idx, x, label in three_class_images(7)]
     procedure = Certify(n0=100, n=450, alpha=0.001)
     runs = [

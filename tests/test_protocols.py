@@ -11,7 +11,9 @@ from dmae_lightning.jobs.compose import compose
 
 
 def params(tmp_path, *overrides):
-    return validate(compose(CONF, "certify", ["ckpt_path=x.ckpt", *overrides], output_dir=tmp_path))
+    return validate(
+        compose(CONF, "certify", ["weights=x.ckpt", "noise=sigma_0.25", *overrides], output_dir=tmp_path)
+    )
 
 
 def test_protocols_compose_to_the_paper_subsets(tmp_path):
@@ -30,16 +32,16 @@ def test_protocols_compose_to_the_paper_subsets(tmp_path):
     assert skip == 3 and indices == list(range(0, 1500, 3))
     # without a protocol: skip and max, as before
     plain = params(tmp_path, "skip=7", "max=4")
-    assert plain.images is None and subset_indices(100, plain) == (7, [0, 7, 14, 21])
+    assert plain.num_images is None and subset_indices(100, plain) == (7, [0, 7, 14, 21])
     assert subset_indices(100, params(tmp_path, "protocol=all", "skip=7", "max=4")) == (7, [0, 7, 14, 21])
 
 
 def test_protocol_mistakes_are_one_line(tmp_path):
     with pytest.raises(
         ConfigError,
-        match=r"images=500 \(protocol=images500\) picks evenly spaced images itself: "
+        match=r"num_images=500 \(protocol=images500\) picks evenly spaced images itself: "
         r"leave skip and max at their defaults \(got skip=2, max=None\)",
     ):
         params(tmp_path, "protocol=images500", "skip=2")
-    with pytest.raises(ConfigError, match="images=1000, but the test split has only 360 images"):
+    with pytest.raises(ConfigError, match="num_images=1000, but the test split has only 360 images"):
         subset_indices(360, params(tmp_path, "protocol=images1000"))

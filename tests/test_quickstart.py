@@ -24,7 +24,7 @@ def run_quickstart(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         "n0=20",
         "n=200",
         "max=60",
-        "batch=220",  # the certification stage's settings, by their certify.py names
+        "batch_size=220",  # the certification stage's settings, by their certify.py names
         *extra,
     ]
     return subprocess.run(
@@ -119,10 +119,10 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
     none = quickstart_stages(["logger=none"])
     assert all(not cfg.get("logger") for cfg in none.values())
     sequential = quickstart_stages(["procedure=certify_radii"])  # the sequential procedure, as an option
-    assert (sequential["certify"].mode, sequential["certify"].n) == ("certify_radii", 1000)
+    assert (sequential["certify"].procedure, sequential["certify"].n) == ("certify_radii", 1000)
     # issue 22: the certification settings by their certify.py names, and the protocol group
     certify = quickstart_stages(["n=300", "alpha=0.01", "split=train", "protocol=images500"])["certify"]
-    assert (certify.n, certify.max, certify.alpha, certify.split, certify.images) == (
+    assert (certify.n, certify.max, certify.alpha, certify.split, certify.num_images) == (
         300,
         None,
         0.01,
@@ -156,7 +156,7 @@ def test_quickstart_overrides_reach_every_stage_they_apply_to():
             "quickstart: the certification stage would refuse its settings: "
             "discrete noise needs 8-bit images",
         ),
-        ("protocol=images500", "images=500, but the test split has only 360 images"),
+        ("protocol=images500", "num_images=500, but the test split has only 360 images"),
         ("n=0", r"n must be an integer in \[1, 10\^12\], got 0"),
     ],
 )
@@ -189,13 +189,13 @@ def finished(tmp_path: Path, typed: list[str]) -> tuple:
 
     cfg = compose(CONF, "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
     conf, overrides = place(cfg)
-    checkpoint = f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
+    checkpoint = f"weights={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
     certified = certification_dir(tmp_path, cfg.procedure, conf, [*overrides["certify"], checkpoint])
     for stage in (tmp_path / "pretrain", tmp_path / "finetune", certified):
         stage.mkdir(parents=True)
         (stage / DONE).write_text("{}")
     summary = {
-        "mode": "certify",
+        "procedure": "certify",
         "certified_accuracy": {"0": 0.5, "0.25": 0.25, "0.5": 0.125},
         "num_images": 8,
         "n0": 20,
@@ -241,21 +241,21 @@ def test_finished_stages_are_matched_by_identity_not_by_the_typed_settings(tmp_p
 
     cfg, conf, overrides, certified = finished(tmp_path, ["logger=none"])
     moved = {
-        stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch=500"]
+        stage: [*typed, "data.num_workers=0"] if stage != "certify" else [*typed, "batch_size=500"]
         for stage, typed in overrides.items()
     }
     with caplog.at_level("INFO", logger="dmae_lightning"):
         run_quickstart(cfg, conf, moved)
     assert caplog.text.count("already complete") == 3
 
-    checkpoint = f"ckpt_path={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
+    checkpoint = f"weights={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
     other = certification_dir(tmp_path, "certify", conf, [*overrides["certify"], "n=2000", checkpoint])
     assert other.parent == certified.parent and other != certified
     # a stage recorded with another identity: one line, and no advice to delete it
     (tmp_path / "finetune" / DONE).write_text(json.dumps({"key": "0badc0de"}))
     with pytest.raises(
         Exception,
-        match=r"finetune was finished with other settings: give these settings their "
+        match=r"finetune holds the results of another configuration \(key: 0badc0de -> \w+\): give these settings their "
         r"own run, e.g. run_name=quickstart_2 \(the finished stage is kept\)",
     ):
         run_quickstart(cfg, conf, {stage: list(typed) for stage, typed in overrides.items()})

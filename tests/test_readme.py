@@ -26,7 +26,7 @@ from dmae_lightning.jobs.compose import compose
 NOT_ON_A_CPU = ("/data/", "hardware=", "hydra/launcher", "logger=wandb", "...", "<", "experiment=quickstart")
 TINY = {
     "train.py": ["data.subset_first=64", "data.batch_size=32", "trainer.max_epochs=1"],
-    "certify.py": ["max=3", "n0=10", "n=50", "batch=60"],
+    "certify.py": ["max=3", "n0=10", "n=50", "batch_size=60"],
 }
 
 
@@ -125,7 +125,7 @@ def github_anchor(heading: str) -> str:
 
 def test_github_anchor():
     assert github_anchor("Sweeps on SLURM (submitit)") == "sweeps-on-slurm-submitit"
-    assert github_anchor("Procedures (`mode=`)") == "procedures-mode"
+    assert github_anchor("Procedures (`procedure=`)") == "procedures-procedure"
     assert (
         github_anchor("One SLURM job: `scripts/slurm/train.sbatch`")
         == "one-slurm-job-scriptsslurmtrainsbatch"

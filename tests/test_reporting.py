@@ -15,6 +15,7 @@ from scipy.stats import norm
 from dmae_lightning.certification.metrics import max_certifiable_radius
 from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, RadiiRecord, ShardWriter, write_json
 from dmae_lightning.certification.report import BEYOND, plot_certified_accuracy
+from dmae_lightning.certification.runs import RunSummary
 from dmae_lightning.jobs.analyze import main
 from dmae_lightning.jobs.certify.job import _log_to_loggers, plot_title, report
 from dmae_lightning.noise import GaussianNoise
@@ -70,25 +71,37 @@ def test_sequential_results_are_points_at_the_grid_radii(tmp_path):
         noise=GaussianNoise(0.25).config(),
         n=1000,
         alpha=0.001,
-        mode="certify_radii",
+        procedure="certify_radii",
+        certified_accuracy={"0": 0.75},
     )
-    assert "cap n=1000" in plot_title(summary)
-    assert "cap" not in plot_title({**summary, "mode": "certify"}) and "n=1000" in plot_title(summary)
+    assert plot_title(RunSummary.from_json(summary)) == (
+        "vit on digits test (4 images): sigma0.25, cap n=1000, alpha=0.001"
+    )
+    assert plot_title(RunSummary.from_json({**summary, "procedure": "certify"})).endswith(
+        ", n=1000, alpha=0.001"
+    )  # CERTIFY's n is no cap
 
 
 def test_csv_metrics_say_nc_beyond_the_reach(tmp_path):
     logger = CSVLogger(tmp_path, name="", version="")
-    summary = dict(
-        mode="certify",
-        certified_accuracy={"0": 0.8, "0.25": 0.6, "0.5": None},
-        average_certified_radius=0.2,
-        abstain_rate=0.2,
-        radii=[0, 0.25, 0.5],
+    summary = RunSummary.from_json(
+        dict(
+            procedure="certify",
+            sigma=0.25,
+            n=100,
+            alpha=0.001,
+            num_images=5,
+            certified_accuracy={"0": 0.8, "0.25": 0.6, "0.5": None},
+            average_certified_radius=0.2,
+            abstain_rate=0.2,
+            radii=[0, 0.25, 0.5],
+        )
     )
     _log_to_loggers(SimpleNamespace(loggers=[logger]), summary, png=tmp_path / "x.png")
     with open(tmp_path / "metrics.csv") as file:
         (row,) = list(csv.DictReader(file))
     assert (row["cert/acc@0"], row["cert/acc@0.25"], row["cert/acc@0.5"]) == ("0.8", "0.6", BEYOND)
+    assert (row["cert/acr"], row["cert/abstain_rate"]) == ("0.2", "0.2")
 
 
 def test_analysis_tables_say_nc_beyond_the_reach(tmp_path):
@@ -107,12 +120,12 @@ def make_radii_run(run_dir, sigma, radii_certified, grid):
         for i, radius in enumerate(radii_certified):
             writer.write(RadiiRecord(i, 1, radius, 1000, 0.9, 1.0, 0.0))
     summary = dict(
-        mode="certify_radii",
+        procedure="certify_radii",
         sigma=sigma,
         n0=100,
         n=1000,
         alpha=0.001,
-        precision="fp32",
+        precision="32-true",
         model_name="vit",
         dataset="digits",
         split="test",
@@ -153,8 +166,10 @@ def test_analysis_groups_by_grid_and_never_overwrites_a_runs_plot(tmp_path):
 
 def test_the_jobs_table_shows_acr_and_the_lower_bound():
     summary = dict(
-        mode="certify",
+        procedure="certify",
         sigma=0.25,
+        n=1000,
+        alpha=0.001,
         num_images=4,
         samples=4400,
         radii=[0.0, 0.5],
@@ -165,13 +180,36 @@ def test_the_jobs_table_shows_acr_and_the_lower_bound():
         rho=0.001,
         false_certificates_allowed=1,
     )
-    lines = report(summary).splitlines()
+    lines = report(RunSummary.from_json(summary)).splitlines()
+    assert (
+        lines[0]
+        == "certify: certified accuracy (%) of 4 images, 4,400 noisy samples (1,100 per image), abstain rate 0.2500:"
+    )
     assert lines[1:5] == [
         "| sigma | r=0 | r=0.5 | ACR |",
         "| --- | ---: | ---: | ---: |",
         f"| 0.25 | 75.0 | {BEYOND} | 0.188 |",
         f"| 0.25 lower bound | 50.0 | {BEYOND} |  |",
     ]
+    assert (
+        lines[-1].startswith("lower bound: the true certified accuracy") and "at most 1 of the 4" in lines[-1]
+    )
+    # skip_wrong_guess: the abstain rate is not measured (null), and said so
+    skipped = report(RunSummary.from_json({**summary, "abstain_rate": None})).splitlines()[0]
+    assert skipped.endswith("abstain rate not measured (skip_wrong_guess):")
+    # the sequential grid procedure: no ACR, no abstain rate, and the samples it saved
+    grid = {**summary, "procedure": "certify_radii", "average_certified_radius": None}
+    grid.update(samples_at_cap=1, fixed_n_samples=4 * 1100, saving_vs_fixed_n=4 * 1100 / 4400)
+    sequential = report(
+        RunSummary.from_json({**grid, "samples": 440, "saving_vs_fixed_n": 10.0})
+    ).splitlines()
+    assert (
+        sequential[0]
+        == "certify_radii: certified accuracy (%) of 4 images, 440 noisy samples (110 per image):"
+    )
+    assert sequential[1] == "| sigma | r=0 | r=0.5 |" and sequential[-1] == (
+        "certify_radii used 440 noisy samples where fixed-n certify would use 4,400 (n0 + n per image): 10.0x fewer"
+    )
 
 
 def test_runs_of_the_same_images_share_a_table_however_they_were_chosen(tmp_path):

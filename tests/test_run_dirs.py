@@ -104,7 +104,7 @@ def test_run_directory_is_a_function_of_the_resolved_config(tmp_path, monkeypatc
         "two devices": [*base, "trainer.devices=2", "trainer.strategy=ddp"],
         "seed": [*base, "seed=1"],
         "epochs": [*base, "trainer.max_epochs=5"],
-        "lambda": [*base, "consistency.lbd=4"],
+        "lambda": [*base, "objective.lbd=4"],
     }
     dirs = {name: hydra_run_dir(overrides) for name, overrides in variants.items()}
     assert len({plain, *dirs.values()}) == 1 + len(variants), dirs
@@ -238,7 +238,7 @@ def test_invalid_job_leaves_no_run_directory(overrides, message, tmp_path):
 def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "certify.py"), "ckpt_path=x.ckpt", "+n_samples=10"],
+        [sys.executable, str(REPO / "certify.py"), "weights=x.ckpt", "+n_samples=10"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -255,10 +255,10 @@ def test_certify_refuses_an_added_key_nothing_reads(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["consistency.enabled=false", "+trainer.limit_val_batches=2"], ["noise=sigma_0.5", "consistency.eta=1"]],
+    [["objective=gaussian", "+trainer.limit_val_batches=2"], ["noise=sigma_0.5", "objective.eta=1"]],
 )
 def test_top_level_keys_of_groups_and_dotted_additions_are_not_refused(overrides, tmp_path):
-    """The noise and task groups put ``consistency`` at the top level; dotted additions are Hydra's."""
+    """The task group adds the ``objective`` group at the top level; dotted additions are Hydra's."""
     from dmae_lightning.jobs.rundir import _refuse_unread_additions
 
     hydra_run_dir(["experiment=finetune_digits", *overrides])  # composes and sets HydraConfig
@@ -314,7 +314,7 @@ def test_a_job_refused_while_it_was_built_leaves_no_directory_even_with_a_log(tm
     from dmae_lightning.jobs.rundir import run_in_dir
 
     run = tmp_path / "logs" / "certify_x" / "key"
-    cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
+    cfg = compose(CONF, "certify", ["weights=x.ckpt", "noise=sigma_0.25"], output_dir=run)
 
     def build():
         (run / "certify.log").write_text(
@@ -336,7 +336,7 @@ def test_a_full_disk_met_while_staging_elsewhere_names_the_run_directory(tmp_pat
     from dmae_lightning.jobs.rundir import run_in_dir
 
     run = tmp_path / "run"
-    cfg = compose(CONF, "certify", ["ckpt_path=x.ckpt"], output_dir=run)
+    cfg = compose(CONF, "certify", ["weights=x.ckpt", "noise=sigma_0.25"], output_dir=run)
 
     def fill(built):
         raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12cd/staged.ckpt")

@@ -265,7 +265,15 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
     from dmae_lightning.certification.records import read_records
 
     ckpt = make_classifier_checkpoint(tmp_path / "classifier.ckpt")
-    settings = ("model=vit_micro_patch8", "split=test", "max=10", "n0=10", "n=60", "batch=60", "logger=none")
+    settings = (
+        "model=vit_micro_patch8",
+        "split=test",
+        "max=10",
+        "n0=10",
+        "n=60",
+        "batch_size=60",
+        "logger=none",
+    )
     (REPO / "logs").mkdir(exist_ok=True)  # --output=logs/...: Slurm does not create it (the job would FAIL)
     env = slurm_cluster.env
     job = submit_job(
@@ -274,7 +282,7 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
         sbatch_args=CPU_SBATCH_ARGS,
         cwd=REPO,
         script_args=(
-            f"ckpt_path={ckpt}",
+            f"weights={ckpt}",
             "data=digits",
             "trainer.accelerator=cpu",
             f"paths.log_dir={tmp_path}",

@@ -150,20 +150,20 @@ def test_wandb_offline_sweep_over_sigma_gives_one_run_per_point(tmp_path):
 @pytest.mark.slow  # ~20-30 s: one process, two fast_dev_run jobs
 def test_local_sweep_over_consistency_weight_gives_each_point_its_directory(tmp_path):
     out = run_train(
-        ["-m", "experiment=finetune_digits", *TINY, "consistency.lbd=1,4", "+trainer.fast_dev_run=1"],
+        ["-m", "experiment=finetune_digits", *TINY, "objective.lbd=1,4", "+trainer.fast_dev_run=1"],
         tmp_path,
     )
     logs = tmp_path / "logs"
     dirs = run_dirs(logs)
     assert len(dirs) == 2, (dirs, out[-3000:])
-    by_lbd = {OmegaConf.load(d / ".hydra" / "config.yaml").consistency.lbd: d for d in dirs}
+    by_lbd = {OmegaConf.load(d / ".hydra" / "config.yaml").objective.lbd: d for d in dirs}
     assert sorted(by_lbd) == [1, 4], dirs
     for lbd, run_dir in by_lbd.items():  # logs/<run_name>/multirun/<key of the point's config>
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         assert run_dir.relative_to(logs).parts[:2] == (cfg.run_name, "multirun"), run_dir
         assert re.fullmatch(r"[0-9a-f]{8}", run_dir.name), run_dir
-        assert f"consistency.lbd={lbd}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-        assert cfg.consistency.lbd == lbd and cfg.task.module.consistency.lbd == lbd
+        assert f"objective.lbd={lbd}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        assert cfg.objective.lbd == lbd and cfg.task.module.objective.lbd == lbd
         log_text = (run_dir / "train.log").read_text()
         assert log_text.count("run directory:") == 1 and log_text.count("finished:") == 1  # start and end
 

@@ -25,7 +25,7 @@ SMALL = [
     "model=vit_micro_patch8",
     "n0=10",
     "n=100",
-    "batch=100",
+    "batch_size=100",
     "max=12",
     "alpha=0.001",
     "split=test",
@@ -86,7 +86,7 @@ def certify_on_two_cpu_processes(ckpt_path: Path, tmp_path: Path, *overrides: st
     """``python certify.py`` with Lightning's DDP on the CPU (gloo, 2 processes), SMALL with ``overrides``;
     the run directory of the finished run."""
     args = [
-        f"ckpt_path={ckpt_path}",
+        f"weights={ckpt_path}",
         f"paths.log_dir={tmp_path / 'logs'}",
         *overrides_with(*overrides),
         "trainer.accelerator=cpu",
@@ -103,7 +103,7 @@ def certify_on_two_cpu_processes(ckpt_path: Path, tmp_path: Path, *overrides: st
 
 def compose_cfg(out_dir: Path, ckpt_path: Path | str, *overrides: str):
     """conf/certify.yaml as ``python certify.py`` would see it, with the run directory at ``out_dir``."""
-    return compose(CONF, "certify", [f"ckpt_path='{ckpt_path}'", *overrides_with(*overrides)], out_dir)
+    return compose(CONF, "certify", [f"weights='{ckpt_path}'", *overrides_with(*overrides)], out_dir)
 
 
 def run(out_dir: Path, ckpt_path: Path, *overrides: str) -> dict:

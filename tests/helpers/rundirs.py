@@ -21,7 +21,7 @@ def make_run(run_dir, sigma, radii_correct, dataset="cifar10", **settings):
         for record in records:
             writer.write(record)
     summary = dict(
-        mode="certify", sigma=sigma, noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": sigma}, n0=100, n=1000, alpha=0.001, seed=0, precision="fp32", model_name="vit_b",
+        procedure="certify", sigma=sigma, noise={"_target_": "dmae_lightning.noise.GaussianNoise", "sigma": sigma}, n0=100, n=1000, alpha=0.001, seed=0, precision="32-true", model_name="vit_b",
         dataset=dataset, split="test", subset={"skip": 1, "max": None}, data_subset=None, radii=list(RADII),
         num_images=len(records), certified_accuracy=certified_accuracy(records, RADII), max_certifiable_radius=9.0,
     )  # fmt: skip

@@ -8,6 +8,8 @@
 - :mod:`.checks`      the range rules of counts, alpha and precision
 - :mod:`.records`     per-image record types, crash-safe TSV shards and JSON files (no torch)
 - :mod:`.metrics`     certified accuracy, its data-set-level bound, ACR, abstain rate (no torch)
+- :mod:`.summary`     each kind of procedure's typed result (no torch)
+- :mod:`.runs`        a run's summary.json as a typed object, and its one reader
 - :mod:`.report`      Markdown/LaTeX tables and plots (no torch)
 - :mod:`.callback`    certified accuracy during fine-tuning (a Lightning callback)
 
@@ -39,6 +41,10 @@ _HOMES = {
     "NonFiniteLogits": "sampler",
     "Sampler": "sampler",
     "Smooth": "smooth",
+    "CertifiedSummary": "summary",
+    "PredictionSummary": "summary",
+    "RunSummary": "runs",
+    "read_summary": "runs",
 }
 __all__ = [
     "ABSTAIN",
@@ -57,6 +63,10 @@ __all__ = [
     "Record",
     "Sampler",
     "Smooth",
+    "CertifiedSummary",
+    "PredictionSummary",
+    "RunSummary",
+    "read_summary",
     "lower_confidence_bound",
 ]  # the keys of _HOMES, spelled out for linters
 
@@ -85,5 +95,7 @@ if TYPE_CHECKING:
         RadiiRecord,
         Record,
     )
+    from dmae_lightning.certification.runs import RunSummary, read_summary
     from dmae_lightning.certification.sampler import NOISE_BLOCK, NOISE_SCHEME, NonFiniteLogits, Sampler
     from dmae_lightning.certification.smooth import Smooth
+    from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary

@@ -5,8 +5,8 @@ images of ``trainer.datamodule.dataset(split)`` (not the first ones: a class-sor
 one class), split across the ranks (rank R takes ``idx[R::world]``), all of a rank's images sharing
 forward batches. The noise is the certification job's (seed, idx) block streams, so the numbers do not
 depend on the number of ranks and, for equal settings, equal what ``certify.py`` reports for those
-images. The records of all ranks are gathered and summarised by :mod:`.metrics`, as in the job:
-``cert/acc@<r>``, ``cert/acr`` and ``cert/abstain_rate``. A small n keeps it cheap; the radii it can
+images. The records of all ranks are gathered and summarised by the procedure (:mod:`.summary`), as in the
+job: ``cert/acc@<r>``, ``cert/acr`` and ``cert/abstain_rate``. A small n keeps it cheap; the radii it can
 certify are at most the noise's radius at alpha^(1/n). The noise is the module's own (``pl_module.noise``), the
 one it trains with.
 """
@@ -18,15 +18,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from dmae_lightning.certification.checks import check_alpha, check_counts, check_precision
-from dmae_lightning.certification.metrics import (
-    abstain_rate,
-    average_certified_radius,
-    certified_accuracy,
-    default_radii,
-    max_certifiable_radius,
-    within_reach,
-)
+from dmae_lightning.certification.checks import check_alpha, check_counts, check_precision, evenly_spaced
+from dmae_lightning.certification.metrics import default_radii
 from dmae_lightning.certification.procedures import Certify
 from dmae_lightning.certification.records import CertifyRecord, of_type
 from dmae_lightning.certification.smooth import Smooth
@@ -46,14 +39,16 @@ class CertificationCallback(pl.Callback):
         n0: int = 20,
         n: int = 200,
         alpha: float = 0.001,
-        batch: int = 200,
+        batch_size: int = 200,
         split: str = "val",
         radii: list[float] | None = None,
         seed: int = 0,
-        precision: str = "auto",
+        precision: str | None = None,
     ):
         try:
-            check_counts(every_n_epochs=every_n_epochs, num_images=num_images, n0=n0, n=n, batch=batch)
+            check_counts(
+                every_n_epochs=every_n_epochs, num_images=num_images, n0=n0, n=n, batch_size=batch_size
+            )
             check_alpha(alpha)
             check_precision(precision)
         except ValueError as err:
@@ -63,7 +58,8 @@ class CertificationCallback(pl.Callback):
         if seed < 0:
             raise ValueError(f"CertificationCallback: seed must be >= 0, got {seed}")
         self.every_n_epochs, self.num_images, self.n0, self.n = every_n_epochs, num_images, n0, n
-        self.alpha, self.batch, self.split, self.seed, self.precision = alpha, batch, split, seed, precision
+        self.alpha, self.batch_size, self.split, self.seed = alpha, batch_size, split, seed
+        self.precision = precision
         self.radii = tuple(float(r) for r in radii) if radii is not None else None
 
     def check(self, datamodule, noise: Noise | None) -> None:
@@ -77,11 +73,10 @@ class CertificationCallback(pl.Callback):
         if not isinstance(noise, Noise):
             raise ValueError("CertificationCallback needs a module with a noise (BaseClassifierModule)")
         dataset = datamodule.dataset(self.split)
-        if len(dataset):
-            try:
-                noise.check_input(dataset[self.indices(len(dataset))[0]][0])
-            except ValueError as err:
-                raise ValueError(f"CertificationCallback on the {self.split} split: {err}") from None
+        try:
+            noise.check_input(dataset[self.indices(len(dataset))[0]][0])
+        except ValueError as err:
+            raise ValueError(f"CertificationCallback on the {self.split} split: {err}") from None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail at the start of fit, not after the first epoch, when something is missing."""
@@ -102,8 +97,7 @@ class CertificationCallback(pl.Callback):
             pl_module.log(name, value, sync_dist=False, on_step=False, on_epoch=True)
 
     def indices(self, dataset_size: int) -> list[int]:
-        step = max(1, dataset_size // self.num_images)
-        return list(range(0, dataset_size, step))[: self.num_images]
+        return evenly_spaced(dataset_size, self.num_images)  # num_images > the split's size: ValueError
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics over all ranks' images (every rank returns the same values)."""
@@ -122,18 +116,13 @@ class CertificationCallback(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            mine_records = of_type(smooth.run(procedure, images, self.batch, self.seed), CertifyRecord)
+            mine_records = of_type(smooth.run(procedure, images, self.batch_size, self.seed), CertifyRecord)
         finally:
             model.train(was_training)
         records = self._gather(trainer, mine_records, pl_module.device)
-        reach = max_certifiable_radius(noise, self.n, self.alpha)
-        accuracy = within_reach(
-            certified_accuracy(records, radii), reach
-        )  # beyond reach: not logged, never 0.0
-        metrics = {f"cert/acc@{key}": value for key, value in accuracy.items() if value is not None}
-        metrics["cert/acr"] = average_certified_radius(records)
-        metrics["cert/abstain_rate"] = abstain_rate(records)
-        return metrics
+        summary = procedure.summarise(records, radii, noise)  # the job's summary of these records
+        metrics = summary.metrics(procedure.name)
+        return {key: value for key, value in metrics.items() if value is not None}  # beyond reach: not logged
 
     @staticmethod
     def _gather(trainer: pl.Trainer, records: list[CertifyRecord], device) -> list[CertifyRecord]:

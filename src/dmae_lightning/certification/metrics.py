@@ -1,7 +1,7 @@
 """One home for what is reported: certified accuracy, its data-set-level lower bound, ACR, abstain rate.
 
 The job, the training callback and the analysis CLI all compute their numbers here, from records
-(:mod:`.records`); tables and plots of them are :mod:`.report`. This module imports no torch (the noise only
+(:mod:`.records`), put together as a run's result by :mod:`.summary`; tables and plots of them are :mod:`.report`. This module imports no torch (the noise only
 for its type), so the analysis CLI starts fast.
 """
 
@@ -21,7 +21,6 @@ R = TypeVar("R", bound=Record)
 
 IMAGENET_RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 CIFAR10_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
-GRID_MODE = "certify_radii"  # the procedure that answers only at its grid radii (drawn as points)
 DEFAULT_RHO = (
     0.001  # failure probability of the data-set-level lower bound (see certified_accuracy_lower_bound)
 )
@@ -96,8 +95,9 @@ def certified_accuracy_lower_bound(
 
 
 def average_certified_radius(records: Iterable[Record]) -> float:
-    """ACR: mean certified radius, wrong and abstained images counting as radius 0. (For certify_radii it would
-    be the mean of grid radii, not comparable with CERTIFY's ACR: the jobs and tables leave it out there.)"""
+    """ACR: mean certified radius, wrong and abstained images counting as radius 0. (For a grid-only procedure,
+    certify_radii, it would be the mean of grid radii, not comparable with CERTIFY's ACR: its summary leaves it
+    out, :class:`~.summary.CertifiedSummary`.)"""
     records = _require(records)
     return sum(rec.certified_correct_radius or 0.0 for rec in records) / len(records)
 

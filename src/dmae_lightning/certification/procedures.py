@@ -6,7 +6,8 @@ of plain settings with ``run(idx, label, noise)`` (:class:`~.protocol.Procedure`
 record (:mod:`.records`). The sampler serves the requests of many images at once, so a procedure never
 sees batches, devices or seeds. A procedure holds no noise: the sampler starts each run with the noise it
 draws from, so every radius comes from the distribution the samples were drawn from. ``PROCEDURES``
-maps the job's ``mode`` value to the class; a new procedure is one class plus one entry there.
+maps the job's ``procedure`` value to the class; a new procedure is one class plus one entry there. A
+procedure summarises a run's records into its kind of result (:mod:`.summary`).
 
 - :class:`Certify`: CERTIFY of Cohen, Rosenfeld & Kolter (ICML 2019): n0 draws select the top class cA,
   n fresh draws bound its probability from below (Clopper-Pearson), radius from the noise's formula.
@@ -20,8 +21,9 @@ maps the job's ``mode`` value to the class; a new procedure is one class plus on
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from scipy.stats import binomtest
@@ -34,12 +36,7 @@ from dmae_lightning.certification.confidence import (
     look_schedule,
     spend_alpha,
 )
-from dmae_lightning.certification.metrics import (
-    abstain_rate,
-    accuracy,
-    certified_accuracy,
-    max_certifiable_radius,
-)
+from dmae_lightning.certification.metrics import DEFAULT_RHO, abstain_rate, max_certifiable_radius
 from dmae_lightning.certification.protocol import Draw, Procedure, Run
 from dmae_lightning.certification.records import (
     ABSTAIN,
@@ -50,6 +47,7 @@ from dmae_lightning.certification.records import (
     of_type,
 )
 from dmae_lightning.certification.sampler import NOISE_BLOCK
+from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary, SequentialCost
 from dmae_lightning.noise import Noise
 
 
@@ -97,17 +95,25 @@ class Certify(Procedure):
     def settings(self) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "skip_wrong_guess": self.skip_wrong_guess}
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+    def summarise(
+        self, records: Sequence[Record], radii: tuple[float, ...], noise: Noise, rho: float = DEFAULT_RHO
+    ) -> CertifiedSummary:
         certified = of_type(records, CertifyRecord)
-        return {
-            "radii": list(radii),
-            "num_images": len(certified),
-            "certified_accuracy": certified_accuracy(certified, radii),
+        return CertifiedSummary.from_records(
+            certified,
+            radii,
+            alpha=self.alpha,
+            max_certifiable_radius=max_certifiable_radius(noise, self.n, self.alpha),
+            grid_only=self.grid_only,
+            rho=rho,
+            samples=sum(self.n0 + r.n for r in certified),
             # a skipped wrong guess is written as a wrong, not an abstaining, prediction: not measured
-            "abstain_rate": None if self.skip_wrong_guess else abstain_rate(certified),
-            "max_certifiable_radius": max_certifiable_radius(noise, self.n, self.alpha),
-            "samples": sum(self.n0 + r.n for r in certified),
-        }
+            abstain_rate=None if self.skip_wrong_guess else abstain_rate(certified),
+        )
+
+    @classmethod
+    def result_from_json(cls, data: Mapping[str, Any]) -> CertifiedSummary:
+        return CertifiedSummary.from_json(data, cls.grid_only)
 
     @classmethod
     def from_params(cls, params, radii: tuple[float, ...]) -> Certify:
@@ -120,6 +126,7 @@ class Predict(Procedure):
 
     name: ClassVar[str] = "predict"
     record_type: ClassVar[type[Record]] = PredictRecord
+    certifies: ClassVar[bool] = False
     n: int
     alpha: float
 
@@ -138,14 +145,15 @@ class Predict(Procedure):
     def settings(self) -> dict:
         return {"n": self.n, "alpha": self.alpha}
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+    def summarise(
+        self, records: Sequence[Record], radii: tuple[float, ...], noise: Noise, rho: float = DEFAULT_RHO
+    ) -> PredictionSummary:
         predicted = of_type(records, PredictRecord)
-        return {
-            "num_images": len(predicted),
-            "accuracy": accuracy(predicted),
-            "abstain_rate": abstain_rate(predicted),
-            "samples": self.n * len(predicted),
-        }
+        return PredictionSummary.from_records(predicted, samples=self.n * len(predicted))
+
+    @classmethod
+    def result_from_json(cls, data: Mapping[str, Any]) -> PredictionSummary:
+        return PredictionSummary.from_json(data)
 
     @classmethod
     def from_params(cls, params, radii: tuple[float, ...]) -> Predict:
@@ -166,6 +174,7 @@ class CertifyRadii(Procedure):
 
     name: ClassVar[str] = "certify_radii"
     record_type: ClassVar[type[Record]] = RadiiRecord
+    grid_only: ClassVar[bool] = True
     stage: ClassVar[int] = 2  # its own noise stream, not CERTIFY's selection (0) or estimation (1) draws
     radii: tuple[float, ...]
     n: int
@@ -215,20 +224,30 @@ class CertifyRadii(Procedure):
             "noise_stage": self.stage,
         }
 
-    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
+    def summarise(
+        self, records: Sequence[Record], radii: tuple[float, ...], noise: Noise, rho: float = DEFAULT_RHO
+    ) -> CertifiedSummary:
+        """At its own grid ``self.radii`` (made from the job's ``radii``)."""
         tested = of_type(records, RadiiRecord)
         samples = sum(r.n for r in tested)
-        fixed = (self.n0 + self.n) * len(tested)
-        return {
-            "radii": list(self.radii),
-            "num_images": len(tested),
-            "certified_accuracy": certified_accuracy(tested, self.radii),
-            "max_certifiable_radius": self.test(noise).max_radius(),
-            "samples": samples,
-            "samples_at_cap": sum(r.n == self.n for r in tested),
-            "fixed_n_samples": fixed,
-            "saving_vs_fixed_n": fixed / samples if samples else None,
-        }
+        return CertifiedSummary.from_records(
+            tested,
+            self.radii,
+            alpha=self.alpha,
+            max_certifiable_radius=self.test(noise).max_radius(),
+            grid_only=self.grid_only,
+            rho=rho,
+            samples=samples,
+            sequential=SequentialCost.of(
+                samples,
+                samples_at_cap=sum(r.n == self.n for r in tested),
+                fixed_n_samples=(self.n0 + self.n) * len(tested),
+            ),
+        )
+
+    @classmethod
+    def result_from_json(cls, data: Mapping[str, Any]) -> CertifiedSummary:
+        return CertifiedSummary.from_json(data, cls.grid_only)
 
     @classmethod
     def from_params(cls, params, radii: tuple[float, ...]) -> CertifyRadii:

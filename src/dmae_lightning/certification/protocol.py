@@ -4,20 +4,25 @@ A procedure (:mod:`.procedures`) is a small object of plain settings whose ``run
 generator: it yields :class:`Draw` requests, receives the class counts of each, and returns the image's
 record. Only the sampler (:mod:`.sampler`) starts a run, with the noise it draws the samples from, so the
 noise a radius is computed with is always the noise the counts came from: no public call accepts a run
-started elsewhere. Imports: torch (types only), the noise and the records.
+started elsewhere. Its ``summarise`` turns a run's records into its kind of result (:mod:`.summary`). Imports:
+torch (types only), the noise, the records and the metrics.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Generator
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from dmae_lightning.certification.metrics import DEFAULT_RHO
 from dmae_lightning.certification.records import Record
 from dmae_lightning.noise import Noise
+
+if TYPE_CHECKING:
+    from dmae_lightning.certification.summary import Result
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ class Procedure(ABC):
 
     name: ClassVar[str]  # the procedure= value; results go to <name>.tsv
     record_type: ClassVar[type[Record]]
+    # Its records answer only at its grid of radii (sequential: its n is a cap per image): the certified-accuracy
+    # plot draws points there, and their mean radius is no ACR comparable with CERTIFY's.
+    grid_only: ClassVar[bool] = False
+    certifies: ClassVar[bool] = True  # its records carry certified radii (PREDICT's do not)
 
     @abstractmethod
     def run(self, idx: int, label: int, noise: Noise) -> Run:
@@ -53,8 +62,17 @@ class Procedure(ABC):
         """Everything the per-image results depend on besides the noise, seed, model and data."""
 
     @abstractmethod
-    def summarise(self, records: list[Record], radii: tuple[float, ...], noise: Noise) -> dict:
-        """The result fields of summary.json (metrics from :mod:`.metrics`)."""
+    def summarise(
+        self, records: Sequence[Record], radii: tuple[float, ...], noise: Noise, rho: float = DEFAULT_RHO
+    ) -> Result:
+        """The run's result (:mod:`.summary`) from its records: at the tables' ``radii``, for samples drawn with
+        ``noise``, with the data-set-level lower bound at level 1 - ``rho`` where it certifies radii."""
+
+    @classmethod
+    @abstractmethod
+    def result_from_json(cls, data: Mapping[str, Any]) -> Result:
+        """The result :meth:`summarise` gives, read back from the fields of a summary.json
+        (:func:`.summary.read_summary`)."""
 
     @classmethod
     @abstractmethod

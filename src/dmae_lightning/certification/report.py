@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dmae_lightning.certification.metrics import GRID_MODE, radius_key
+from dmae_lightning.certification.metrics import radius_key
 from dmae_lightning.certification.records import Record
 
 BEYOND = "n/c"  # table cell of a radius the run could not certify at its n (see max_certifiable_radius)
@@ -76,9 +76,10 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def sample_budget(mode: str, n: int) -> str:
-    """How a plot title or table names a run's n: the sequential procedure's n is a cap per image."""
-    return f"cap n={n}" if mode == GRID_MODE else f"n={n}"
+def sample_budget(n: int, grid_only: bool) -> str:
+    """How a plot title or table names a run's n: a grid-only procedure's (the sequential certify_radii) n is a
+    cap per image (:attr:`~.protocol.Procedure.grid_only`)."""
+    return f"cap n={n}" if grid_only else f"n={n}"
 
 
 def plot_certified_accuracy(
@@ -92,8 +93,8 @@ def plot_certified_accuracy(
     """Certified accuracy (%) vs radius, one curve per label, plus the best-over-sigma envelope if several.
 
     ``limits`` (label -> the largest radius the run can certify) ends each curve there and marks it with a
-    labelled vertical line. ``grid``: the records answer only at these radii (mode certify_radii), so they
-    are drawn as points at the grid radii, not as a line. Returns the matplotlib Figure.
+    labelled vertical line. ``grid``: the records answer only at these radii (a grid-only procedure,
+    :attr:`.summary.CertifiedSummary.grid`), so they are drawn as points at the grid radii, not as a line. Returns the matplotlib Figure.
     """
     # Imported here: matplotlib is slow to import and only this function needs it.
     import numpy as np

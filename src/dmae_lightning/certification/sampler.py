@@ -46,15 +46,19 @@ NOISE_BLOCK = 100  # samples per seeded noise block
 NOISE_SCHEME = (
     f"block{NOISE_BLOCK}-v1"  # changes whenever the noise of a given (seed, idx, stage, sample) changes
 )
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; plus "auto"
+AUTOCAST = {
+    "32-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}  # checks.PRECISION_NAMES
 PIXEL_TOLERANCE = 1e-4  # images may leave [0,1] by this much through rounding in the data pipeline
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (a CPU's bf16 is slow or emulated)."""
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """``None``: bf16-mixed on CUDA, 32-true elsewhere (a CPU's bf16 is slow or emulated)."""
     check_precision(precision)
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision is None:
+        return "bf16-mixed" if torch.device(device).type == "cuda" else "32-true"
     return precision
 
 
@@ -126,7 +130,7 @@ class Sampler:
         noise: Noise,
         seed: int,
         batch_size: int,
-        precision: str = "auto",
+        precision: str | None = None,
         compile: bool = False,
         device: torch.device | str = "cpu",
     ):
@@ -238,7 +242,7 @@ class Sampler:
         batch = buffer if self.compile else buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
         if self.compile and rows < self.batch_size:
             buffer[rows:].zero_()
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST[self.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             logits = self.forward(batch)  # [B,K]

@@ -19,7 +19,7 @@ class Smooth:
     """The smoothed classifier g around ``base_classifier`` ([B,C,H,W] [0,1] images -> [B,K] logits).
 
     The base classifier should be in eval mode (dropout or drop path would change f between draws).
-    ``precision``: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; ``compile``:
+    ``precision``: 32-true | bf16-mixed | 16-mixed (None: bf16-mixed on CUDA, 32-true elsewhere); ``compile``:
     torch.compile the base classifier (one graph, every batch padded to ``batch_size``). ``noise``: the
     smoothing distribution (:mod:`dmae_lightning.noise`), fixed at construction; every procedure run here
     is started by a sampler that draws with it and computes its radii with it, so the two cannot differ (to
@@ -35,7 +35,7 @@ class Smooth:
         base_classifier: nn.Module,
         num_classes: int,
         noise: Noise,
-        precision: str = "auto",
+        precision: str | None = None,
         compile: bool = False,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:

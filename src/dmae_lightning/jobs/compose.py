@@ -1,5 +1,5 @@
 """One Hydra compose for tests, notebooks and the quickstart's stages, as the command line would compose.
-Imports: :mod:`.resolvers` (so that every interpolation resolves)."""
+Imports: :mod:`.resolvers` (so that every interpolation resolves), :mod:`.vocabulary`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import dmae_lightning.jobs.resolvers  # noqa: F401 (registers the resolvers the configs use)
+from dmae_lightning.jobs.vocabulary import refuse_old_spellings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def compose(
     ``${hydra:...}`` interpolations resolve against the composed Hydra config; ``output_dir``
     stands in for the run directory Hydra would create.
     """
+    refuse_old_spellings(config_name, overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)

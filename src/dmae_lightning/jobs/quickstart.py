@@ -27,16 +27,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from dmae_lightning.certification.procedures import PROCEDURES
+from dmae_lightning.certification.procedures import PROCEDURES, CertifyRadii
 from dmae_lightning.certification.records import read_json
 from dmae_lightning.certification.report import format_table
+from dmae_lightning.certification.runs import read_summary
+from dmae_lightning.certification.summary import CertifiedSummary
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.data.base import dataset_size
 from dmae_lightning.errors import ConfigError, one_line
 from dmae_lightning.jobs.certify.job import certify, sample_saving
 from dmae_lightning.jobs.certify.params import subset_indices, validate
 from dmae_lightning.jobs.compose import compose, keep_hydra_config
-from dmae_lightning.jobs.rundir import identity_key, job_identity, point_latest, run_in_dir
+from dmae_lightning.jobs.rundir import (
+    identity_key,
+    job_identity,
+    point_latest,
+    refuse_other_settings,
+    run_in_dir,
+)
 from dmae_lightning.jobs.train import train
 from dmae_lightning.noise import noise_from_config
 
@@ -44,7 +52,7 @@ log = logging.getLogger(__name__)
 DONE = "stage_done.json"
 # The certification stage's settings, top-level keys of the quickstart by their certify.py names (and the protocol
 # group): passed to that stage by run_quickstart, whether typed or not.
-CERTIFY_SETTINGS = ("split", "n0", "n", "alpha", "skip", "max", "batch")
+CERTIFY_SETTINGS = ("split", "n0", "n", "alpha", "skip", "max", "batch_size")
 # Keys of the quickstart job itself (not passed on), and keys each stage sets itself (refused).
 OWN = (
     "experiment",
@@ -55,7 +63,7 @@ OWN = (
     "hydra",
     "hydra/launcher",
     "protocol",
-    "images",
+    "num_images",
     *CERTIFY_SETTINGS,
 )
 SET_BY_QUICKSTART = {
@@ -112,15 +120,15 @@ def _main_config_dir() -> str:
     return next(s.path for s in sources if s.provider == "main")
 
 
-def _stage_key(conf_dir: str, config_name: str, overrides: list[str], stage_dir: Path) -> str:
-    """The identity key of a stage's job (what its results depend on: files by content, not by path)."""
+def _stage_identity(conf_dir: str, config_name: str, overrides: list[str], stage_dir: Path) -> dict:
+    """The identity of a stage's job (what its results depend on: files by content, not by path)."""
     with keep_hydra_config():
-        return identity_key(job_identity(compose(conf_dir, config_name, overrides, output_dir=stage_dir)))
+        return job_identity(compose(conf_dir, config_name, overrides, output_dir=stage_dir))
 
 
-def _finished_key(stage_dir: Path, config_name: str) -> str | None:
-    """The identity key a stage finished with ("" for records older than keys), or None: not finished, or a
-    damaged record (the stage then runs again, and resumes or rebuilds what it had written)."""
+def _finished_record(stage_dir: Path, config_name: str) -> dict | None:
+    """What a finished stage recorded (its metrics and identity), or None: not finished, or a damaged record
+    (the stage then runs again, and resumes or rebuilds what it had written)."""
     try:
         record = json.loads((stage_dir / DONE).read_text())
     except (OSError, ValueError):
@@ -132,7 +140,7 @@ def _finished_key(stage_dir: Path, config_name: str) -> str | None:
             read_json(stage_dir / "summary.json")
         except (OSError, ValueError):
             return None
-    return str(record.get("key", ""))
+    return record
 
 
 def _run_stage(
@@ -140,13 +148,19 @@ def _run_stage(
 ) -> None:
     """Run one stage in ``stage_dir`` unless it finished there before with the same identity; ``logger``: the
     job's logger choice (None: logger=none), named when a finished stage logs nothing new."""
-    key = _stage_key(conf_dir, config_name, overrides, stage_dir)
-    done = _finished_key(stage_dir, config_name)
+    identity = _stage_identity(conf_dir, config_name, overrides, stage_dir)
+    done = _finished_record(stage_dir, config_name)
     if done is not None:
-        if done not in ("", key):  # a trained stage whose identity changed under the same quickstart key
-            raise ConfigError(
-                f"quickstart: {stage_dir} was finished with other settings: give these settings "
-                "their own run, e.g. run_name=quickstart_2 (the finished stage is kept)"
+        key = identity_key(identity)
+        if done.get("key", "") not in ("", key):  # a trained stage whose identity changed under the same run
+            before, now = (
+                (done["identity"], identity) if "identity" in done else ({"key": done["key"]}, {"key": key})
+            )
+            refuse_other_settings(
+                stage_dir,
+                before,
+                now,
+                "give these settings their own run, e.g. run_name=quickstart_2 (the finished stage is kept)",
             )
         note = f"; nothing new logged to logger={logger} (it logged when the stage ran)" if logger else ""
         log.info("quickstart: %s already complete in %s, not redone%s", name, stage_dir, note)
@@ -157,13 +171,13 @@ def _run_stage(
     )  # an interrupted stage resumes by itself
     result = (train if config_name == "train" else certify)(cfg)
     record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
-    (stage_dir / DONE).write_text(json.dumps({**record, "key": key}))
+    (stage_dir / DONE).write_text(json.dumps({**record, "key": identity_key(identity), "identity": identity}))
 
 
 def certification_dir(out: Path, procedure: str, conf_dir: str, overrides: list[str]) -> Path:
     """``<out>/<procedure>/<key>``: one directory per procedure and certification settings (``<key>`` the
     certify job's identity), beside the earlier ones, so that the trained stages are shared."""
-    return out / procedure / _stage_key(conf_dir, "certify", overrides, out / procedure)
+    return out / procedure / identity_key(_stage_identity(conf_dir, "certify", overrides, out / procedure))
 
 
 def _override(key: str, value) -> str:
@@ -172,7 +186,7 @@ def _override(key: str, value) -> str:
 
 def certification_settings(cfg: DictConfig) -> list[str]:
     """The certification stage's own settings: procedure, the certify.py keys and the protocol choice."""
-    settings = [f"mode={cfg.procedure}", *(_override(k, cfg[k]) for k in CERTIFY_SETTINGS if k in cfg)]
+    settings = [f"procedure={cfg.procedure}", *(_override(k, cfg[k]) for k in CERTIFY_SETTINGS if k in cfg)]
     protocol = HydraConfig.get().runtime.choices.get("protocol")
     return settings + ([f"protocol={protocol}"] if protocol and protocol != "null" else [])
 
@@ -180,14 +194,18 @@ def certification_settings(cfg: DictConfig) -> list[str]:
 def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
     """The conf/ directory and each stage's overrides for this job: every typed override is placed or
     refused here, and the certification stage's settings are checked, before anything is trained."""
-    certifying = [name for name, p in PROCEDURES.items() if "radius" in p.record_type.__dataclass_fields__]
+    certifying = [name for name, p in PROCEDURES.items() if p.certifies]
     if cfg.procedure not in certifying:  # the quickstart ends with a certified-accuracy table
         raise ConfigError(f"procedure must be one of {' | '.join(certifying)}, got {cfg.procedure!r}")
     conf_dir = _main_config_dir()
     overrides = stage_overrides(conf_dir, cfg.quickstart, list(HydraConfig.get().overrides.task))
     overrides["certify"] += certification_settings(cfg)
     with keep_hydra_config():
-        certify_cfg = compose(conf_dir, "certify", [*overrides["certify"], "ckpt_path=fine-tuned.ckpt"])
+        # the fine-tuned checkpoint does not exist yet: its noise will be the fine-tuning stage's, the quickstart's
+        noise = [f"noise={HydraConfig.get().runtime.choices['noise']}"]
+        if any(o.startswith("noise=") for o in overrides["certify"]):
+            noise = []
+        certify_cfg = compose(conf_dir, "certify", [*overrides["certify"], "weights=fine-tuned.ckpt", *noise])
     try:  # the certify job's own checks (n, alpha, max, protocol, noise) on the quickstart's data
         params = validate(certify_cfg)
         images = DigitsDataModule().dataset(str(certify_cfg.split))
@@ -221,42 +239,53 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
     else:
         overrides["finetune"].append("pretrained=null")
     _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir, logger)
-    overrides["certify"].append(f"ckpt_path={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
+    overrides["certify"].append(f"weights={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
     certified = certification_dir(out, cfg.procedure, conf_dir, overrides["certify"])
     _run_stage("certification", "certify", overrides["certify"], certified, conf_dir, logger)
     point_latest(certified.parent, certified)
 
-    summary = read_json(certified / "summary.json")
-    radii = [float(r) for r in stages.report_radii]
+    return print_certification(cfg, out, certified, [float(r) for r in stages.report_radii])
+
+
+def print_certification(cfg: DictConfig, out: Path, certified: Path, radii: list[float]) -> dict:
+    """Print the certification stage's table (its summary.json, at ``radii``) and where the outputs are; return
+    the summary's contents."""
+    summary = read_summary(certified / "summary.json")
+    result = summary.result
+    if not isinstance(result, CertifiedSummary):  # the quickstart's procedures all certify radii
+        raise ConfigError(f"{certified}: a {summary.procedure.name} run certifies no radii")
     label = "DMAE pre-training + fine-tuning" if cfg.pretrain else "fine-tuning from scratch"
-    row = {label: summary["certified_accuracy"]}
+    name = summary.procedure.name
     outputs = {
         "reconstruction picture": out / "pretrain" / "pictures" / "reconstruction_final.png",
         "certified-accuracy plot": certified / "certified_accuracy.png",
-        "per-image results": certified / f"{summary['mode']}.tsv",
+        "per-image results": certified / f"{name}.tsv",
         "summary": certified / "summary.json",
     }
     draws = (
-        f"n0={summary['n0']}, n={summary['n']}" if "n0" in summary else f"sequential, cap n={summary['n']}"
+        f"sequential, cap n={summary.n}"
+        if result.grid_only
+        else f"n0={summary.settings['n0']}, n={summary.n}"
     )
+    samples = "" if result.samples is None else f", {result.samples:,} noisy samples"
+    acr = result.average_certified_radius
     lines = [
-        f"Certified accuracy ({summary['mode']}) on the held-out digits test split ({summary['num_images']} "
-        f"images, {draws}, alpha={summary['alpha']}, {summary['samples']:,} noisy samples):",
+        f"Certified accuracy ({name}) on the held-out digits test split ({result.num_images} "
+        f"images, {draws}, alpha={summary.settings['alpha']}{samples}):",
         format_table(
-            row,
+            {label: result.certified_accuracy},
             radii,
             fmt="markdown",
-            label_header=f"model (sigma={summary['sigma']:g})",
-            acr=None
-            if summary.get("average_certified_radius") is None
-            else {label: summary["average_certified_radius"]},
+            label_header=f"model (sigma={summary.sigma:g})",
+            acr=None if acr is None else {label: acr},
         ),
-        *filter(None, [sample_saving(summary)]),
+        *filter(None, [sample_saving(name, result)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
-    if summary["mode"] == "certify":  # the cheaper way to the same table
+    if not result.grid_only:  # the cheaper way to the same table
         lines.append(
-            "Certified accuracy at fixed radii only: add procedure=certify_radii (sequential, far fewer samples)"
+            f"Certified accuracy at fixed radii only: add procedure={CertifyRadii.name} "
+            "(sequential, far fewer samples)"
         )
     print("\n".join(lines), flush=True)
-    return summary
+    return summary.to_json()

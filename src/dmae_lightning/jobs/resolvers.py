@@ -1,11 +1,13 @@
 """The OmegaConf resolvers the configs use (``${run_dir:}``, ``${sweep_dir:}``, ``${run_key:}``,
 ``${rank_zero_only:...}``, ``${is_terminal:}``, ``${require:key}``, ``${group_choice:group}``,
-``${noise_tag:}``), registered when :mod:`dmae_lightning.jobs` is imported, before Hydra composes a config.
-Imports: :mod:`.rundir` (run directory names and identity), :mod:`.cluster`, the noise."""
+``${noise_tag:}``, ``${checkpoint_noise:}``), registered when :mod:`dmae_lightning.jobs` is imported, before Hydra composes a config.
+Imports: :mod:`.rundir` (run directory names and identity), :mod:`.cluster`, the noise, models.weights."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 
 from hydra.core.hydra_config import HydraConfig
@@ -13,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmae_lightning.jobs.cluster import global_rank
 from dmae_lightning.jobs.rundir import identity_key, job_identity, note_new_dir, run_dir
+from dmae_lightning.models.weights import checkpoint_noise
 from dmae_lightning.noise import noise_from_config
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,43 @@ def group_choice(group: str, *, _root_) -> str:
 def noise_tag(*, _root_) -> str:
     """``${noise_tag:}``: the job's noise in its run name, e.g. ``sigma0.25`` or ``discrete_sigma0.25``; an
     invalid noise gets ``invalid-noise`` (Hydra names the directory before the job can report the error)."""
+    if _root_.get("noise") is None:  # certify.py: the checkpoint records none (the job says so)
+        return "noise-unknown"
     try:
         return noise_from_config(_root_.noise).tag
     except (ValueError, TypeError):
         return "invalid-noise"
+
+
+@functools.lru_cache(maxsize=8)
+def _recorded_noise(path: str, size: int, mtime_ns: int) -> dict | None:
+    noise = checkpoint_noise(path)
+    return None if noise is None else noise.config()
+
+
+# Re-entry guard: ``weights=...${noise.sigma}...`` (a sweep over sigma) refers back to the noise.
+_NAMING_WEIGHTS: list[bool] = []
+
+
+def checkpoint_noise_config(*, _root_) -> dict | None:
+    """``noise: ${checkpoint_noise:}`` (certify.py): the noise the checkpoint ``weights`` was trained with, as a
+    noise config; None when the file records none or cannot be read (the job then says why in one line). Read
+    once per file version (its tensors are mapped, not loaded). A ``weights`` path that names the noise itself
+    (``${noise.sigma}``) resolves without it: Hydra names a sweep's directory before the swept noise is chosen."""
+    if _NAMING_WEIGHTS:
+        return None
+    _NAMING_WEIGHTS.append(True)
+    try:
+        weights = OmegaConf.select(
+            _root_, "weights", throw_on_missing=False, throw_on_resolution_failure=False
+        )
+    finally:
+        _NAMING_WEIGHTS.pop()
+    try:
+        stat = os.stat(str(weights))
+    except (OSError, TypeError, ValueError):
+        return None
+    return _recorded_noise(str(weights), stat.st_size, stat.st_mtime_ns)
 
 
 def register_resolvers() -> None:
@@ -101,6 +137,7 @@ def register_resolvers() -> None:
         ("require", require),
         ("group_choice", group_choice),
         ("noise_tag", noise_tag),
+        ("checkpoint_noise", checkpoint_noise_config),
     )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):

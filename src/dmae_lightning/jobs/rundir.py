@@ -144,6 +144,34 @@ def identity_key(identity: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def read_record(path: Path, says: str) -> dict | None:
+    """The JSON object recorded at ``path``, None when there is none; ConfigError (one line) when it is damaged,
+    ``says`` telling what it records (hence why nothing can go on without it). The one reader of the records
+    that guard a run directory: its identity, a procedure's settings, a finished run or stage."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({one_line(err)}): {says}") from None
+    return record
+
+
+def refuse_other_settings(
+    where: Path, before: dict, now: dict, advice: str = "choose another run directory or remove it"
+) -> None:
+    """The one rule for a directory that holds results of other settings (a run directory's configuration, a
+    procedure's settings, a quickstart stage's): refused in one line naming the first differences."""
+    diff = _differences(before, now)
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(
+            f"{where} holds the results of another configuration ({'; '.join(diff[:3])}{more}): {advice}"
+        )
+
+
 def _differences(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two identities (for the refusal message)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -237,23 +265,16 @@ def _check_run_dir(path: Path, identity: dict) -> None:
             "fix its permissions or choose another paths.log_dir"
         )
     recorded = path / ".hydra" / IDENTITY_FILE
-    if recorded.is_file():
-        try:
-            old = json.loads(recorded.read_text())
-            if not isinstance(old, dict) or not isinstance(old.get("identity"), dict) or "key" not in old:
-                raise ValueError("not the record of a configuration")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"{recorded} is damaged ({one_line(err)}): it says which configuration {path} holds, "
-                "so nothing there can be resumed safely; restore it, or choose another run "
-                "directory"
-            ) from None
+    says = (
+        f"it says which configuration {path} holds, so nothing there can be resumed safely; restore it, or "
+        "choose another run directory"
+    )
+    old = read_record(recorded, says)
+    if old is not None:
+        if not isinstance(old.get("identity"), dict) or "key" not in old:
+            raise ConfigError(f"{recorded} is damaged (not the record of a configuration): {says}")
         if old["key"] != identity_key(identity):
-            diff = _differences(old["identity"], identity)
-            raise ConfigError(
-                f"{path} holds the results of another configuration ({'; '.join(diff[:3])}"
-                f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}): choose another run directory or remove it"
-            )
+            refuse_other_settings(path, old["identity"], identity)
     elif found := _results_present(path):
         raise ConfigError(
             f"{path} holds results of an unrecorded configuration ({', '.join(found[:3])}"

@@ -88,7 +88,7 @@ def wandb_logger(
     """A WandbLogger for one job (see the module docstring).
 
     ``name: null`` names the run after its run directory below ``base_dir`` (``logs/``), e.g.
-    ``finetune_digits_sigma0.5/multirun/consistency.lbd-1`` or ``pretrain_digits_sigma0.25/slurm-1234``,
+    ``finetune_digits_sigma0.5/multirun/objective.lbd-1`` or ``pretrain_digits_sigma0.25/slurm-1234``,
     falling back to ``group``. ``id: null`` derives the id from the SLURM job (see ``wandb_run_id``); an
     explicit ``id`` resumes that run.
     """

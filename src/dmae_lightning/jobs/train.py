@@ -17,9 +17,10 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities.model_summary import ModelSummary, get_human_readable_count
 
 from dmae_lightning.certification.callback import CertificationCallback
+from dmae_lightning.certification.checks import check_precision
 from dmae_lightning.errors import BAD_INPUT, ConfigError, one_line
 from dmae_lightning.files import atomic_write_text
-from dmae_lightning.jobs.rundir import resolved_config, run_in_dir
+from dmae_lightning.jobs.rundir import read_record, resolved_config, run_in_dir
 from dmae_lightning.jobs.tracking import finish_runs, keep_logged_metrics
 from dmae_lightning.noise import noise_from_config
 from dmae_lightning.training.resume import check_matches, resume_checkpoint
@@ -44,8 +45,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         if cfg.pretrained and not cfg.ckpt_path:
             report = module.load_pretrained(cfg.pretrained)
             log.info("initialised from %s (%s layout): %s", cfg.pretrained, report.layout, report)
-        callback_cfgs = {**cfg.get("callbacks", {}), **cfg.task.get("callbacks", {})}
-        callbacks = [instantiate(c) for c in callback_cfgs.values() if c]
+        callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
         for callback in callbacks:  # what a callback needs of the data and the noise, before the first step
             if isinstance(callback, CertificationCallback):
                 callback.check(datamodule, noise)
@@ -89,12 +89,13 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = trainer.get(key, 1)
         if not _is_int(value) or value < 1:
             raise ValueError(f"trainer.{key} must be an integer >= 1, got {value!r}")
-    precision = str(trainer.get("precision", "32-true"))
+    precision = str(cfg.get("precision", "32-true"))
+    check_precision(precision)  # the one vocabulary (Lightning's names), old spellings named
     on_cpu = trainer.get("accelerator") == "cpu" or (
         trainer.get("accelerator") == "auto" and not torch.cuda.is_available()
     )
     if on_cpu and precision in ("16-mixed", "16", "16-true"):  # Lightning would run bf16 and record 16
-        raise ValueError(f"trainer.precision={precision} needs a GPU: on the CPU use bf16-mixed or 32-true")
+        raise ValueError(f"precision={precision} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -122,17 +123,9 @@ def finished_run(path: Path) -> dict[str, float] | None:
 
     Running a finished run's command again changes nothing: to train again, change a setting of the run
     identity (``seed``, ``trainer.max_epochs``, ...), which names a new run directory."""
-    record = path / FINISHED
-    if not record.is_file():
+    metrics = read_record(path / FINISHED, "the run finished; to train it again remove that file")
+    if metrics is None:
         return None
-    try:
-        metrics = json.loads(record.read_text())
-        if not isinstance(metrics, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as err:
-        raise ConfigError(
-            f"{record} is damaged ({one_line(err)}): the run finished; to train it again remove that file"
-        ) from None
     log.info(
         "training already finished in %s: nothing to do (a new seed, trainer.max_epochs or another "
         "setting of the run trains a new run in its own directory)",

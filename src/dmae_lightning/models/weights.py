@@ -22,6 +22,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from dmae_lightning.models import DMAEViT, VisionTransformerClassifier
+from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
 
 # Prefixes that wrappers put in front of parameter names: the LightningModule attribute,
 # DistributedDataParallel and torch.compile.
@@ -94,6 +95,24 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def trained_noise(hparams: dict) -> Noise | None:
+    """The training noise a checkpoint's hyper-parameters name (``noise``; ``sigma`` in checkpoints before it);
+    None when they name none (official releases, plain state dicts)."""
+    if "noise" in hparams:
+        return noise_from_config(hparams["noise"])
+    return GaussianNoise(float(hparams["sigma"])) if "sigma" in hparams else None
+
+
+def checkpoint_noise(path: str | Path) -> Noise | None:
+    """The training noise recorded in the checkpoint at ``path`` (tensors mapped, not read); None when the file
+    records none, or is missing or not loadable (whoever loads it next says why in one line)."""
+    try:
+        hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
+        return trained_noise(hparams) if isinstance(hparams, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:

@@ -9,6 +9,7 @@ Two rules that the reference code breaks and we keep:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from dmae_lightning.models import VisionTransformerClassifier, create_model
 from dmae_lightning.noise import DEFAULT_NOISE, Noise, noise_from_config
 from dmae_lightning.training.base import NoisyTrainingModule
-from dmae_lightning.training.objectives import objective_from_consistency
+from dmae_lightning.training.objectives import objective_from_config
 
 log = logging.getLogger(__name__)
 # A validation accuracy below 2 / num_classes at the end of fine-tuning: (near) chance level. The README's plain-RS
@@ -52,7 +53,8 @@ def mix_then_noise(
 
 
 class BaseClassifierModule(NoisyTrainingModule):
-    """Noisy fine-tuning (plain "RS" or with consistency regularisation) and linear probing."""
+    """Noisy fine-tuning and linear probing; the loss is the ``objective``'s (:mod:`.objectives`: plain "RS"
+    cross-entropy, or with consistency regularisation)."""
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class BaseClassifierModule(NoisyTrainingModule):
         model_kwargs: dict | None = None,
         num_classes: int = 1000,
         noise: Noise | Mapping = DEFAULT_NOISE,
-        consistency: dict | None = None,
+        objective: Mapping[str, Any] | None = None,
         mixup: dict | None = None,
         label_smoothing: float = 0.1,
         freeze_encoder: bool = False,
@@ -74,12 +76,14 @@ class BaseClassifierModule(NoisyTrainingModule):
             raise ValueError(
                 f"fine-tuning needs a classifier model name, got the pre-training model {model_name!r}"
             )
-        defaults: dict[str, Any] = dict(enabled=False, m=2, lbd=2.0, eta=0.5)
-        consistency = defaults | dict(consistency or {})
-        self.objective = objective_from_consistency(consistency)  # checks m, lbd, eta
+        self.objective = objective_from_config(
+            objective or {"name": "gaussian"}, noise
+        )  # checks its settings
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
+        # as trained, the defaults filled in (e.g. the paper's eta at this sigma)
+        self.hparams["objective"] = {"name": self.objective.name, **dataclasses.asdict(self.objective)}
         model = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         if not isinstance(model, VisionTransformerClassifier):
             raise ValueError(
@@ -90,7 +94,6 @@ class BaseClassifierModule(NoisyTrainingModule):
             for name, param in self.model.named_parameters():
                 param.requires_grad = name.startswith("head.")
         self.attach(model, noise, optimizer, compile)
-        self.consistency = consistency
         mixup = dict(mixup or {})
         self.mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:

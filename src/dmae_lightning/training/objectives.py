@@ -1,17 +1,24 @@
 """Fine-tuning objectives of the base classifier: the loss of a batch of noisy copies' logits and their soft
-targets. One class per objective; ``BaseClassifierModule`` draws ``copies`` noisy copies of each (mixed) clean
-image and hands the logits here. A new objective is one class (and, for its hyper-parameters, one config).
+targets. One class per objective, registered in :data:`OBJECTIVES` under its ``name``, which the ``objective``
+config group chooses (conf/objective/<name>.yaml: ``name`` and the class's fields); ``BaseClassifierModule``
+draws ``copies`` noisy copies of each (mixed) clean image and hands the logits here. A new objective is one
+class here and one yaml there.
 
-- :class:`GaussianAugmentation`: cross-entropy on noisy inputs (Cohen et al. 2019, plain "RS" fine-tuning)
-- :class:`Consistency`: the same plus Jeong & Shin's (2020) consistency regulariser over ``m`` copies
-Imports: torch only."""
+- :class:`GaussianAugmentation` (``gaussian``): cross-entropy on noisy inputs (Cohen et al. 2019, plain "RS")
+- :class:`Consistency` (``consistency``): the same plus Jeong & Shin's (2020) regulariser over ``copies`` copies
+Imports: torch and the noise."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from dmae_lightning.noise import Noise
 
 
 def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +39,7 @@ def consistency_terms(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch
 class GaussianAugmentation:
     """Cross-entropy of the noisy copies against their (mixed, smoothed) targets."""
 
+    name: ClassVar[str] = "gaussian"
     copies: int = 1
 
     def __post_init__(self) -> None:
@@ -45,15 +53,34 @@ class GaussianAugmentation:
         ce = F.cross_entropy(logits.float(), targets)
         return ce, {"ce": ce}
 
+    @classmethod
+    def for_noise(cls, settings: dict[str, Any], noise: Noise) -> GaussianAugmentation:
+        """The objective with ``settings`` (its fields) for training under ``noise``."""
+        return cls(**settings)
+
 
 @dataclass(frozen=True)
 class Consistency(GaussianAugmentation):
     """CE + lbd * mean_i KL(p_avg || p_i) + eta * H(p_avg) over ``copies`` = m >= 2 copies (method.md: m = 2,
     lbd = 2, eta = 0.5 at sigma 0.25 and 0.5, 0.1 at sigma 1.0)."""
 
+    name: ClassVar[str] = "consistency"
+    PAPER_ETA: ClassVar[dict[float, float]] = {0.25: 0.5, 0.5: 0.5, 1.0: 0.1}  # by training sigma
     copies: int = 2
     lbd: float = 2.0
     eta: float = 0.5
+
+    @classmethod
+    def for_noise(cls, settings: dict[str, Any], noise: Noise) -> GaussianAugmentation:
+        """``eta: null`` takes the paper's weight at the noise's sigma (:data:`PAPER_ETA`)."""
+        if settings.get("eta") is None:
+            if noise.sigma not in cls.PAPER_ETA:
+                raise ValueError(
+                    f"the consistency paper gives no eta for sigma {noise.sigma:g} (only for "
+                    f"{', '.join(f'{s:g}' for s in cls.PAPER_ETA)}): set objective.eta"
+                )
+            settings = {**settings, "eta": cls.PAPER_ETA[noise.sigma]}
+        return cls(**settings)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,8 +102,23 @@ class Consistency(GaussianAugmentation):
         }
 
 
-def objective_from_consistency(settings: dict) -> GaussianAugmentation:
-    """The objective the ``consistency`` settings name (``enabled``, ``m``, ``lbd``, ``eta``)."""
-    if settings["enabled"]:
-        return Consistency(copies=settings["m"], lbd=settings["lbd"], eta=settings["eta"])
-    return GaussianAugmentation()
+OBJECTIVES: dict[str, type[GaussianAugmentation]] = {
+    cls.name: cls for cls in (GaussianAugmentation, Consistency)
+}
+
+
+def objective_from_config(config: Mapping[str, Any], noise: Noise) -> GaussianAugmentation:
+    """The objective that ``config`` names (``name``: a key of :data:`OBJECTIVES`; the rest: its fields), for
+    training under ``noise``; ValueError (one line) for an unknown name or field."""
+    settings = dict(config)
+    name = settings.pop("name", None)
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective name must be one of {'|'.join(OBJECTIVES)}, got {name!r}")
+    cls = OBJECTIVES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ValueError(
+            f"objective {name} has no setting {', '.join(unknown)} (it has {', '.join(sorted(fields))})"
+        )
+    return cls.for_noise(settings, noise)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
@@ -14,8 +13,13 @@ from pytorch_lightning.utilities.data import extract_batch_size
 log = logging.getLogger(__name__)
 
 
-def _duration(seconds: float) -> str:
-    return str(timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
+def duration(seconds: float) -> str:
+    """H:MM:SS (hours not wrapped at a day), "?" when unknown: the one format of elapsed and remaining time in the
+    progress lines of training and certification."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class ProgressLog(pl.Callback):
@@ -66,7 +70,7 @@ class ProgressLog(pl.Callback):
             int(total) if math.isfinite(total) else "?",
             loss,
             self._images / max(elapsed, 1e-9),
-            _duration(elapsed),
-            _duration(left),
+            duration(elapsed),
+            duration(left),
         )
         self._last, self._losses = now, []

@@ -25,15 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from dmae_lightning.certification.metrics import (
-    GRID_MODE,
-    average_certified_radius,
-    certified_accuracy_lower_bound,
-    default_radii,
-    false_certificates_allowed,
-    radius_key,
-    within_reach,
-)
+from dmae_lightning.certification.metrics import default_radii, radius_key
 from dmae_lightning.certification.procedures import PROCEDURES, Procedure
 from dmae_lightning.certification.records import write_json
 from dmae_lightning.certification.report import (
@@ -43,7 +35,9 @@ from dmae_lightning.certification.report import (
     plot_certified_accuracy,
     sample_budget,
 )
+from dmae_lightning.certification.runs import PROCEDURE_KEY, RunSummary
 from dmae_lightning.certification.sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
+from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary
 from dmae_lightning.errors import ConfigError, one_line
 from dmae_lightning.jobs.certify.params import JobParams, subset_indices, validate
 from dmae_lightning.jobs.certify.predictor import ImageProgressBar, SmoothingPredictor
@@ -56,8 +50,8 @@ from dmae_lightning.jobs.certify.shards import (
 )
 from dmae_lightning.jobs.rundir import file_digest, resolved_config, run_in_dir
 from dmae_lightning.models import create_model
-from dmae_lightning.models.weights import checkpoint_state_dict, load_weights, read_checkpoint
-from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
+from dmae_lightning.models.weights import checkpoint_state_dict, load_weights, read_checkpoint, trained_noise
+from dmae_lightning.noise import Noise, noise_from_config
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +70,6 @@ class ClassifierInfo:
     source: str  # where the architecture came from
     layout: str  # checkpoint layout, as load_weights names it
     trained_noise: Noise | None  # the checkpoint's training noise, when it says
-
-
-def trained_noise_of(hparams: dict) -> Noise | None:
-    """The training noise a checkpoint's hyper-parameters name (``noise``; ``sigma`` in checkpoints before it)."""
-    if "noise" in hparams:
-        return noise_from_config(hparams["noise"])
-    return GaussianNoise(float(hparams["sigma"])) if "sigma" in hparams else None
 
 
 def load_classifier(
@@ -108,12 +95,12 @@ def load_classifier(
             kwargs = dict(hparams.get("model_kwargs") or {})
             file_classes = hparams.get("num_classes", file_classes)
             source = "the checkpoint's hyper-parameters"
-            trained_noise = trained_noise_of(hparams)
+            recorded = trained_noise(hparams)
         else:
             name = str(cfg.model.classifier_name)
             kwargs = {"img_size": cfg.model.img_size}
             source = f"model={cfg.model.name}"
-            trained_noise = None
+            recorded = None
         del state
         if name.startswith("dmae_"):  # first: no model= override can make a pre-training file certifiable
             raise ConfigError(f"{path} holds the pre-training model {name}: certify a fine-tuned classifier")
@@ -141,7 +128,7 @@ def load_classifier(
         )
     if report.interpolated:
         log.warning("%s: position embeddings resampled to the model's grid: %s", path, report.interpolated)
-    return model.eval(), ClassifierInfo(name, source, report.layout, trained_noise)
+    return model.eval(), ClassifierInfo(name, source, report.layout, recorded)
 
 
 @dataclass
@@ -184,18 +171,25 @@ def prepare(cfg: DictConfig) -> Prepared:
     datamodule = _instantiate(cfg.data, "data")
     radii = params.radii or default_radii(datamodule.name)
     try:
-        procedure = PROCEDURES[params.mode].from_params(params, radii)
+        procedure = PROCEDURES[params.procedure].from_params(params, radii)
     except ValueError as err:
-        raise ConfigError(f"mode={params.mode}: {err}") from None
+        raise ConfigError(f"procedure={params.procedure}: {err}") from None
     try:
         dataset = datamodule.dataset(params.split)
         num_classes = int(datamodule.num_classes)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    classifier, info = load_classifier(cfg, params.ckpt_path, num_classes, datamodule.name)
+    classifier, info = load_classifier(cfg, params.weights, num_classes, datamodule.name)
     if info.trained_noise is not None and info.trained_noise != params.noise:
+        if not params.noise_override:
+            raise ConfigError(
+                f"{params.weights} was trained with noise {info.trained_noise.tag}, not {params.noise.tag}: leave "
+                "noise out to certify with the checkpoint's, or add noise_override=true"
+            )
         log.warning(
-            "the classifier was trained with %s, certification uses %s", info.trained_noise, params.noise
+            "the classifier was trained with %s, certification uses %s (noise_override)",
+            info.trained_noise,
+            params.noise,
         )
     skip, indices = subset_indices(len(dataset), params)
     if not indices:
@@ -219,9 +213,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     )
     run_dir = Path(cfg.paths.output_dir)
     key = {
-        "mode": procedure.name,
+        "procedure": procedure.name,
         **procedure.settings(),
         "noise": params.noise.config(),
+        # the classifier's own training noise, when it says and differs (noise_override=true)
+        "trained_noise": None if info.trained_noise in (None, params.noise) else info.trained_noise.config(),
         "sigma": params.noise.sigma,
         "seed": params.seed,
         "precision": params.precision,
@@ -230,7 +226,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         "split": params.split,
         "data_subset": {k: getattr(datamodule, k, None) for k in ("subset_every", "subset_first")},
         # the run directory's identity hashed it already (cached): the same digest, computed once
-        "checkpoint_sha256": file_digest(str(params.ckpt_path)).removeprefix("sha256:"),
+        "checkpoint_sha256": file_digest(str(params.weights)).removeprefix("sha256:"),
     }
     check_params(run_dir, key, procedure.name)
     try:
@@ -276,7 +272,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
             "%d images (skip=%d, max=%s), %d already done",
             procedure.name,
             info.model_name,
-            params.ckpt_path,
+            params.weights,
             info.layout,
             info.source,
             params.precision,
@@ -285,7 +281,7 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
             params.split,
             len(job.indices),
             job.skip,
-            params.images or params.max,
+            params.num_images or params.max,
             len(job.indices) - len(job.todo),
         )
         for lg in trainer.loggers:
@@ -306,117 +302,108 @@ def run(cfg: DictConfig, job: Prepared) -> dict:
     if missing:
         raise RuntimeError(f"{len(missing)} images have no result (first idx {missing[0]}): re-run to resume")
     subset = [by_idx[idx] for idx in job.indices]
-    summary = {
-        **job.key,
-        "batch": params.batch,
-        "compile": params.compile,
-        "checkpoint": str(params.ckpt_path.resolve()),
-        "model_name": info.model_name,
-        "subset": {
-            "skip": params.skip,
-            "max": params.max,
-            "images": params.images,
-            "indices": f"range(0, {job.dataset_size}, {job.skip})[:{params.images or params.max}]",
+    result = procedure.summarise(subset, job.radii, params.noise, params.rho)
+    summary = RunSummary(
+        type(procedure),
+        {
+            **{key: value for key, value in job.key.items() if key != PROCEDURE_KEY},
+            "batch_size": params.batch_size,
+            "compile": params.compile,
+            "checkpoint": str(params.weights.resolve()),
+            "model_name": info.model_name,
+            "subset": {
+                "skip": params.skip,
+                "max": params.max,
+                "num_images": params.num_images,
+                "indices": f"range(0, {job.dataset_size}, {job.skip})[:{params.num_images or params.max}]",
+            },
+            "world_size": trainer.world_size,
+            "device": trainer.strategy.root_device.type,
+            "wall_time_s": time.time() - job.started,
         },
-        "world_size": trainer.world_size,
-        "device": trainer.strategy.root_device.type,
-        **procedure.summarise(subset, job.radii, params.noise),
-        "wall_time_s": time.time() - job.started,
-    }
-    if "certified_accuracy" in summary:
-        limit = summary["max_certifiable_radius"]  # beyond it: null, not a 0 that only says n was too small
-        summary.update(
-            certified_accuracy=within_reach(summary["certified_accuracy"], limit),
-            # certify_radii's records hold grid radii: their mean is no ACR comparable with CERTIFY's
-            average_certified_radius=None
-            if procedure.name == GRID_MODE
-            else average_certified_radius(subset),
-            rho=params.rho,
-            false_certificates_allowed=false_certificates_allowed(len(subset), params.alpha, params.rho),
-            certified_accuracy_lower_bound=within_reach(
-                certified_accuracy_lower_bound(subset, summary["radii"], params.alpha, params.rho), limit
-            ),
-        )
-    write_json(run_dir / "summary.json", summary)
+        result,
+    )
+    data = summary.to_json()
+    write_json(run_dir / "summary.json", data)
     outputs = [results_path(run_dir, procedure.name), run_dir / "summary.json"]
     png = None
-    if "certified_accuracy" in summary:
+    if isinstance(result, CertifiedSummary):
         png = run_dir / "certified_accuracy.png"
         label = f"sigma={params.noise.sigma:g}"
-        grid = summary["radii"] if procedure.name == GRID_MODE else None
         plot_certified_accuracy(
             {label: subset},
             png,
             title=plot_title(summary),
-            limits={label: summary["max_certifiable_radius"]},
-            grid=grid,
+            limits={label: result.max_certifiable_radius},
+            grid=result.grid,
         )
         outputs.append(png)
     log.info("%s", report(summary))
     _log_to_loggers(trainer, summary, png)
     for path in outputs:
         print(f"wrote {path}")
-    return summary
+    return data
 
 
-def plot_title(summary: dict) -> str:
+def plot_title(summary: RunSummary) -> str:
+    settings = summary.settings
     return (
-        f"{summary['model_name']} on {summary['dataset']} {summary['split']} ({summary['num_images']} images): "
-        f"{noise_from_config(summary['noise']).tag}, {sample_budget(summary['mode'], summary['n'])}, alpha={summary['alpha']:g}"
+        f"{settings['model_name']} on {settings['dataset']} {settings['split']} ({summary.result.num_images} "
+        f"images): {noise_from_config(settings['noise']).tag}, "
+        f"{sample_budget(summary.n, summary.procedure.grid_only)}, alpha={summary.alpha:g}"
     )
 
 
-def report(summary: dict) -> str:
+def report(summary: RunSummary) -> str:
     """The summary as the lines the job logs."""
-    if "certified_accuracy" not in summary:
+    result, name = summary.result, summary.procedure.name
+    if isinstance(result, PredictionSummary):
         return (
-            f"{summary['mode']}: accuracy {100 * summary['accuracy']:.1f} %, abstain rate "
-            f"{100 * summary['abstain_rate']:.1f} % of {summary['num_images']} images"
+            f"{name}: accuracy {100 * result.accuracy:.1f} %, abstain rate "
+            f"{100 * result.abstain_rate:.1f} % of {result.num_images} images"
         )
-    label = f"{summary['sigma']:g}"
-    rows = {
-        label: summary["certified_accuracy"],
-        f"{label} lower bound": summary["certified_accuracy_lower_bound"],
-    }
-    acr = summary.get("average_certified_radius")
-    table = format_table(rows, summary["radii"], acr=None if acr is None else {label: acr})
-    table += "\n" + bound_note(summary["rho"], summary["false_certificates_allowed"], summary["num_images"])
-    extra = [
-        f"{summary['samples']:,} noisy samples ({summary['samples'] / summary['num_images']:,.0f} per image)"
-    ]
-    if "abstain_rate" in summary:
-        rate = summary["abstain_rate"]
+    label = f"{summary.sigma:g}"
+    rows = {label: result.certified_accuracy}
+    bound = result.certified_accuracy_lower_bound
+    if bound is not None:
+        rows[f"{label} lower bound"] = bound
+    acr = result.average_certified_radius
+    table = format_table(rows, result.radii, acr=None if acr is None else {label: acr})
+    if bound is not None and result.false_certificates_allowed is not None:
+        table += "\n" + bound_note(result.rho, result.false_certificates_allowed, result.num_images)
+    extra = []
+    if result.samples is not None:
+        extra.append(
+            f"{result.samples:,} noisy samples ({result.samples / result.num_images:,.0f} per image)"
+        )
+    if not result.grid_only:  # a grid-only procedure certifies each radius or not: no abstention to count
+        rate = result.abstain_rate
         extra.append(
             "abstain rate not measured (skip_wrong_guess)" if rate is None else f"abstain rate {rate:.4f}"
         )
-    saving = sample_saving(summary)
+    saving = sample_saving(name, result)
     return (
-        f"{summary['mode']}: certified accuracy (%) of {summary['num_images']} images, {', '.join(extra)}:\n"
+        f"{name}: certified accuracy (%) of {result.num_images} images, {', '.join(extra)}:\n"
         f"{table}{f'{chr(10)}{saving}' if saving else ''}"
     )
 
 
-def sample_saving(summary: dict) -> str | None:
+def sample_saving(procedure: str, result: CertifiedSummary) -> str | None:
     """The samples a sequential procedure used against fixed-n certify's (n0 + n per image), as one line."""
-    if not summary.get("saving_vs_fixed_n"):
+    cost = result.sequential
+    if cost is None or not cost.saving_vs_fixed_n:
         return None
     return (
-        f"{summary['mode']} used {summary['samples']:,} noisy samples where fixed-n certify would use "
-        f"{summary['fixed_n_samples']:,} (n0 + n per image): {summary['saving_vs_fixed_n']:.1f}x fewer"
+        f"{procedure} used {result.samples:,} noisy samples where fixed-n certify would use "
+        f"{cost.fixed_n_samples:,} (n0 + n per image): {cost.saving_vs_fixed_n:.1f}x fewer"
     )
 
 
-def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> None:
+def _log_to_loggers(trainer: pl.Trainer, summary: RunSummary, png: Path | None) -> None:
     """The results as metrics for every logger; for Weights & Biases also the certified-accuracy table and
     plot, and the end of the W&B run (the next job of a -m sweep must not log into it)."""
-    if "certified_accuracy" in summary:
-        metrics = {f"cert/acc@{key}": value for key, value in summary["certified_accuracy"].items()}
-        if summary.get("average_certified_radius") is not None:
-            metrics["cert/acr"] = summary["average_certified_radius"]
-    else:
-        metrics = {f"{summary['mode']}/accuracy": summary["accuracy"]}
-    if summary.get("abstain_rate") is not None:
-        metrics[f"{'cert' if png else summary['mode']}/abstain_rate"] = summary["abstain_rate"]
+    result = summary.result
+    metrics = result.metrics(summary.procedure.name)
     for lg in trainer.loggers:
         # a radius beyond the run's reach: BEYOND in the CSV file, left out where a metric must be a number
         # (Lightning's signature says float; the CSV writer writes any value)
@@ -425,9 +412,9 @@ def _log_to_loggers(trainer: pl.Trainer, summary: dict, png: Path | None) -> Non
             if isinstance(lg, CSVLogger)
             else {k: v for k, v in metrics.items() if v is not None}
         )
-        if isinstance(lg, WandbLogger) and png is not None:
-            keys = [radius_key(r) for r in summary["radii"]]
-            row = [summary["sigma"], *(summary["certified_accuracy"][k] for k in keys)]
+        if isinstance(lg, WandbLogger) and isinstance(result, CertifiedSummary) and png is not None:
+            keys = [radius_key(r) for r in result.radii]
+            row = [summary.sigma, *(result.certified_accuracy[k] for k in keys)]
             lg.log_table(key="certified_accuracy", columns=["sigma", *(f"r={k}" for k in keys)], data=[row])
             lg.log_image(key="certified_accuracy_plot", images=[str(png)])
         lg.save()

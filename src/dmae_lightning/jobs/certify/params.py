@@ -9,13 +9,19 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from dmae_lightning.certification.checks import check_alpha, check_counts, check_precision
+from dmae_lightning.certification.checks import (
+    PRECISION_NAMES,
+    check_alpha,
+    check_counts,
+    check_precision,
+    evenly_spaced,
+)
 from dmae_lightning.certification.metrics import DEFAULT_RHO
 from dmae_lightning.certification.procedures import PROCEDURES
 from dmae_lightning.data import SPLITS
 from dmae_lightning.errors import ConfigError
+from dmae_lightning.models.weights import read_checkpoint
 from dmae_lightning.noise import Noise, noise_from_config
 
 _TRAINER_PRECISIONS = ("32-true", "32", 32)
@@ -23,20 +29,21 @@ _TRAINER_PRECISIONS = ("32-true", "32", 32)
 
 @dataclass(frozen=True)
 class JobParams:
-    mode: str  # a key of PROCEDURES
-    ckpt_path: Path
+    procedure: str  # a key of PROCEDURES
+    weights: Path  # the classifier to certify
     split: str
     skip: int
     max: int | None
-    images: int | None  # N evenly spaced images (protocol=images500 / images1000) instead of skip and max
+    num_images: int | None  # N evenly spaced images (protocol=images500 / images1000) instead of skip and max
     n0: int
     n: int
     alpha: float
     rho: float  # failure probability of the data-set-level lower bound on certified accuracy
     noise: Noise  # the job's one noise: sampling and radii
-    batch: int
+    noise_override: bool  # another noise than the checkpoint's training noise is allowed
+    batch_size: int
     seed: int
-    precision: str  # auto | fp32 | bf16 | fp16 (auto is resolved once the device is known)
+    precision: str  # 32-true | bf16-mixed | 16-mixed (Lightning's names; the hardware group sets it)
     compile: bool
     skip_wrong_guess: bool
     radii: tuple[float, ...] | None
@@ -62,26 +69,25 @@ def _radii(value) -> tuple[float, ...] | None:
 
 def subset_indices(size: int, params: JobParams) -> tuple[int, list[int]]:
     """(skip, indices) of the images to certify among the split's ``size``: ``range(0, size, skip)[:max]``,
-    or with ``images`` = N the N evenly spaced images ``range(0, size, size // N)[:N]``; ConfigError (one
+    or with ``num_images`` = N the N evenly spaced images ``range(0, size, size // N)[:N]``; ConfigError (one
     line) when the split has fewer than N images."""
-    if params.images is None:
+    if params.num_images is None:
         return params.skip, list(range(0, size, params.skip))[: params.max]
-    if params.images > size:
-        raise ConfigError(f"images={params.images}, but the {params.split} split has only {size} images")
-    skip = size // params.images
-    return skip, list(range(0, size, skip))[: params.images]
+    try:
+        return size // params.num_images, evenly_spaced(size, params.num_images)
+    except ValueError:
+        raise ConfigError(
+            f"num_images={params.num_images}, but the {params.split} split has only {size} images"
+        ) from None
 
 
 def validate(cfg: DictConfig) -> JobParams:
     """Check every top-level key before anything is loaded; ConfigError (one line) on the first bad one."""
-    try:
-        ckpt_path = cfg.ckpt_path
-    except MissingMandatoryValue:
-        ckpt_path = None
-    if not ckpt_path:
-        raise ConfigError("ckpt_path is required: python certify.py ckpt_path=PATH ...")
+    weights = OmegaConf.select(cfg, "weights", throw_on_missing=False)
+    if not weights:
+        raise ConfigError("weights is required: python certify.py weights=PATH ...")
     try:  # the library's own range rules (certification.checks)
-        check_counts(n0=cfg.get("n0"), n=cfg.get("n"), batch=cfg.get("batch"))
+        check_counts(n0=cfg.get("n0"), n=cfg.get("n"), batch_size=cfg.get("batch_size"))
         check_alpha(cfg.alpha)
         check_alpha(cfg.get("rho", DEFAULT_RHO), "rho")
         check_precision(cfg.precision)
@@ -93,24 +99,36 @@ def validate(cfg: DictConfig) -> JobParams:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     if cfg.max is not None and (not _is_int(cfg.max) or cfg.max < 1):
         raise ConfigError(f"max must be an integer >= 1 or null, got {cfg.max!r}")
-    images = cfg.get("images")
-    if images is not None:
-        if not _is_int(images) or images < 1:
-            raise ConfigError(f"images must be an integer >= 1 or null, got {images!r}")
+    num_images = cfg.get("num_images")
+    if num_images is not None:
+        if not _is_int(num_images) or num_images < 1:
+            raise ConfigError(f"num_images must be an integer >= 1 or null, got {num_images!r}")
         if cfg.skip != 1 or cfg.max is not None:
             raise ConfigError(
-                f"images={images} (protocol=images{images}) picks evenly spaced images itself: leave skip and max "
-                f"at their defaults (got skip={cfg.skip}, max={cfg.max})"
+                f"num_images={num_images} (protocol=images{num_images}) picks evenly spaced images itself: leave "
+                f"skip and max at their defaults (got skip={cfg.skip}, max={cfg.max})"
             )
+    if cfg.get("noise") is None:  # ${checkpoint_noise:} found none
+        path = Path(str(weights)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"weights={weights} does not exist or is not a file")
+        try:  # a file that does not load says so (its tensors mapped, not read)
+            read_checkpoint(path, mmap=True)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        raise ConfigError(
+            f"{weights} does not record the noise it was trained with (an official or plain file): choose the "
+            "smoothing noise, e.g. noise=sigma_0.25"
+        )
     try:
         noise = noise_from_config(cfg.noise)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    if cfg.mode not in PROCEDURES:
-        raise ConfigError(f"mode must be one of {'|'.join(PROCEDURES)}, got {cfg.mode!r}")
+    if cfg.procedure not in PROCEDURES:
+        raise ConfigError(f"procedure must be one of {'|'.join(PROCEDURES)}, got {cfg.procedure!r}")
     if cfg.split not in SPLITS:
         raise ConfigError(f"split must be one of {'|'.join(SPLITS)}, got {cfg.split!r}")
-    for key in ("skip_wrong_guess", "compile"):
+    for key in ("skip_wrong_guess", "compile", "noise_override"):
         if not isinstance(cfg.get(key), bool):
             raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     log_every_s = cfg.get("log_every_s", 60)
@@ -119,21 +137,22 @@ def validate(cfg: DictConfig) -> JobParams:
     if cfg.trainer.get("precision", "32-true") not in _TRAINER_PRECISIONS:
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision} would autocast the whole job: leave it at 32-true "
-            "and choose the classifier's precision with the top-level key precision=auto|fp32|bf16|fp16"
+            f"and choose the classifier's precision with the top-level key precision={'|'.join(PRECISION_NAMES)}"
         )
     return JobParams(
-        mode=cfg.mode,
-        ckpt_path=Path(str(ckpt_path)).expanduser(),
+        procedure=cfg.procedure,
+        weights=Path(str(weights)).expanduser(),
         split=cfg.split,
         skip=cfg.skip,
         max=cfg.max,
-        images=images,
+        num_images=num_images,
         n0=cfg.n0,
         n=cfg.n,
         alpha=float(cfg.alpha),
         rho=float(cfg.get("rho", DEFAULT_RHO)),
         noise=noise,
-        batch=cfg.batch,
+        noise_override=cfg.get("noise_override", False),
+        batch_size=cfg.batch_size,
         seed=cfg.seed,
         precision=cfg.precision,
         compile=cfg.compile,

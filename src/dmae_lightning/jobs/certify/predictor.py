@@ -10,7 +10,6 @@ handler sets): ``SIGTERMException``, which ``config.run_in_dir`` turns into one 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from dmae_lightning.certification.procedures import Procedure
 from dmae_lightning.certification.records import Record, ShardWriter
 from dmae_lightning.certification.sampler import Sampler
 from dmae_lightning.data import DataError
+from dmae_lightning.training.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SmoothingPredictor(pl.LightningModule):
         self.model.eval()
         p = self.params
         self.sampler = Sampler(
-            self.model, self.num_classes, p.noise, p.seed, p.batch, p.precision, p.compile, self.device
+            self.model, self.num_classes, p.noise, p.seed, p.batch_size, p.precision, p.compile, self.device
         )
         self.writer = ShardWriter(
             self.run_dir / f"{self.procedure.name}.rank{self.global_rank}.tsv", self.procedure.record_type
@@ -190,10 +190,3 @@ class ImageProgressBar(TQDMProgressBar):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
         self.predict_progress_bar.set_description(self.description, refresh=False)  # no "DataLoader 0"
-
-
-def duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -19,7 +19,7 @@ from dmae_lightning.certification.records import (
     one_per_idx,
     read_records,
 )
-from dmae_lightning.errors import ConfigError, one_line
+from dmae_lightning.jobs.rundir import read_record, refuse_other_settings
 
 
 def shard_paths(run_dir: Path, mode: str) -> list[Path]:
@@ -58,26 +58,13 @@ def _params_path(run_dir: Path, mode: str) -> Path:
 
 def check_params(run_dir: Path, key: dict, mode: str) -> None:
     """Refuse to resume into a directory whose results came from other settings (reads only)."""
-    path = _params_path(run_dir, mode)
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(previous, dict):
-                raise ValueError(f"a JSON {type(previous).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"{path} is damaged ({one_line(err)}): it says which settings the results in "
-                f"{run_dir} came from, so they cannot be resumed safely; restore it, or choose "
-                "another run_name (or hydra.run.dir) for a new run"
-            ) from None
-        differ = [
-            f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in key.items() if previous.get(k) != v
-        ]
-        if differ:
-            raise ConfigError(
-                f"run directory {run_dir} holds {mode} results of other settings ({'; '.join(differ)}): "
-                "choose another run_name (or hydra.run.dir) for a new run"
-            )
+    previous = read_record(
+        _params_path(run_dir, mode),
+        f"it says which settings the results in {run_dir} came from, so they cannot be resumed safely; restore "
+        "it, or choose another run_name (or hydra.run.dir) for a new run",
+    )
+    if previous is not None:
+        refuse_other_settings(run_dir, previous, key)
 
 
 def record_params(run_dir: Path, key: dict, mode: str) -> None:
