@@ -23,10 +23,9 @@ from dmae_lightning.noise import GaussianNoise
 from dmae_lightning.rng import seeded_generator
 from dmae_lightning.training.finetune import (
     BaseClassifierModule,
-    mix_then_noise,
     smoothed_one_hot,
 )
-from dmae_lightning.training.objectives import consistency_terms
+from dmae_lightning.training.objectives import consistency_terms, noisy_copies
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch")
@@ -83,7 +82,7 @@ def test_training_step_loss_is_ce_plus_weighted_consistency(make_digits, make_tr
     )
     torch.nn.init.normal_(module.model.head.weight, std=0.5)  # copies disagree: a non-trivial KL term
     seen = {}
-    real_forward = module.forward
+    real_forward = module.model.forward  # the objective calls the network
 
     def recording_forward(imgs):
         logits = real_forward(imgs)
@@ -91,7 +90,7 @@ def test_training_step_loss_is_ce_plus_weighted_consistency(make_digits, make_tr
             seen["logits"], seen["inputs"] = logits.detach().double().numpy(), imgs.detach().clone()
         return logits
 
-    module.forward = recording_forward
+    module.model.forward = recording_forward
     dm = make_digits(batch_size=8, subset_first=8)
     trainer = make_trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(module, dm)
@@ -151,7 +150,7 @@ def _classify_mix(values, mixed, lam):
     return "mixup"
 
 
-def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
+def test_mix_then_noisy_copies_give_noise_of_exactly_sigma_and_shared_partners():
     b, m, sigma, classes, smoothing = 256, 2, 0.25, 10, 0.1
     module = BaseClassifierModule(
         "vit_micro_patch4",
@@ -167,8 +166,8 @@ def test_mix_then_noise_gives_noise_of_exactly_sigma_and_shared_partners():
         np.random.seed(np_seed)  # timm draws lambda and the mode from numpy's global RNG
         clean = values[:, None, None, None].expand(b, 3, 16, 16).clone()  # [B, 3, 16, 16], constant per image
         mix = RecordingMix(module.mix)
-        inputs, targets = mix_then_noise(
-            clean, labels, mix, GaussianNoise(sigma), m, seeded_generator(5, np_seed)
+        inputs, targets = noisy_copies(
+            *mix(clean, labels), GaussianNoise(sigma), m, seeded_generator(5, np_seed)
         )
         assert inputs.shape == (m * b, 3, 16, 16) and targets.shape == (m * b, classes)
         # Lambda from the soft targets: target[y_i] = lam (1 - s) + s / C.
@@ -216,8 +215,8 @@ def test_noise_before_mixing_would_shrink_the_noise():
     assert math.sqrt(variance) < 0.9 * sigma  # about 0.83 sigma: no longer the smoothing distribution
     # Ours on the same clean images (zeros): exactly sigma.
     np.random.seed(0)
-    ours, _ = mix_then_noise(
-        torch.zeros(b, 3, 4, 4), labels, mixer, GaussianNoise(sigma), 1, torch.Generator().manual_seed(1)
+    ours, _ = noisy_copies(
+        *mixer(torch.zeros(b, 3, 4, 4), labels), GaussianNoise(sigma), 1, torch.Generator().manual_seed(1)
     )
     assert ours.double().std().item() == pytest.approx(sigma, rel=0.02)
 
@@ -479,9 +478,9 @@ def test_objectives_equal_a_float64_hand_computation():
         torch.tensor(logits, dtype=torch.float32),
         torch.tensor(targets, dtype=torch.float32),
     )
-    plain, terms = GaussianAugmentation().loss(t_logits, t_targets)
+    plain, terms = GaussianAugmentation().loss_of_logits(t_logits, t_targets)
     assert float(plain) == pytest.approx(ce, rel=1e-5) and set(terms) == {"ce"}
-    loss, terms = Consistency(copies=2, lbd=2.0, eta=0.1).loss(t_logits, t_targets)
+    loss, terms = Consistency(copies=2, lbd=2.0, eta=0.1).loss_of_logits(t_logits, t_targets)
     assert float(loss) == pytest.approx(ce + 2.0 * kl + 0.1 * entropy, rel=1e-5)
     assert set(terms) == {"ce", "consistency_kl", "consistency_entropy"}
     with pytest.raises(ValueError, match="consistency needs m >= 2"):

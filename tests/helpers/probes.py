@@ -18,8 +18,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-import dmae_lightning.training.finetune as finetune_mod
-
 NUM_VALUES = 16  # first values of the flattened noise tensor kept per step
 
 
@@ -64,21 +62,16 @@ class NoiseProbe(pl.Callback):
                 return noisy
 
             model.add_noise = probed_add_noise
-        else:  # fine-tuning: finetune.mix_then_noise(imgs, labels, mix, noise, m, generator)
-            mix_then_noise = finetune_mod.mix_then_noise
+        else:  # fine-tuning: the objective draws its noisy copies with noise.perturb(clean copies, generator)
+            noise = pl_module.noise
+            perturb = noise.perturb
 
-            def probed_mix_then_noise(imgs, labels, mix, noise, m, generator):
-                mixed = {}
+            def probed_perturb(imgs, generator=None):
+                noisy = perturb(imgs, generator)
+                self.record((noisy - imgs) / noise.sigma)  # (in training steps only)
+                return noisy
 
-                def probed_mix(x, y):
-                    mixed["imgs"], targets = mix(x, y)
-                    return mixed["imgs"], targets
-
-                inputs, targets = mix_then_noise(imgs, labels, probed_mix, noise, m, generator)
-                self.record((inputs - mixed["imgs"].repeat(m, 1, 1, 1)) / noise.sigma)
-                return inputs, targets
-
-            finetune_mod.mix_then_noise = probed_mix_then_noise
+            object.__setattr__(noise, "perturb", probed_perturb)  # the frozen noise object the module holds
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         print(

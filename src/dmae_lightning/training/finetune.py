@@ -9,7 +9,6 @@ Two rules that the reference code breaks and we keep:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,24 +31,6 @@ CHANCE_MARGIN = 2.0
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes  # [B, C]
-
-
-def mix_then_noise(
-    imgs: torch.Tensor,
-    labels: torch.Tensor,
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    noise: Noise,
-    m: int,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix clean images (``mix``: timm's Mixup, or label smoothing only), repeat each ``m`` times,
-    then add the noise.
-
-    Returns noisy inputs [m*B, 3, H, W] (copy-major) and their soft targets [m*B, C].
-    """
-    imgs, soft_targets = mix(imgs, labels)  # [B, 3, H, W], [B, C]
-    imgs = imgs.repeat(m, 1, 1, 1)  # [m*B, 3, H, W]: copies share partner and lambda
-    return noise.perturb(imgs, generator), soft_targets.repeat(m, 1)
 
 
 class BaseClassifierModule(NoisyTrainingModule):
@@ -83,7 +64,7 @@ class BaseClassifierModule(NoisyTrainingModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["noise"])
         # as trained, the defaults filled in (e.g. the paper's eta at this sigma)
-        self.hparams["objective"] = {"name": self.objective.name, **dataclasses.asdict(self.objective)}
+        self.hparams["objective"] = self.objective.settings()
         model = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         if not isinstance(model, VisionTransformerClassifier):
             raise ValueError(
@@ -97,6 +78,10 @@ class BaseClassifierModule(NoisyTrainingModule):
         mixup = dict(mixup or {})
         self.mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
+            if not self.objective.allows_mixup:
+                raise ValueError(
+                    f"objective {self.objective.name} needs hard labels: switch mixup off (task.module.mixup=null)"
+                )
             self.mix = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
         else:
             self.mix = lambda imgs, labels: (imgs, smoothed_one_hot(labels, num_classes, label_smoothing))
@@ -108,9 +93,10 @@ class BaseClassifierModule(NoisyTrainingModule):
 
     def training_loss(self, batch, generator: torch.Generator) -> torch.Tensor:
         imgs, labels = batch  # [B, 3, H, W] in [0,1], [B]
-        copies = self.objective.copies
-        inputs, targets = mix_then_noise(imgs, labels, self.mix, self.noise, copies, generator)
-        loss, terms = self.objective.loss(self(inputs), targets)  # logits [m*B, C]
+        imgs, targets = self.mix(
+            imgs, labels
+        )  # mixed clean images, soft targets [B, C]: the noise comes after
+        loss, terms = self.objective.loss(self.model, imgs, targets, self.noise, generator)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, sync_dist=True)
         return loss
