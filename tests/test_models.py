@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
 from dmae_lightning.models import DMAEViT, VisionTransformerClassifier, create_model, list_models
 from dmae_lightning.models.layers import sincos_pos_embed_2d
@@ -308,6 +309,12 @@ def test_drop_path_rises_linearly():
         [getattr(b.drop_path1, "drop_prob", 0.0) for b in pre.blocks], np.linspace(0, 0.2, 6), atol=1e-7
     )
     assert all(getattr(b.drop_path1, "drop_prob", 0.0) == 0.0 for b in pre.decoder_blocks)  # decoder: none
+    for one in (
+        create_model("vit_micro_patch4", depth=1, drop_path_rate=0.1),
+        create_model("dmae_vit_micro_patch4", depth=1, drop_path_rate=0.1),
+    ):
+        block = one.blocks[0]  # a single block keeps the full rate (timm's linspace would give it 0)
+        assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == 0.1
 
 
 # --- classifier -----------------------------------------------------------------------------------------
@@ -319,7 +326,7 @@ def test_avg_pool_uses_fc_norm_of_mean_patch_token():
     with torch.no_grad():
         for p in (model.fc_norm.weight, model.fc_norm.bias, model.head.weight, model.head.bias):
             p.normal_()  # make fc_norm and head non-trivial
-    assert not hasattr(model, "norm")
+    assert isinstance(model.norm, torch.nn.Identity)  # timm's: the final norm moves after the pooling
     imgs = images(3, size=24)
     captured = []
     hook = model.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.append(out))
@@ -339,7 +346,7 @@ def test_avg_pool_uses_fc_norm_of_mean_patch_token():
 def test_token_pool_with_head_batchnorm():
     torch.manual_seed(0)
     model = create_model("vit_micro_patch4", num_classes=4, global_pool="token", head_batchnorm=True).eval()
-    assert not hasattr(model, "fc_norm")
+    assert isinstance(model.fc_norm, torch.nn.Identity)
     imgs = images(2)
     captured = []
     hook = model.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.append(out))
@@ -349,6 +356,40 @@ def test_token_pool_with_head_batchnorm():
     expected = F.layer_norm(captured[0][:, 0], (64,), model.norm.weight, model.norm.bias, eps=1e-6)
     torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5)
     assert isinstance(model.head_norm, torch.nn.BatchNorm1d) and not model.head_norm.affine
+    with torch.no_grad():
+        model.head_norm.running_mean.normal_()  # so that a skipped head_norm would show
+        logits = model(imgs)
+        torch.testing.assert_close(logits, model.head(model.head_norm(feats)), rtol=0, atol=0)
+        # timm's own entry points, on the normalised model-size input, include head_norm too.
+        tokens = VisionTransformer.forward_features(model, model.pixel_input(imgs))  # [B, 1+L, D]
+        torch.testing.assert_close(model.forward_head(tokens), logits, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), feats, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool, head_batchnorm", [("avg", False), ("token", True)])
+def test_classifier_is_timm_vit_with_the_release_names(pool, head_batchnorm):
+    """timm's VisionTransformer, with exactly the parameter names of the MAE/DMAE releases (and our checkpoints)."""
+    model = create_model("vit_micro_patch8", num_classes=3, global_pool=pool, head_batchnorm=head_batchnorm)
+    assert isinstance(model, VisionTransformer)
+    block = [
+        f"{m}.{t}"
+        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for t in ("weight", "bias")
+    ]
+    expected = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "head.weight",
+        "head.bias",
+    }
+    expected |= {f"blocks.{i}.{k}" for i in range(2) for k in block}
+    expected |= {f"{'fc_norm' if pool == 'avg' else 'norm'}.{t}" for t in ("weight", "bias")}
+    if head_batchnorm:
+        expected |= {f"head_norm.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")}
+    assert set(model.state_dict()) == expected
+    assert model.pos_embed.shape == (1, 17, 64) and model.pos_embed.requires_grad
 
 
 def test_head_init_std():

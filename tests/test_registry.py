@@ -10,6 +10,7 @@ import io
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from dmae_lightning.models import (
     PRETRAIN_PREFIX,
@@ -69,5 +70,6 @@ def test_every_registered_model(name):
 def test_classifiers_are_in_timm_s_registry(name):
     model = timm.create_model(name, num_classes=7, **shallow(name))
     assert isinstance(model, VisionTransformerClassifier) and model.head.out_features == 7
+    assert isinstance(model, VisionTransformer)  # a subclass of timm's own ViT
     with pytest.raises(ValueError, match="no weights to download"):
         timm.create_model(name, pretrained=True)

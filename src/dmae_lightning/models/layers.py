@@ -72,9 +72,19 @@ class PixelInput(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # [B, 3, S, S]
 
 
+# The norm of every block and of the final norms, as in MAE/DMAE: torch's LayerNorm with eps 1e-6 (a partial,
+# which timm's get_norm_layer and Block accept, and call with device/dtype keywords).
+layer_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate``; a single block gets the full rate
+    (a plain ``linspace`` would give it 0)."""
+    return torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+
+
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0):
     """Pre-norm timm blocks (qkv bias, LayerNorm eps 1e-6, fused attention), drop path rising linearly."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
     return nn.ModuleList(
         Block(
             dim,
@@ -83,14 +93,51 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, d
             qkv_bias=True,
             drop_path=rate,
             # timm annotates Type[nn.Module] but calls any factory (its own models pass partial(LayerNorm, eps=1e-6))
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+            norm_layer=layer_norm,  # type: ignore[arg-type]
         )
-        for rate in rates
+        for rate in drop_path_rates(drop_path_rate, depth)
     )
 
 
+# Tokens and position embeddings (timm's convention); biases and norms are excluded as 1-d.
+NO_WEIGHT_DECAY = frozenset({"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"})
+
+
+def layer_decay_groups(depth: int) -> dict:
+    """``group_matcher`` of both models, for timm's layer-wise lr decay: stem 0, block i -> i + 1, final
+    norms and head ``depth + 1``."""
+    return dict(
+        stem=r"^cls_token|^pos_embed|^patch_embed",
+        # Not timm's (99999,), which merges the final norm and head into the last block's group: MAE
+        # and BEiT give them a layer of their own (scale decay^0, the last block decay^1).
+        blocks=[
+            (r"^blocks\.(\d+)", None),
+            (r"^(?:norm|fc_norm|head_norm|head)\b", (depth + 1,)),
+        ],
+    )
+
+
+def init_stem(patch_embed: PatchEmbed, cls_token: torch.Tensor) -> None:
+    """MAE's init of the patch projection (xavier, like a linear layer) and the cls token (normal, std 0.02)."""
+    w = patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(cls_token, std=0.02)
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE's init of the rest (``model.apply``): xavier-uniform linear weights, zero biases, unit norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class ViTEncoderBase(nn.Module):
-    """Patch embedding, cls token, position embedding and transformer blocks of a ViT.
+    """Patch embedding, cls token, fixed position embedding and transformer blocks of the DMAE encoder
+    (the classifier is timm's VisionTransformer with the same names and maths, see :mod:`.vit`).
 
     Attribute names follow the MAE/DMAE releases (``patch_embed.proj``, ``cls_token``,
     ``pos_embed``, ``blocks.N``) so official state dicts load without renaming.
@@ -123,35 +170,15 @@ class ViTEncoderBase(nn.Module):
         self.blocks = transformer_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
 
     def no_weight_decay(self) -> set[str]:
-        """Tokens and position embeddings (timm's convention); biases and norms are excluded as 1-d."""
-        return {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+        return set(NO_WEIGHT_DECAY)
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, final norms and head last."""
-        return dict(
-            stem=r"^cls_token|^pos_embed|^patch_embed",
-            # Not timm's (99999,), which merges the final norm and head into the last block's group: MAE
-            # and BEiT give them a layer of their own (scale decay^0, the last block decay^1).
-            blocks=[
-                (r"^blocks\.(\d+)", None),
-                (r"^(?:norm|fc_norm|head_norm|head)\b", (len(self.blocks) + 1,)),
-            ],
-        )
+        return layer_decay_groups(len(self.blocks))
 
     def init_encoder_weights(self) -> None:
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a linear layer, as in MAE
-        nn.init.normal_(self.cls_token, std=0.02)
+        init_stem(self.patch_embed, self.cls_token)
 
-    @staticmethod
-    def init_linear_and_norm(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_linear_and_norm = staticmethod(init_linear_and_norm)
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised [B, 3, S, S] -> patch tokens with position embedding [B, L, D] (no cls token)."""
