@@ -6,6 +6,8 @@ here, one line in :data:`OBJECTIVES` and one yaml.
 
 - ``gaussian`` (:class:`.consistency.GaussianAugmentation`): cross-entropy on noisy inputs (Cohen et al. 2019)
 - ``consistency`` (:class:`.consistency.Consistency`): plus Jeong & Shin's (2020) regulariser over noisy copies
+- ``stability`` (:class:`.stability.Stability`): clean cross-entropy plus a clean-vs-noisy term (Li et al. 2019)
+- ``macer`` (:class:`.macer.Macer`): smoothed classifier's cross-entropy plus a radius hinge (Zhai et al. 2020)
 
 Imports: torch, the noise and the models' layers (no Lightning)."""
 
@@ -22,8 +24,12 @@ from dmae_lightning.training.objectives.consistency import (
     GaussianAugmentation,
     consistency_terms,
 )
+from dmae_lightning.training.objectives.macer import Macer, macer_terms
+from dmae_lightning.training.objectives.stability import Stability, stability_terms
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (GaussianAugmentation, Consistency)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (GaussianAugmentation, Consistency, Stability, Macer)
+}
 
 
 def objective_from_config(config: Mapping[str, Any], noise: Noise) -> Objective:
@@ -47,8 +53,12 @@ __all__ = [
     "OBJECTIVES",
     "Consistency",
     "GaussianAugmentation",
+    "Macer",
     "Objective",
+    "Stability",
     "consistency_terms",
+    "macer_terms",
     "noisy_copies",
     "objective_from_config",
+    "stability_terms",
 ]
