@@ -8,6 +8,9 @@ here, one line in :data:`OBJECTIVES` and one yaml.
 - ``consistency`` (:class:`.consistency.Consistency`): plus Jeong & Shin's (2020) regulariser over noisy copies
 - ``stability`` (:class:`.stability.Stability`): clean cross-entropy plus a clean-vs-noisy term (Li et al. 2019)
 - ``macer`` (:class:`.macer.Macer`): smoothed classifier's cross-entropy plus a radius hinge (Zhai et al. 2020)
+- ``smoothadv`` (:class:`.smoothadv.SmoothAdv`): L2 PGD on the smoothed classifier, CE on x' + noise (Salman et al.
+  2019)
+- ``smoothmix`` (:class:`.smoothmix.SmoothMix`): CE plus mixing toward the smoothed adversary (Jeong et al. 2021)
 
 Imports: torch, the noise and the models' layers (no Lightning)."""
 
@@ -25,10 +28,12 @@ from dmae_lightning.training.objectives.consistency import (
     consistency_terms,
 )
 from dmae_lightning.training.objectives.macer import Macer, macer_terms
+from dmae_lightning.training.objectives.smoothadv import SmoothAdv
+from dmae_lightning.training.objectives.smoothmix import SmoothMix
 from dmae_lightning.training.objectives.stability import Stability, stability_terms
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (GaussianAugmentation, Consistency, Stability, Macer)
+    cls.name: cls for cls in (GaussianAugmentation, Consistency, Stability, Macer, SmoothAdv, SmoothMix)
 }
 
 
@@ -55,6 +60,8 @@ __all__ = [
     "GaussianAugmentation",
     "Macer",
     "Objective",
+    "SmoothAdv",
+    "SmoothMix",
     "Stability",
     "consistency_terms",
     "macer_terms",

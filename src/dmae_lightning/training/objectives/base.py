@@ -50,6 +50,10 @@ class Objective(ABC):
         """The objective with ``settings`` (its fields) for training under ``noise``."""
         return cls(**settings)
 
+    def at_epoch(self, epoch: int) -> Objective:
+        """The objective as it trains in (0-based) epoch ``epoch`` (warm-ups applied); itself by default."""
+        return self
+
     def settings(self) -> dict[str, Any]:
         """What the checkpoint records: the name and every field (defaults filled in)."""
         return {"name": self.name, **dataclasses.asdict(self)}
