@@ -60,6 +60,11 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
     # The printed table and output paths.
     assert "| r=0 | r=0.25 | r=0.5 |" in proc.stdout and f"{100 * acc0:.1f}" in proc.stdout
     assert str((run / "certify" / "latest").resolve() / "certify.tsv") in proc.stdout
+    # The attack stage on the same images: its row beside the certified one, and the cross-check line.
+    attack = json.loads((run / "attack" / "latest" / "summary.json").read_text())
+    assert attack["procedure"] == "attack" and attack["num_images"] == 60
+    assert "| same model, under attack (empirical) |" in proc.stdout
+    assert "cross-check: r=0.25: " in proc.stdout and "consistent with sound certificates" in proc.stdout
 
     # Running again does not redo finished stages: no file is rewritten.
     mtimes = {
@@ -68,7 +73,7 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
     again = run_quickstart(run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert (again.stdout + again.stderr).count("already complete") == 3
+    assert (again.stdout + again.stderr).count("already complete") == 4
 
 
 @pytest.mark.slow
@@ -187,7 +192,9 @@ def finished(tmp_path: Path, typed: list[str]) -> tuple:
     from dmae_lightning.jobs.quickstart import DONE, certification_dir
     from dmae_lightning.jobs.quickstart import quickstart_stages as place
 
-    cfg = compose(CONF, "train", ["experiment=quickstart", *typed], output_dir=tmp_path)
+    cfg = compose(
+        CONF, "train", ["experiment=quickstart", "quickstart.attack=null", *typed], output_dir=tmp_path
+    )
     conf, overrides = place(cfg)
     checkpoint = f"weights={tmp_path / 'finetune' / 'checkpoints' / 'last.ckpt'}"
     certified = certification_dir(tmp_path, cfg.procedure, conf, [*overrides["certify"], checkpoint])

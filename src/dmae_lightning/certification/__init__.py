@@ -1,13 +1,13 @@
 """Randomized-smoothing certification, a library importable without Hydra or Lightning's Trainer.
 
-- :mod:`.protocol`    the procedure interface and its Draw requests (what a new procedure implements)
-- :mod:`.procedures`  CERTIFY, PREDICT, sequential CERTIFY_RADII (``PROCEDURES``: a new one is a class and an entry)
+- :mod:`.protocol`    the procedure interface and its requests (Draw, DrawAround, Attack: what a procedure yields)
+- :mod:`.procedures`  CERTIFY, PREDICT, sequential CERTIFY_RADII, the attack (``PROCEDURES``: a class and an entry)
 - :mod:`.smooth`      ``Smooth``: the smoothed classifier that runs any procedure on labelled images
 - :mod:`.sampler`     the Monte Carlo engine: block-seeded noise, many images per forward batch
 - :mod:`.confidence`  Clopper-Pearson bounds and the confidence sequence behind CERTIFY_RADII (numpy/scipy)
-- :mod:`.checks`      the range rules of counts, alpha and precision
+- :mod:`.checks`      the range rules of counts, alpha and precision, and "N evenly spaced images"
 - :mod:`.records`     per-image record types, crash-safe TSV shards and JSON files (no torch)
-- :mod:`.metrics`     certified accuracy, its data-set-level bound, ACR, abstain rate (no torch)
+- :mod:`.metrics`     certified accuracy, its data-set-level bound, ACR, abstain rate, the attack cross-check (no torch)
 - :mod:`.summary`     each kind of procedure's typed result (no torch)
 - :mod:`.runs`        a run's summary.json as a typed object, and its one reader
 - :mod:`.report`      Markdown/LaTeX tables and plots (no torch)
@@ -25,13 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 _HOMES = {
     "PROCEDURES": "procedures",
+    "AttackPredict": "procedures",
     "Certify": "procedures",
     "CertifyRadii": "procedures",
     "Predict": "procedures",
     "lower_confidence_bound": "procedures",
+    "Attack": "protocol",
     "Draw": "protocol",
+    "DrawAround": "protocol",
     "Procedure": "protocol",
     "ABSTAIN": "records",
+    "AttackRecord": "records",
     "CertifyRecord": "records",
     "PredictRecord": "records",
     "RadiiRecord": "records",
@@ -42,32 +46,38 @@ _HOMES = {
     "Sampler": "sampler",
     "Smooth": "smooth",
     "CertifiedSummary": "summary",
+    "EmpiricalSummary": "summary",
     "PredictionSummary": "summary",
     "RunSummary": "runs",
     "read_summary": "runs",
 }
 __all__ = [
     "ABSTAIN",
-    "NOISE_BLOCK",
-    "NOISE_SCHEME",
-    "PROCEDURES",
+    "Attack",
+    "AttackPredict",
+    "AttackRecord",
+    "CertifiedSummary",
     "Certify",
     "CertifyRadii",
     "CertifyRecord",
     "Draw",
+    "DrawAround",
+    "EmpiricalSummary",
+    "NOISE_BLOCK",
+    "NOISE_SCHEME",
     "NonFiniteLogits",
+    "PROCEDURES",
     "Predict",
     "PredictRecord",
+    "PredictionSummary",
     "Procedure",
     "RadiiRecord",
     "Record",
+    "RunSummary",
     "Sampler",
     "Smooth",
-    "CertifiedSummary",
-    "PredictionSummary",
-    "RunSummary",
-    "read_summary",
     "lower_confidence_bound",
+    "read_summary",
 ]  # the keys of _HOMES, spelled out for linters
 
 
@@ -82,14 +92,16 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from dmae_lightning.certification.procedures import (
         PROCEDURES,
+        AttackPredict,
         Certify,
         CertifyRadii,
         Predict,
         lower_confidence_bound,
     )
-    from dmae_lightning.certification.protocol import Draw, Procedure
+    from dmae_lightning.certification.protocol import Attack, Draw, DrawAround, Procedure
     from dmae_lightning.certification.records import (
         ABSTAIN,
+        AttackRecord,
         CertifyRecord,
         PredictRecord,
         RadiiRecord,
@@ -98,4 +110,4 @@ if TYPE_CHECKING:
     from dmae_lightning.certification.runs import RunSummary, read_summary
     from dmae_lightning.certification.sampler import NOISE_BLOCK, NOISE_SCHEME, NonFiniteLogits, Sampler
     from dmae_lightning.certification.smooth import Smooth
-    from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary
+    from dmae_lightning.certification.summary import CertifiedSummary, EmpiricalSummary, PredictionSummary

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from scipy.stats import binom
 
-from dmae_lightning.certification.records import ABSTAIN, CertifyRecord, PredictRecord, Record
+from dmae_lightning.certification.records import ABSTAIN, AttackRecord, CertifyRecord, PredictRecord, Record
 
 if TYPE_CHECKING:
     from dmae_lightning.noise import Noise
@@ -126,3 +126,32 @@ def best_over_sigma(rows: Mapping[str, Mapping[str, float | None]]) -> dict[str,
     return {
         key: max((v for row in rows.values() if (v := row[key]) is not None), default=None) for key in first
     }
+
+
+def attacked_certificates(
+    certified: Iterable[Record], attacked: Iterable[AttackRecord], alpha: float, rho: float = DEFAULT_RHO
+) -> dict[str, tuple[int, int, int]]:
+    """The cross-check of a certification run against an attack run on the same images, noise and model: for each
+    radius r of the attack, (images certified correct at radius >= r, of them the attack turned to another class,
+    the most a sound certifier allows at level 1 - rho).
+
+    An image certified correct at radius >= r has, unless its certificate is false (probability <= alpha), g(x')
+    = its label for every x' within r, the attack's x' included; PREDICT on x' then names another class with
+    probability <= alpha (its guarantee; an abstention is not counted). So each such image turns to another class
+    with probability <= 2 alpha, independently (each image has its own noise), and with probability >= 1 - rho
+    at most ``binom.isf(rho, m, 2 alpha)`` of the m certified images do (:func:`false_certificates_allowed`).
+    More means an unsound certificate, or a broken pipeline; a failed attack can only lower the count. Images
+    absent from either run are left out.
+    """
+    radius = {rec.idx: rec.certified_correct_radius for rec in certified}
+    out: dict[str, tuple[int, int, int]] = {}
+    attacked = list(attacked)
+    for position, r in enumerate(attacked[0].radii if attacked else ()):
+        pairs = [
+            (rec.label, rec.predictions[position])
+            for rec in attacked
+            if (c := radius.get(rec.idx)) is not None and c >= r
+        ]
+        flipped = sum(predicted not in (label, ABSTAIN) for label, predicted in pairs)
+        out[radius_key(r)] = (len(pairs), flipped, false_certificates_allowed(len(pairs), 2 * alpha, rho))
+    return out

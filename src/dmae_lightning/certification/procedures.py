@@ -16,11 +16,14 @@ procedure summarises a run's records into its kind of result (:mod:`.summary`).
 - :class:`CertifyRadii`: sequential certification of the label at a fixed grid of radii (the question a
   certified-accuracy table asks), stopping each image as soon as every radius is decided
   (:mod:`.sequential_test`).
+- :class:`AttackPredict`: empirical robustness: at every radius of a grid an L2 PGD attack on the soft smoothed
+  classifier (Salman et al. 2019), then PREDICT on the adversarial image with fresh noise. No certificate.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,9 +40,10 @@ from dmae_lightning.certification.confidence import (
     spend_alpha,
 )
 from dmae_lightning.certification.metrics import DEFAULT_RHO, abstain_rate, max_certifiable_radius
-from dmae_lightning.certification.protocol import Draw, Procedure, Run
+from dmae_lightning.certification.protocol import Attack, Draw, DrawAround, Procedure, Run
 from dmae_lightning.certification.records import (
     ABSTAIN,
+    AttackRecord,
     CertifyRecord,
     PredictRecord,
     RadiiRecord,
@@ -47,7 +51,12 @@ from dmae_lightning.certification.records import (
     of_type,
 )
 from dmae_lightning.certification.sampler import NOISE_BLOCK
-from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary, SequentialCost
+from dmae_lightning.certification.summary import (
+    CertifiedSummary,
+    EmpiricalSummary,
+    PredictionSummary,
+    SequentialCost,
+)
 from dmae_lightning.noise import Noise
 
 
@@ -120,6 +129,15 @@ class Certify(Procedure):
         return cls(params.n0, params.n, params.alpha, params.skip_wrong_guess)
 
 
+def predict_from_counts(counts: torch.Tensor, alpha: float) -> int:
+    """PREDICT's answer from the [K] counts of its n draws: the top class, or ABSTAIN when a two-sided binomial
+    test of the two top counts cannot reject a tie at level alpha."""
+    # classes by count; the stable sort keeps the lower class first among ties
+    order = torch.sort(counts, descending=True, stable=True).indices
+    n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
+    return ABSTAIN if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha else int(order[0])
+
+
 @dataclass(frozen=True)
 class Predict(Procedure):
     """PREDICT(f, noise, x, n, alpha): g(x) is returned wrongly with probability at most alpha."""
@@ -135,11 +153,7 @@ class Predict(Procedure):
         check_alpha(self.alpha)
 
     def run(self, idx: int, label: int, noise: Noise) -> Run:
-        counts = yield Draw(stage=0, num=self.n)  # [K]
-        # classes by count; the stable sort keeps the lower class first among ties
-        order = torch.sort(counts, descending=True, stable=True).indices
-        n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
-        top = ABSTAIN if binomtest(n_a, n_a + n_b, 0.5).pvalue > self.alpha else int(order[0])
+        top = predict_from_counts((yield Draw(stage=0, num=self.n)), self.alpha)
         return PredictRecord(idx, label, top, int(top == label), 0.0)
 
     def settings(self) -> dict:
@@ -254,4 +268,114 @@ class CertifyRadii(Procedure):
         return cls(radii, params.n, params.alpha, params.n0)
 
 
-PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii)}
+ATTACK_STAGES = 3  # the attack's stages start here: 0 and 1 are CERTIFY's, 2 CERTIFY_RADII's
+RADIUS_UNIT = 1e-6  # radii are told apart in these units (a radius's stages: attack_stages)
+
+
+def attack_stages(eps: float) -> tuple[int, int]:
+    """The noise stages (attack, PREDICT) of the radius ``eps``: 3 + 2k and 4 + 2k for eps = k * 1e-6, so the
+    noise at one radius depends on neither the other radii of the grid nor PREDICT's or CERTIFY's stages."""
+    k = round(eps / RADIUS_UNIT)
+    return ATTACK_STAGES + 2 * k, ATTACK_STAGES + 2 * k + 1
+
+
+@dataclass(frozen=True)
+class AttackPredict(Procedure):
+    """Empirical robustness of the smoothed classifier g at each radius eps of ``radii``.
+
+    At eps > 0: an L2 PGD attack on the soft smoothed classifier (:class:`~.protocol.Attack`: ``steps`` steps
+    of ``step_size * eps / steps`` maximising -log G(x')_label, ``samples`` noise draws averaged in
+    probability space per step, projected onto the eps-ball and [0,1]; served by :meth:`.sampler.Sampler.attack`),
+    then PREDICT (n, alpha) of g on the adversarial image x' with fresh noise from its own stage, never the
+    attack's draws (:func:`attack_stages`). At eps = 0: PREDICT on the clean image. The record keeps each
+    radius's prediction and whether it is the label (an abstention is not). The attack may miss adversarial
+    points, so the fraction still correct is an upper bound on robust accuracy; it certifies nothing.
+    Defaults: the paper's empirical attack (T = 20 steps of 2 eps / T, m = 32 draws, no random start:
+    Hadisalman/smoothing-adversarial, README and ``code/attacks.py`` PGD_L2).
+    """
+
+    name: ClassVar[str] = "attack"
+    record_type: ClassVar[type[Record]] = AttackRecord
+    certifies: ClassVar[bool] = False  # empirical: an upper bound on robust accuracy, no certificate
+    radii: tuple[float, ...]
+    n: int
+    alpha: float
+    steps: int = 20
+    step_size: float = 2.0  # in units of eps / steps (the paper's 2 eps / T)
+    samples: int = 32
+    random_start: bool = False
+
+    def __post_init__(self):
+        check_counts(n=self.n, steps=self.steps, samples=self.samples)
+        check_alpha(self.alpha)
+        object.__setattr__(self, "radii", check_radii(sorted(self.radii)))
+        keys = [attack_stages(r) for r in self.radii]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"radii closer than {RADIUS_UNIT:g} share their noise: {list(self.radii)}")
+        size = self.step_size
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int | float)
+            or not (math.isfinite(size) and size > 0)
+        ):
+            raise ValueError(f"step_size must be a number > 0, got {self.step_size!r}")
+        if not isinstance(self.random_start, bool):
+            raise ValueError(f"random_start must be true or false, got {self.random_start!r}")
+
+    def run(self, idx: int, label: int, noise: Noise) -> Run:
+        if label < 0:
+            raise ValueError(f"image {idx}: the attack moves the image away from its label, and it has none")
+        predictions = []
+        for eps in self.radii:
+            attack_stage, predict_stage = attack_stages(eps)
+            if eps == 0:
+                counts = yield Draw(stage=predict_stage, num=self.n)
+            else:
+                adversarial = yield Attack(
+                    attack_stage, label, eps, self.steps, self.step_size, self.samples, self.random_start
+                )
+                counts = yield DrawAround(stage=predict_stage, num=self.n, image=adversarial)
+            predictions.append(predict_from_counts(counts, self.alpha))
+        correct = tuple(int(p == label) for p in predictions)
+        return AttackRecord(idx, label, self.radii, tuple(predictions), correct, 0.0)
+
+    def settings(self) -> dict:
+        return {
+            "radii": list(self.radii),
+            "n": self.n,
+            "alpha": self.alpha,
+            "attack": {
+                "steps": self.steps,
+                "step_size": self.step_size,
+                "samples": self.samples,
+                "random_start": self.random_start,
+                "precision": "32-true",
+            },
+        }
+
+    def summarise(
+        self, records: Sequence[Record], radii: tuple[float, ...], noise: Noise, rho: float = DEFAULT_RHO
+    ) -> EmpiricalSummary:
+        """At its own grid ``self.radii`` (made from the job's ``radii``)."""
+        attacked = of_type(records, AttackRecord)
+        attacks = sum(eps > 0 for eps in self.radii)
+        return EmpiricalSummary.from_records(
+            attacked,
+            self.radii,
+            samples=self.n * len(self.radii) * len(attacked),
+            attack_samples=self.steps * self.samples * attacks * len(attacked),
+        )
+
+    @classmethod
+    def result_from_json(cls, data: Mapping[str, Any]) -> EmpiricalSummary:
+        return EmpiricalSummary.from_json(data)
+
+    @classmethod
+    def from_params(cls, params, radii: tuple[float, ...]) -> AttackPredict:
+        attack = params.attack
+        return cls(
+            radii, params.n, params.alpha, attack.steps, attack.step_size, attack.samples, attack.random_start
+        )
+
+
+PROCEDURES: dict[str, type[Procedure]] = {p.name: p for p in (Certify, Predict, CertifyRadii, AttackPredict)}

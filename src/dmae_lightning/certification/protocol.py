@@ -2,9 +2,10 @@
 
 A procedure (:mod:`.procedures`) is a small object of plain settings whose ``run(idx, label, noise)`` is a
 generator: it yields :class:`Draw` requests, receives the class counts of each, and returns the image's
-record. Only the sampler (:mod:`.sampler`) starts a run, with the noise it draws the samples from, so the
-noise a radius is computed with is always the noise the counts came from: no public call accepts a run
-started elsewhere. Its ``summarise`` turns a run's records into its kind of result (:mod:`.summary`). Imports:
+record. A procedure that attacks the smoothed classifier also yields :class:`Attack` requests (it receives
+the adversarial image) and samples around that image with :class:`DrawAround`. Only the sampler
+(:mod:`.sampler`) starts a run, with the noise it draws the samples from, so the noise a radius is computed
+with is always the noise the counts came from: no public call accepts a run started elsewhere. Its ``summarise`` turns a run's records into its kind of result (:mod:`.summary`). Imports:
 torch (types only), the noise, the records and the metrics.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -36,9 +37,40 @@ class Draw:
     num: int
 
 
-Run = Generator[
-    Draw, torch.Tensor, Record
-]  # a procedure run: yields Draws, receives [K] counts, returns a record
+@dataclass(frozen=True)
+class DrawAround(Draw):
+    """A :class:`Draw` around another image than the run's own: ``image`` [C,H,W] (an :class:`Attack`'s answer).
+
+    The samples are ``image`` plus the noise of stage ``stage`` of the run's image (seeded by its idx, as every
+    Draw's): one stage serves one image."""
+
+    image: torch.Tensor = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A procedure's request: the adversarial image [C,H,W] of an L2 PGD attack on the soft smoothed classifier.
+
+    The sampler (:meth:`.sampler.Sampler.attack`) runs ``steps`` steps of size ``step_size * eps / steps`` that
+    maximise -log G(x')_label, G(x') = mean_i softmax(f(x' + delta_i)) over ``samples`` noise draws delta_i of
+    stage ``stage`` (drawn once, the same at every step), each step projected onto ``||x' - x||_2 <= eps`` and
+    [0,1]; ``random_start``: from a uniform point of the ball instead of x. It runs in float32 with autograd,
+    whatever the precision of the Draws.
+    """
+
+    stage: int
+    label: int
+    eps: float
+    steps: int
+    step_size: float
+    samples: int
+    random_start: bool
+
+
+Request = Draw | Attack  # what a procedure run yields
+# A procedure run: yields requests, receives the [K] counts of a Draw or the [C,H,W] image of an Attack,
+# returns a record.
+Run = Generator[Request, torch.Tensor, Record]
 
 
 class Procedure(ABC):
@@ -49,11 +81,12 @@ class Procedure(ABC):
     # Its records answer only at its grid of radii (sequential: its n is a cap per image): the certified-accuracy
     # plot draws points there, and their mean radius is no ACR comparable with CERTIFY's.
     grid_only: ClassVar[bool] = False
-    certifies: ClassVar[bool] = True  # its records carry certified radii (PREDICT's do not)
+    certifies: ClassVar[bool] = True  # its records carry certified radii (PREDICT's and the attack's do not)
 
     @abstractmethod
     def run(self, idx: int, label: int, noise: Noise) -> Run:
-        """Yield Draws, receive counts (of samples drawn with ``noise``), return the image's record.
+        """Yield Draws (and Attacks), receive the counts of samples drawn with ``noise`` (and the adversarial
+        images), return the image's record.
 
         Called by the sampler only, with its own noise (:meth:`.sampler.Sampler.submit`)."""
 

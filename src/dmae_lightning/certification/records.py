@@ -7,8 +7,9 @@ before the time in seconds. Floats are written with ``repr`` so they read back b
 rounded for display (0.49996 -> 0.5) would wrongly count as certified at r = 0.5. ``None`` is written
 ``none``.
 
-Shards are written line by line with fsync, so a crashed job loses at most the line in flight; that
-partial line is cut off on reopen and ignored on read, never parsed as a record.
+Shards are written line by line (a killed job loses at most the line in flight; that partial line is cut off
+on reopen and ignored on read, never parsed as a record) and fsynced in groups (a crash of the machine loses at
+most the last group: :class:`ShardWriter`).
 This module imports no torch, so the analysis CLI starts fast.
 """
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from dmae_lightning.files import atomic_write_text, fsync_dir
 
@@ -162,6 +165,62 @@ class RadiiRecord(Record):
         return self.label if self.radius is not None else ABSTAIN
 
 
+@dataclass(frozen=True)
+class AttackRecord(Record):
+    """PREDICT of one image after an L2 attack at each radius of a grid: a line of ``attack.tsv``.
+
+    The list-valued columns hold one comma-separated value per radius, in the order of ``radii``
+    (``0.25,0.5``; ``3,-1``; ``0,0``). It certifies nothing (no ``certified_correct_radius``).
+    """
+
+    idx: int
+    label: int
+    radii: tuple[float, ...]  # the attack's radii eps, increasing
+    predictions: tuple[int, ...]  # PREDICT of the smoothed classifier on the adversarial image, or ABSTAIN
+    correct: tuple[int, ...]  # 1 where that prediction is the label (an abstention is not correct)
+    time: float
+
+    # the list-valued columns and the parser of their items (a class attribute, not a column: no annotation)
+    lists = {"radii": float, "predictions": int, "correct": int}
+
+    def __post_init__(self):
+        if not len(self.radii) == len(self.predictions) == len(self.correct):
+            raise ValueError(
+                f"idx {self.idx}: {len(self.radii)} radii, {len(self.predictions)} predictions, "
+                f"{len(self.correct)} correct values"
+            )
+
+    @property
+    def predict(self) -> int:  # at the smallest radius: the clean image's PREDICT when the grid starts at 0
+        return self.predictions[0]
+
+    def _cell(self, name: str) -> str:
+        value = getattr(self, name)
+        return ",".join(_format(v) for v in value) if name in self.lists else _format(value)
+
+    def to_line(self) -> str:
+        return "\t".join(self._cell(name) for name in self.columns())
+
+    @classmethod
+    def from_line(cls, line: str, where: str = "<line>") -> AttackRecord:
+        fields = dataclasses.fields(cls)
+        values = line.split("\t")
+        if len(values) != len(fields):
+            raise ValueError(
+                f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}"
+            )
+        try:
+            parsed: list[Any] = [
+                tuple(map(cls.lists[f.name], v.split(",")))
+                if f.name in cls.lists
+                else _PARSERS[str(f.type)](v)
+                for f, v in zip(fields, values)
+            ]
+            return cls(*parsed)
+        except ValueError as err:
+            raise ValueError(f"{where}: malformed record {line!r} ({err})") from None
+
+
 def of_type(records: Iterable[Record], record_type: type[R]) -> list[R]:
     """``records`` as a list of ``record_type``'s; a TypeError names the first record of another type
     (e.g. a procedure handed another procedure's records)."""
@@ -205,16 +264,43 @@ class ShardWriter:
 
     Opening an existing shard keeps its complete records (``existing``) and truncates a trailing
     partial line; a new file gets the header. Use as a context manager or call :meth:`close`.
+
+    Every record is handed to the operating system when :meth:`write` returns (a write, no fsync), so a killed
+    process (SIGKILL, out of memory) loses none of them; the fsyncs that make them survive a crash of the machine
+    are grouped: one after every ``fsync_every`` records (k, default :data:`FSYNC_EVERY`) or on the first write
+    ``fsync_after_s`` seconds (t, default :data:`FSYNC_AFTER_S`) after the previous fsync, whichever comes first,
+    and always at :meth:`close` (the end, the SIGTERM stop, ``__exit__`` on an exception) and at interpreter exit
+    for a writer never closed. A crash of the machine loses at most the records since the last fsync: the last
+    group, fewer than k. ``fsync_every=1`` fsyncs every record.
     """
 
-    def __init__(self, path: str | os.PathLike, record_type: type[Record]):
+    FSYNC_EVERY = 32
+    FSYNC_AFTER_S = 5.0
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        record_type: type[Record],
+        fsync_every: int = FSYNC_EVERY,
+        fsync_after_s: float = FSYNC_AFTER_S,
+    ):
+        if fsync_every < 1 or not fsync_after_s >= 0:
+            raise ValueError(
+                f"fsync_every must be >= 1 and fsync_after_s >= 0, got {fsync_every}, {fsync_after_s}"
+            )
         self.path = Path(path)
         self.record_type = record_type
+        self.fsync_every, self.fsync_after_s = fsync_every, fsync_after_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+b")  # kept open across writes; closed in close()
+        # close() runs it; so does the garbage collector or interpreter exit for a writer an exception skipped
+        self._finalizer = weakref.finalize(self, _sync_and_close, self._file)
+        self._unsynced = 0  # records written since the last fsync
+        self._synced_at = time.monotonic()
         try:
             self.existing = self._recover()
         except BaseException:
+            self._finalizer.detach()
             self._file.close()
             raise
 
@@ -226,27 +312,47 @@ class ShardWriter:
             self._file.truncate(keep)
         if keep == 0:
             self._write_line(self.record_type.header())
+            self.sync()
             fsync_dir(self.path.parent)
             return []
         return _parse_complete_lines(data[:keep].decode("utf-8"), str(self.path), self.record_type)
 
     def _write_line(self, line: str) -> None:
         self._file.write(line.encode("utf-8") + b"\n")
-        self._file.flush()
+        self._file.flush()  # to the operating system: a killed process loses nothing written
+
+    def sync(self) -> None:
+        """fsync now: every record written so far survives a crash of the machine."""
         os.fsync(self._file.fileno())
+        self._unsynced, self._synced_at = 0, time.monotonic()
 
     def write(self, record: Record) -> None:
-        """Append one record; it is on disk when this returns."""
+        """Append one record: written when this returns, on disk at the next fsync of its group (see the class)."""
         self._write_line(record.to_line())
+        self._unsynced += 1
+        if self._unsynced >= self.fsync_every or time.monotonic() - self._synced_at >= self.fsync_after_s:
+            self.sync()
 
     def close(self) -> None:
-        self._file.close()
+        """fsync the last group and close (once; later calls do nothing)."""
+        self._finalizer()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _sync_and_close(file: BinaryIO) -> None:
+    """ShardWriter's finaliser: fsync what was written, then close (a closed file is left alone)."""
+    if file.closed:
+        return
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+    finally:
+        file.close()
 
 
 def one_per_idx(records: Iterable[tuple[Record, object]]) -> list[Record]:

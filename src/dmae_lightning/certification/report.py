@@ -30,7 +30,8 @@ def format_table(
 ) -> str:
     """Certified-accuracy table, a row per label, a column per radius, in % (1 decimal).
 
-    A None value (a radius beyond the row's reach, see :func:`within_reach`) prints BEYOND, not 0.0.
+    A None value (a radius beyond the row's reach, see :func:`within_reach`) prints BEYOND, not 0.0; a radius a
+    row does not have (an attack run's grid) an empty cell.
     ``acr`` (label -> :func:`average_certified_radius`) adds an ACR column (empty for other labels).
     """
     keys = [radius_key(r) for r in radii]
@@ -44,7 +45,10 @@ def format_table(
         return [f"{acr[label]:.3f}" if label in acr else ""]
 
     extra = [] if acr is None else ["ACR"]
-    body = [[label, *(cell(row[k]) for k in keys), *acr_cells(label)] for label, row in rows.items()]
+    body = [
+        [label, *(cell(row[k]) if k in row else "" for k in keys), *acr_cells(label)]
+        for label, row in rows.items()
+    ]
     beyond = any(BEYOND in cells for cells in body)
     if fmt == "markdown":
         lines = [

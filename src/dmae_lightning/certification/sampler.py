@@ -23,6 +23,13 @@ so on a GPU with bf16 or compiled kernels a near-tie in argmax can in rare cases
 shape (every result stays a valid certificate of the classifier as evaluated). With ``compile`` every forward pass has
 the shape ``[batch_size, C, H, W]`` (a short last batch is padded, and the padding rows are not counted),
 so one compiled graph serves the whole run.
+
+An :class:`~.protocol.Attack` request is served at once, image by image (:meth:`Sampler.attack`): an L2 PGD on
+the soft smoothed classifier with autograd, in float32 on the eager (uncompiled) classifier, its forward
+passes ``samples`` rows each whatever ``batch_size``; its noise draws are the first ``samples`` samples of its
+own stage (noisy copies of a zero image) and its other random numbers come from that stage's block
+``ATTACK_BLOCK``, so the adversarial image too depends only on (seed, idx, stage). A
+:class:`~.protocol.DrawAround` is served like any Draw, the noise added to its image.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 from torch import nn
 
 from dmae_lightning.certification.checks import check_precision
-from dmae_lightning.certification.protocol import Draw, Procedure, Run
+from dmae_lightning.certification.protocol import Attack, Draw, DrawAround, Procedure, Run
 from dmae_lightning.certification.records import Record
 from dmae_lightning.noise import Noise
 from dmae_lightning.rng import CERTIFY_STREAM, seeded_generator
@@ -52,6 +59,7 @@ AUTOCAST = {
     "16-mixed": torch.float16,
 }  # checks.PRECISION_NAMES
 PIXEL_TOLERANCE = 1e-4  # images may leave [0,1] by this much through rounding in the data pipeline
+ATTACK_BLOCK = 2**32  # the block key of an attack's own random numbers (random start, zero-gradient steps)
 
 
 def resolve_precision(precision: str | None, device: torch.device | str) -> str:
@@ -101,14 +109,18 @@ class _Image:
             raise RuntimeError(f"image {self.idx}: its procedure run has not made a request yet")
         return self._request
 
-    def ask(self, counts: torch.Tensor | None) -> Record | None:
-        """Advance the procedure: the next request (kept), or the finished record (returned)."""
+    def ask(self, answer: torch.Tensor | None) -> Record | Attack | None:
+        """Advance the procedure with the answer to its last request (counts, or an Attack's image): the
+        next Draw (kept, None returned), an Attack (returned, for the sampler to serve at once) or the finished
+        record (returned)."""
         try:
-            request = next(self.run) if counts is None else self.run.send(counts)
+            request = next(self.run) if answer is None else self.run.send(answer)
         except StopIteration as stop:
             return stop.value
+        if isinstance(request, Attack):
+            return request
         if not isinstance(request, Draw) or request.num < 1:
-            raise ValueError(f"a procedure must yield Draw(stage, num >= 1), got {request!r}")
+            raise ValueError(f"a procedure must yield Draw(stage, num >= 1) or an Attack, got {request!r}")
         self._request, self.assigned = request, 0
         self.counts.zero_()
         return None
@@ -144,6 +156,7 @@ class Sampler:
         self.precision = resolve_precision(precision, self.device)
         self.compile = compile
         # torch.compile specialises on the input shape: a fixed batch shape keeps one graph for the run.
+        self.classifier = classifier  # eager: the attack's forward and backward passes
         self.forward = torch.compile(classifier) if compile else classifier
         self.images: list[_Image] = []  # in arrival order: forward batches are filled from the front
         self.buffer: torch.Tensor | None = None  # [batch_size,C,H,W], reused by every batch
@@ -165,7 +178,7 @@ class Sampler:
         if not isinstance(procedure, Procedure):  # e.g. a run started elsewhere, with another noise
             raise TypeError(
                 f"the sampler starts the run itself, with its own noise: pass a Procedure "
-                f"(Certify, Predict, CertifyRadii), got {type(procedure).__name__}"
+                f"(Certify, Predict, CertifyRadii, AttackPredict), got {type(procedure).__name__}"
             )
         for name, value in (("idx", idx), ("label", label)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -186,32 +199,128 @@ class Sampler:
             self.buffer = torch.empty((self.batch_size, *image.shape), device=self.device)  # [B,C,H,W]
             self._ones = torch.ones(self.batch_size, dtype=torch.long, device=self.device)  # [B]
         item = _Image(idx, image, procedure.run(idx, label, self._noise), self.num_classes)
-        record = item.ask(None)
+        record = self._advance(item, None)
         if record is not None:
             return self._finish(item, record)
         self.images.append(item)
         return None
 
+    def _advance(self, item: _Image, answer: torch.Tensor | None) -> Record | None:
+        """Send ``answer`` to ``item``'s run and serve its Attacks until it asks for a Draw (None) or is done."""
+        step = item.ask(answer)
+        while isinstance(step, Attack):
+            step = item.ask(self.attack(item.idx, item.image, step))
+        request = item.request if step is None else None
+        if isinstance(request, DrawAround):
+            center = check_image(request.image).to(self.device)
+            if center.shape != item.image.shape:
+                raise ValueError(
+                    f"image {item.idx}: a DrawAround image of shape {tuple(center.shape)}, the image's is "
+                    f"{tuple(item.image.shape)}"
+                )
+            self._noise.check_input(center)
+            item._request = dataclasses.replace(request, image=center)
+        return step
+
     def _generator(self, idx: int, stage: int, block: int) -> torch.Generator:
         return seeded_generator(self.seed, CERTIFY_STREAM, idx, stage, block, device=self.device)
 
+    def stage_samples(self, idx: int, stage: int, num: int, center: torch.Tensor) -> torch.Tensor:
+        """The first ``num`` samples of image ``idx``'s stage ``stage`` around ``center`` [C,H,W]: [num,C,H,W]
+        (the rows a Draw of that stage would get first)."""
+        out = torch.empty((num, *center.shape), device=self.device)
+        block_out = torch.empty((NOISE_BLOCK, *center.shape), device=self.device)
+        for block, start in enumerate(range(0, num, NOISE_BLOCK)):
+            rows = min(NOISE_BLOCK, num - start)
+            target = out[start : start + rows] if rows == NOISE_BLOCK else block_out
+            self._noise.noisy_copies(center, self._generator(idx, stage, block), target)
+            if rows < NOISE_BLOCK:
+                out[start:].copy_(block_out[:rows])
+        return out
+
+    def attack(self, idx: int, image: torch.Tensor, request: Attack) -> torch.Tensor:
+        """The adversarial image [C,H,W] of an L2 PGD on the soft smoothed classifier (Salman et al. 2019, the
+        attack of Hadisalman/smoothing-adversarial ``code/attacks.py`` PGD_L2 with several noise vectors):
+
+        delta_1..delta_m (m = ``samples``): the first m samples of stage ``request.stage`` of a zero image,
+        drawn once, the same at every step. Each of ``steps`` steps moves x' by ``step_size * eps / steps``
+        along the normalised gradient of -log G(x')_y, G(x') = mean_i softmax(f(x' + delta_i)) (computed as
+        a logsumexp of log-softmaxes: no underflow where G_y is tiny; a zero or non-finite gradient is
+        replaced by a random direction), then clamps x' to [0,1] and projects it onto ||x' - x||_2 <= eps
+        (the reference's order). ``random_start``: x' starts at a uniform point of the eps-ball (clamped),
+        otherwise at x. Float32, eager classifier, autograd on even under the job's inference mode; the
+        classifier's parameters get no gradients. A noise that certifies only images on the 8-bit grid
+        (the discrete Gaussian) gets x' with its perturbation rounded toward zero onto the grid, which keeps
+        it within the ball.
+        """
+        eps, label = float(request.eps), request.label
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"image {idx}: the attack needs a label in [0, {self.num_classes}), got {label}")
+        if eps == 0:
+            return image
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(self.device.type, enabled=False),
+        ):
+            x = image.detach().clone()  # a normal tensor even when the job runs under inference mode
+            deltas = self.stage_samples(idx, request.stage, request.samples, torch.zeros_like(x))  # [m,C,H,W]
+            generator = self._generator(idx, request.stage, ATTACK_BLOCK)
+
+            def direction() -> torch.Tensor:  # a uniform unit vector, [C,H,W]
+                z = torch.randn(x.shape, generator=generator, device=self.device)
+                return z / z.norm()
+
+            def project(delta: torch.Tensor) -> torch.Tensor:  # into [0,1], then into the eps-ball
+                delta = (x + delta).clamp(0, 1) - x
+                return delta * torch.clamp(eps / delta.norm(), max=1.0)
+
+            delta = torch.zeros_like(x)
+            if request.random_start:
+                u = torch.rand((), generator=generator, device=self.device)
+                delta = project(direction() * eps * u ** (1 / x.numel()))
+            step = request.step_size * eps / request.steps
+            broken = torch.zeros((), dtype=torch.bool, device=self.device)
+            for _ in range(request.steps):
+                delta.requires_grad_(True)
+                logits = self.classifier((x + delta).unsqueeze(0) + deltas).float()  # [m,K]
+                broken |= ~torch.isfinite(logits).all()
+                log_g = torch.logsumexp(torch.log_softmax(logits, dim=1)[:, label], dim=0)  # + log m
+                (grad,) = torch.autograd.grad(-log_g, delta)
+                norm = grad.norm()
+                ascent = torch.where(norm > 0, grad / norm, direction())  # NaN norm: not > 0
+                delta = project(delta.detach() + step * ascent)
+            if bool(broken):
+                raise NonFiniteLogits(
+                    f"image {idx}: the base classifier returned NaN/Inf logits during the attack at radius "
+                    f"{eps:g}: refusing a broken model (check the checkpoint's weights)"
+                )
+            adv = (x + delta).clamp(0, 1).detach()
+        try:
+            self._noise.check_input(adv)
+        except ValueError:  # e.g. the discrete noise: onto the 8-bit grid, rounding the perturbation toward 0
+            adv = ((x * 255).round() + ((adv - x) * 255).trunc()).div(255).clamp(0, 1)
+            self._noise.check_input(adv)
+        return adv
+
     def _fill(self, item: _Image, take: int, out: torch.Tensor) -> None:
-        """Write the next ``take`` noisy copies x + eps of ``item``'s request stream into ``out`` [take,C,H,W]."""
-        stage, pos = item.request.stage, 0
+        """Write the next ``take`` noisy copies x + eps of ``item``'s request stream into ``out`` [take,C,H,W]
+        (x: the request's image for a DrawAround, else the run's)."""
+        request = item.request
+        center = request.image if isinstance(request, DrawAround) else item.image
+        stage, pos = request.stage, 0
         while pos < take:
             start = item.drawn.get(stage, 0)
             block, offset = divmod(start, NOISE_BLOCK)
             k = min(NOISE_BLOCK - offset, take - pos)
             if k == NOISE_BLOCK:  # a whole block: drawn straight into the batch
-                self._noise.noisy_copies(
-                    item.image, self._generator(item.idx, stage, block), out[pos : pos + k]
-                )
+                self._noise.noisy_copies(center, self._generator(item.idx, stage, block), out[pos : pos + k])
             else:  # part of a block: draw it whole once, keep it until its last row is used
                 if item.cache is None or item.cache[:2] != (stage, block):
                     block_out = torch.empty(
-                        (NOISE_BLOCK, *item.image.shape), device=self.device
+                        (NOISE_BLOCK, *center.shape), device=self.device
                     )  # [NOISE_BLOCK,C,H,W]
-                    self._noise.noisy_copies(item.image, self._generator(item.idx, stage, block), block_out)
+                    self._noise.noisy_copies(center, self._generator(item.idx, stage, block), block_out)
                     item.cache = (stage, block, block_out)
                 out[pos : pos + k].copy_(item.cache[2][offset : offset + k])
                 if offset + k == NOISE_BLOCK:
@@ -274,7 +383,7 @@ class Sampler:
                     f"{int(row[-1])} of {item.request.num} noisy samples: refusing to certify a "
                     "broken model (check the checkpoint's weights)"
                 )
-            record = item.ask(row[:-1])
+            record = self._advance(item, row[:-1])
             if record is not None:
                 self.images.remove(item)
                 yield self._finish(item, record)  # at once: a later image's error must not lose it

@@ -1,9 +1,9 @@
 """What a certification run reports, as typed objects: each kind of procedure's result and the run's summary.json.
 
 A procedure (:mod:`.procedures`) summarises its records into its kind of result: :class:`PredictionSummary`
-(PREDICT: accuracy and abstain rate) or :class:`CertifiedSummary` (CERTIFY, CERTIFY_RADII: certified accuracy per
+(PREDICT: accuracy and abstain rate), :class:`CertifiedSummary` (CERTIFY, CERTIFY_RADII: certified accuracy per
 radius, its data-set-level lower bound, ACR, ...), the latter built in one place,
-:meth:`CertifiedSummary.from_records`. A whole run's summary.json (procedure, settings, result) is
+:meth:`CertifiedSummary.from_records`, or :class:`EmpiricalSummary` (ATTACK: empirical robust accuracy per radius). A whole run's summary.json (procedure, settings, result) is
 :mod:`.runs`'s. The numbers come from :mod:`.metrics`; no torch.
 """
 
@@ -23,9 +23,10 @@ from dmae_lightning.certification.metrics import (
     certified_accuracy,
     certified_accuracy_lower_bound,
     false_certificates_allowed,
+    radius_key,
     within_reach,
 )
-from dmae_lightning.certification.records import PredictRecord, Record
+from dmae_lightning.certification.records import AttackRecord, PredictRecord, Record
 
 LOWER_BOUND = "certified_accuracy_lower_bound"
 
@@ -268,4 +269,74 @@ class CertifiedSummary:
         )
 
 
-Result = PredictionSummary | CertifiedSummary  # a procedure's kind of result
+@dataclass(frozen=True)
+class EmpiricalSummary:
+    """The attack's result: the fraction of images the smoothed classifier still classifies correctly (PREDICT,
+    an abstention counting as wrong) after an L2 attack of each radius. An upper bound on the true robust
+    accuracy (the attack may miss an adversarial point), where certified accuracy is a lower bound: it
+    certifies nothing."""
+
+    radii: tuple[float, ...]
+    num_images: int
+    empirical_robust_accuracy: Mapping[str, float]  # keyed by radius_key
+    samples: int | None = None  # PREDICT's noisy samples (n per image and radius)
+    attack_samples: int | None = None  # the attack's noisy forward-backward passes (steps * m per radius > 0)
+
+    JSON_KEYS: ClassVar[tuple[str, ...]] = (
+        "radii",
+        "num_images",
+        "empirical_robust_accuracy",
+        "samples",
+        "attack_samples",
+    )
+
+    @classmethod
+    def from_records(
+        cls, records: list[AttackRecord], radii: Iterable[float], samples: int, attack_samples: int
+    ) -> EmpiricalSummary:
+        """At ``radii``, each of which every record must have attacked."""
+        if not records:
+            raise ValueError("no attack records")
+        radii = tuple(float(r) for r in radii)
+        robust = dict.fromkeys(radii, 0)
+        for record in records:
+            column = dict(zip(record.radii, record.correct))
+            missing = [r for r in radii if r not in column]
+            if missing:
+                raise ValueError(f"image {record.idx} was not attacked at radius {missing[0]:g}")
+            for r in radii:
+                robust[r] += column[r]
+        table = {radius_key(r): count / len(records) for r, count in robust.items()}
+        return cls(radii, len(records), table, samples, attack_samples)
+
+    def metrics(self, procedure: str) -> dict[str, float | None]:
+        """The result as logger metrics, under the procedure's name (``attack/acc@<r>``)."""
+        return {f"{procedure}/acc@{key}": value for key, value in self.empirical_robust_accuracy.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "radii": list(self.radii),
+            "num_images": self.num_images,
+            "empirical_robust_accuracy": dict(self.empirical_robust_accuracy),
+            "samples": self.samples,
+            "attack_samples": self.attack_samples,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EmpiricalSummary:
+        radii = data.get("radii")
+        if not isinstance(radii, list | tuple):
+            raise ValueError(f"radii must be a list of numbers, got {radii!r}")
+        table = _radius_table(data, "empirical_robust_accuracy")
+        if any(value is None for value in table.values()):
+            raise ValueError("empirical_robust_accuracy must hold a number at every radius")
+        return cls(
+            tuple(_as_number(r, "a radius") for r in radii),
+            int(number(data, "num_images")),
+            {key: float(value) for key, value in table.items() if value is not None},
+            _optional_int(data, "samples"),
+            _optional_int(data, "attack_samples"),
+        )
+
+
+Result = PredictionSummary | CertifiedSummary | EmpiricalSummary  # a procedure's kind of result

@@ -27,11 +27,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from dmae_lightning.certification.procedures import PROCEDURES, CertifyRadii
-from dmae_lightning.certification.records import read_json
+from dmae_lightning.certification.metrics import attacked_certificates
+from dmae_lightning.certification.procedures import PROCEDURES, AttackPredict, CertifyRadii
+from dmae_lightning.certification.records import AttackRecord, of_type, read_json, read_records
 from dmae_lightning.certification.report import format_table
 from dmae_lightning.certification.runs import read_summary
-from dmae_lightning.certification.summary import CertifiedSummary
+from dmae_lightning.certification.summary import CertifiedSummary, EmpiricalSummary
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.data.base import dataset_size
 from dmae_lightning.errors import ConfigError, one_line
@@ -72,7 +73,13 @@ SET_BY_QUICKSTART = {
     "ckpt_path": "re-running the same command resumes an interrupted stage",
 }
 STAGES = ("pretrain", "finetune", "certify")
-CONFIG_NAME = {"pretrain": "train", "finetune": "train", "certify": "certify"}
+CONFIG_NAME = {"pretrain": "train", "finetune": "train", "certify": "certify", "attack": "certify"}
+STAGE_NAMES = {
+    "pretrain": "pre-training",
+    "finetune": "fine-tuning",
+    "certify": "certification",
+    "attack": "attack",
+}
 
 
 def _stage_has(conf_dir: str, config_name: str, overrides: list[str], key: str, add: bool) -> bool:
@@ -200,22 +207,35 @@ def quickstart_stages(cfg: DictConfig) -> tuple[str, dict[str, list[str]]]:
     conf_dir = _main_config_dir()
     overrides = stage_overrides(conf_dir, cfg.quickstart, list(HydraConfig.get().overrides.task))
     overrides["certify"] += certification_settings(cfg)
-    with keep_hydra_config():
-        # the fine-tuned checkpoint does not exist yet: its noise will be the fine-tuning stage's, the quickstart's
-        noise = [f"noise={HydraConfig.get().runtime.choices['noise']}"]
-        if any(o.startswith("noise=") for o in overrides["certify"]):
-            noise = []
-        certify_cfg = compose(conf_dir, "certify", [*overrides["certify"], "weights=fine-tuned.ckpt", *noise])
-    try:  # the certify job's own checks (n, alpha, max, protocol, noise) on the quickstart's data
-        params = validate(certify_cfg)
-        images = DigitsDataModule().dataset(str(certify_cfg.split))
-        subset_indices(dataset_size(images), params)
-        noise_from_config(certify_cfg.noise).check_input(images[0][0])
-    except (ValueError, TypeError) as err:
-        raise ConfigError(
-            f"quickstart: the certification stage would refuse its settings: {one_line(err)}"
-        ) from None
+    if cfg.quickstart.get("attack") is not None:
+        overrides["attack"] = attack_settings(cfg, overrides["certify"])
+    # the fine-tuned checkpoint does not exist yet: its noise will be the fine-tuning stage's, the quickstart's
+    noise = [f"noise={HydraConfig.get().runtime.choices['noise']}"]
+    for stage in ("certify", "attack") if "attack" in overrides else ("certify",):
+        typed_noise = any(o.startswith("noise=") for o in overrides[stage])
+        with keep_hydra_config():
+            stage_cfg = compose(
+                conf_dir,
+                "certify",
+                [*overrides[stage], "weights=fine-tuned.ckpt", *([] if typed_noise else noise)],
+            )
+        try:  # the certify job's own checks (n, alpha, max, protocol, noise, attack) on the quickstart's data
+            params = validate(stage_cfg)
+            images = DigitsDataModule().dataset(str(stage_cfg.split))
+            subset_indices(dataset_size(images), params)
+            noise_from_config(stage_cfg.noise).check_input(images[0][0])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"quickstart: the {STAGE_NAMES[stage]} stage would refuse its settings: {one_line(err)}"
+            ) from None
     return conf_dir, overrides
+
+
+def attack_settings(cfg: DictConfig, certify: list[str]) -> list[str]:
+    """The attack stage's overrides: the certification stage's (same model, images, noise, seed), then
+    ``quickstart.attack`` (its lighter attack settings), at the table's radii."""
+    radii = ",".join(f"{float(r):g}" for r in cfg.quickstart.report_radii)
+    return [*certify, *cfg.quickstart.attack, f"procedure={AttackPredict.name}", f"radii=[{radii}]"]
 
 
 def quickstart(cfg: DictConfig) -> dict:
@@ -239,17 +259,26 @@ def run_quickstart(cfg: DictConfig, conf_dir: str, overrides: dict[str, list[str
     else:
         overrides["finetune"].append("pretrained=null")
     _run_stage("fine-tuning", "train", overrides["finetune"], out / "finetune", conf_dir, logger)
-    overrides["certify"].append(f"weights={out / 'finetune' / 'checkpoints' / 'last.ckpt'}")
+    weights = f"weights={out / 'finetune' / 'checkpoints' / 'last.ckpt'}"
+    overrides["certify"].append(weights)
     certified = certification_dir(out, cfg.procedure, conf_dir, overrides["certify"])
     _run_stage("certification", "certify", overrides["certify"], certified, conf_dir, logger)
     point_latest(certified.parent, certified)
+    attacked = None
+    if "attack" in overrides:
+        attack = [*overrides["attack"], weights]
+        attacked = certification_dir(out, AttackPredict.name, conf_dir, attack)
+        _run_stage("attack", "certify", attack, attacked, conf_dir, logger)
+        point_latest(attacked.parent, attacked)
+    return print_certification(cfg, out, certified, [float(r) for r in stages.report_radii], attacked)
 
-    return print_certification(cfg, out, certified, [float(r) for r in stages.report_radii])
 
-
-def print_certification(cfg: DictConfig, out: Path, certified: Path, radii: list[float]) -> dict:
-    """Print the certification stage's table (its summary.json, at ``radii``) and where the outputs are; return
-    the summary's contents."""
+def print_certification(
+    cfg: DictConfig, out: Path, certified: Path, radii: list[float], attacked: Path | None = None
+) -> dict:
+    """Print the certification stage's table (its summary.json, at ``radii``; with the attack stage's empirical
+    robust accuracy and the cross-check of the two when it ran) and where the outputs are; return the
+    summary's contents."""
     summary = read_summary(certified / "summary.json")
     result = summary.result
     if not isinstance(result, CertifiedSummary):  # the quickstart's procedures all certify radii
@@ -269,16 +298,22 @@ def print_certification(cfg: DictConfig, out: Path, certified: Path, radii: list
     )
     samples = "" if result.samples is None else f", {result.samples:,} noisy samples"
     acr = result.average_certified_radius
+    rows: dict[str, dict] = {label: dict(result.certified_accuracy)}
+    checks: list[str] = []
+    if attacked is not None:
+        rows["same model, under attack (empirical)"], checks = attack_rows(certified, attacked, summary, name)
+        outputs["attack results"] = attacked / f"{AttackPredict.name}.tsv"
     lines = [
         f"Certified accuracy ({name}) on the held-out digits test split ({result.num_images} "
         f"images, {draws}, alpha={summary.settings['alpha']}{samples}):",
         format_table(
-            {label: result.certified_accuracy},
+            rows,
             radii,
             fmt="markdown",
             label_header=f"model (sigma={summary.sigma:g})",
             acr=None if acr is None else {label: acr},
         ),
+        *checks,
         *filter(None, [sample_saving(name, result)]),
         *(f"{label}: {path}" for label, path in outputs.items() if path.exists()),
     ]
@@ -289,3 +324,34 @@ def print_certification(cfg: DictConfig, out: Path, certified: Path, radii: list
         )
     print("\n".join(lines), flush=True)
     return summary.to_json()
+
+
+def attack_rows(certified: Path, attacked: Path, summary, name: str) -> tuple[dict, list[str]]:
+    """The attack stage's empirical robust accuracy (a table row) and its cross-check against the certificates
+    (:func:`~dmae_lightning.certification.metrics.attacked_certificates`) as one line."""
+    attack = read_summary(attacked / "summary.json")
+    if not isinstance(attack.result, EmpiricalSummary):
+        raise ConfigError(f"{attacked}: not an attack run")
+    records = read_records(certified / f"{name}.tsv", summary.procedure.record_type)
+    attack_records = of_type(read_records(attacked / f"{AttackPredict.name}.tsv", AttackRecord), AttackRecord)
+    alpha, rho = float(summary.settings["alpha"]), float(summary.settings.get("rho", 0.001))
+    counts = attacked_certificates(records, attack_records, alpha, rho)
+    worst = [(key, *c) for key, c in counts.items() if c[1] > c[2]]
+    if worst:
+        key, m, flipped, allowed = worst[0]
+        check = (
+            f"ALARM: at r={key} the attack turned {flipped} of the {m} images certified there to another class, "
+            f"more than a sound certifier allows ({allowed} at 1 - rho = {1 - rho:g}): an unsound certificate or "
+            "a broken pipeline"
+        )
+    else:
+        check = (
+            "cross-check: "
+            + ", ".join(
+                f"r={key}: {flipped} of {m} certified images turned (<= {allowed} allowed)"
+                for key, (m, flipped, allowed) in counts.items()
+                if float(key) > 0
+            )
+            + ": consistent with sound certificates"
+        )
+    return dict(attack.result.empirical_robust_accuracy), [check]

@@ -87,14 +87,38 @@ class DMAEViT(ViTEncoderBase):
         """The noise in [0,1] pixel space at native resolution (no clamping)."""
         return self.noise.perturb(imgs, generator)  # [B, 3, H, W]
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
-        """Per-sample shuffle; keep the first (1 - mask_ratio) of the patch tokens.
+    def masking_scores(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The uniform scores [B, L] whose order shuffles each image's patches (:meth:`random_masking`)."""
+        return torch.rand(batch, self.grid_size**2, generator=generator, device=device)  # [B, L]
+
+    def draw_noise(
+        self, imgs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every random draw of one forward pass, in the order :meth:`forward` makes them: the noisy images
+        [B, 3, H, W], then the masking scores [B, L]. Drawn here, outside the compiled forward (a
+        ``torch.Generator`` inside a compiled function breaks its graph), and passed in as ``noisy=, scores=``:
+        the same numbers as ``forward(imgs, mask_ratio, generator)``."""
+        noisy = self.add_noise(imgs, generator)  # [B, 3, H, W]
+        return noisy, self.masking_scores(imgs.shape[0], imgs.device, generator)
+
+    def random_masking(
+        self,
+        x: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        scores: torch.Tensor | None = None,
+    ):
+        """Per-sample shuffle by ``scores`` [B, L] (drawn from ``generator`` when not given); keep the first
+        (1 - mask_ratio) of the patch tokens.
 
         Returns kept tokens [B, K, D], mask [B, L] (1 = removed) and the order that undoes the shuffle.
         """
         b, length, dim = x.shape
         keep = int(length * (1 - mask_ratio))
-        scores = torch.rand(b, length, generator=generator, device=x.device)  # [B, L]
+        if scores is None:
+            scores = self.masking_scores(b, x.device, generator)  # [B, L]
         ids_shuffle = torch.argsort(scores, dim=1)  # [B, L]
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
         ids_keep = ids_shuffle[:, :keep]  # [B, K]
@@ -105,10 +129,14 @@ class DMAEViT(ViTEncoderBase):
         return kept, mask, ids_restore
 
     def forward_encoder(
-        self, pixels: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self,
+        pixels: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        scores: torch.Tensor | None = None,
     ):
         x = self.embed_patches(pixels)  # [B, L, D]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)  # [B, K, D]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator, scores)  # [B, K, D]
         x = self.run_blocks(self.prepend_cls(x))  # [B, 1+K, D]
         return self.norm(x), mask, ids_restore
 
@@ -142,14 +170,32 @@ class DMAEViT(ViTEncoderBase):
         noisy: torch.Tensor,
         mask_ratio: float = 0.75,
         generator: torch.Generator | None = None,
+        scores: torch.Tensor | None = None,
     ):
-        """Loss, prediction and mask for a given clean/noisy pair (both [0,1] pixels, native size)."""
+        """Loss, prediction and mask for a given clean/noisy pair (both [0,1] pixels, native size); the masking
+        scores [B, L] are drawn from ``generator`` unless given."""
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         clean_pixels = self.pixel_input(imgs)  # [B, 3, S, S], resized after the noise was added
-        latent, mask, ids_restore = self.forward_encoder(self.pixel_input(noisy), mask_ratio, generator)
+        latent, mask, ids_restore = self.forward_encoder(
+            self.pixel_input(noisy), mask_ratio, generator, scores
+        )
         pred = self.forward_decoder(latent, ids_restore)  # [B, L, p*p*3]
         return self.forward_loss(clean_pixels, pred), pred, mask
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None):
-        return self.reconstruct(imgs, self.add_noise(imgs, generator), mask_ratio, generator)
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.75,
+        generator: torch.Generator | None = None,
+        *,
+        noisy: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ):
+        """``noisy`` and ``scores`` (both or neither): the draws of :meth:`draw_noise`, made outside a compiled
+        forward; without them the forward draws them itself from ``generator``."""
+        if (noisy is None) != (scores is None):
+            raise ValueError("pass both noisy= and scores= (from draw_noise) or neither")
+        if noisy is None:
+            noisy = self.add_noise(imgs, generator)
+        return self.reconstruct(imgs, noisy, mask_ratio, generator, scores)

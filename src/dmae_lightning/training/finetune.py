@@ -99,7 +99,7 @@ class BaseClassifierModule(NoisyTrainingModule):
         objective = self.objective.at_epoch(self.current_epoch)  # warm-ups (smoothadv, smoothmix)
         loss, terms = objective.loss(self.model, imgs, targets, self.noise, generator)
         for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, sync_dist=True)
+            self.log_train(name, value, labels.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx: int):

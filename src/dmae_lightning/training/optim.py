@@ -8,6 +8,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 from dmae_lightning.models.layers import ViTEncoderBase
@@ -48,6 +49,24 @@ def parameter_groups(model: ViTEncoderBase, weight_decay: float, layer_decay: fl
 OPTIMIZERS = ("adamw", "lars")
 
 
+def adamw_implementation(device: torch.device | str, amp_clips_gradients: bool = False) -> dict[str, bool]:
+    """AdamW's implementation keyword for parameters on ``device``: ``fused`` on CUDA (one kernel launch for all
+    parameters per step, no host synchronisation), ``foreach`` elsewhere (a few multi-tensor kernels instead of a
+    Python loop over the parameters); the same updates within float rounding. ``amp_clips_gradients``: Lightning's
+    mixed precision clips gradients, which it refuses with a fused optimizer (that unscales inside its step), so
+    foreach then."""
+    if torch.device(device).type == "cuda" and not amp_clips_gradients:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def trainer_adamw_implementation(trainer: pl.Trainer, device: torch.device) -> dict[str, bool]:
+    """:func:`adamw_implementation` for parameters on ``device`` (Lightning moves the model to its device before
+    ``configure_optimizers``) under the trainer's precision and gradient clipping."""
+    amp = isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision)
+    return adamw_implementation(device, amp and bool(getattr(trainer, "gradient_clip_val", None)))
+
+
 def check_optimizer_config(config: dict) -> None:
     """ValueError (one line) unless ``config`` (a module's ``optimizer`` hyper-parameters) is a valid set of
     keyword arguments of :func:`configure_optimizer`: checked when the module is built, not at the first step."""
@@ -83,7 +102,8 @@ def configure_optimizer(
     momentum: float = 0.9,
     layer_decay: float | None = None,
 ) -> dict:
-    """AdamW (or LARS for linear probing) with the scaled lr and a per-step warm-up + cosine schedule.
+    """AdamW (fused on CUDA, foreach elsewhere: :func:`adamw_implementation`) or LARS (linear probing) with the
+    scaled lr and a per-step warm-up + cosine schedule.
 
     Reads batch size, devices, nodes, accumulation and the number of steps from the attached Trainer.
     """
@@ -97,7 +117,9 @@ def configure_optimizer(
     optimizer: torch.optim.Optimizer
     if name == "adamw":
         beta1, beta2 = betas  # a list when it comes from a config
-        optimizer = torch.optim.AdamW(groups, lr=peak, betas=(beta1, beta2))
+        device = next(param.device for group in groups for param in group["params"])
+        implementation = trainer_adamw_implementation(trainer, device)
+        optimizer = torch.optim.AdamW(groups, lr=peak, betas=(beta1, beta2), **implementation)
     elif name == "lars":
         # As MAE's linear probing: trust coefficient 1e-3 on every weight matrix, none on 1-d params.
         # timm's Lars adapts only groups with weight_decay != 0 unless always_adapt, and with weight

@@ -40,7 +40,11 @@ class DMAEPretrainModule(NoisyTrainingModule):
         self.mask_ratio = mask_ratio
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None):
-        return self.model(imgs, mask_ratio=self.mask_ratio, generator=generator)
+        """Loss, prediction and mask. The noise and the masking scores are drawn here, outside the network's
+        (possibly compiled) forward, and passed in: a ``torch.Generator`` inside a compiled function breaks its
+        graph. The same draws in the same order as ``self.model(imgs, mask_ratio, generator)``."""
+        noisy, scores = self.model.draw_noise(imgs, generator)
+        return self.model(imgs, mask_ratio=self.mask_ratio, noisy=noisy, scores=scores)
 
     def training_loss(self, batch, generator: torch.Generator) -> torch.Tensor:
         imgs, _ = batch  # [B, 3, H, W] in [0,1]

@@ -25,7 +25,10 @@ def duration(seconds: float) -> str:
 class ProgressLog(pl.Callback):
     """On rank 0, when no progress bar is shown: one line at the end of every epoch and, within long epochs, every
     ``every_s`` seconds: epoch, optimizer step, mean training loss since the previous line, images per second
-    (all ranks) and the estimated time left. Lightning has no such logger for batch jobs (its bars need a tty)."""
+    (all ranks) and the estimated time left. Lightning has no such logger for batch jobs (its bars need a tty).
+
+    The loss is summed on its device and read back once per line (a read-back every step would stall the CPU until
+    the GPU has finished the step, so that the next step's launches could not overlap it)."""
 
     def __init__(self, every_s: float = 60.0):
         if every_s <= 0:
@@ -38,7 +41,8 @@ class ProgressLog(pl.Callback):
         self._start = self._last = time.monotonic()
         self._start_step = trainer.global_step
         self._images = 0
-        self._losses: list[float] = []
+        self._loss_sum: torch.Tensor | None = None  # on the loss's device: no read-back per step
+        self._loss_count = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._active:
@@ -46,7 +50,9 @@ class ProgressLog(pl.Callback):
         self._images += extract_batch_size(batch) * trainer.world_size
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._losses.append(float(loss.detach()))
+            loss = loss.detach().to(torch.float64).sum()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
         if time.monotonic() - self._last >= self.every_s:
             self._log_line(trainer, "")
 
@@ -59,7 +65,9 @@ class ProgressLog(pl.Callback):
         elapsed, steps = now - self._start, trainer.global_step - self._start_step
         total = trainer.estimated_stepping_batches  # inf when neither max_epochs nor max_steps bounds the run
         left = (total - trainer.global_step) * elapsed / steps if steps and math.isfinite(total) else math.inf
-        loss = f"{sum(self._losses) / len(self._losses):.4f}" if self._losses else "n/a"
+        loss = "n/a"
+        if self._loss_sum is not None and self._loss_count:
+            loss = f"{float(self._loss_sum) / self._loss_count:.4f}"  # the line's one read-back
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         log.info(
             "epoch %d/%s%s | step %d/%s | loss %s | %.1f images/s | elapsed %s | ETA %s",
@@ -73,4 +81,4 @@ class ProgressLog(pl.Callback):
             duration(elapsed),
             duration(left),
         )
-        self._last, self._losses = now, []
+        self._last, self._loss_sum, self._loss_count = now, None, 0

@@ -37,7 +37,7 @@ from dmae_lightning.certification.report import (
 )
 from dmae_lightning.certification.runs import PROCEDURE_KEY, RunSummary
 from dmae_lightning.certification.sampler import NOISE_SCHEME, NonFiniteLogits, resolve_precision
-from dmae_lightning.certification.summary import CertifiedSummary, PredictionSummary
+from dmae_lightning.certification.summary import CertifiedSummary, EmpiricalSummary, PredictionSummary
 from dmae_lightning.errors import ConfigError, one_line
 from dmae_lightning.jobs.certify.params import JobParams, subset_indices, validate
 from dmae_lightning.jobs.certify.predictor import ImageProgressBar, SmoothingPredictor
@@ -363,6 +363,18 @@ def report(summary: RunSummary) -> str:
             f"{100 * result.abstain_rate:.1f} % of {result.num_images} images"
         )
     label = f"{summary.sigma:g}"
+    if isinstance(result, EmpiricalSummary):
+        table = format_table({label: result.empirical_robust_accuracy}, result.radii)
+        cost = (
+            ""
+            if result.samples is None or result.attack_samples is None
+            else f", {result.samples:,} noisy samples to predict and {result.attack_samples:,} to attack"
+        )
+        return (
+            f"{name}: empirical robust accuracy (%) of {result.num_images} images under the L2 attack of "
+            f"radius r (PREDICT on the adversarial image; an upper bound on robust accuracy, not a "
+            f"certificate){cost}:\n{table}"
+        )
     rows = {label: result.certified_accuracy}
     bound = result.certified_accuracy_lower_bound
     if bound is not None:
@@ -417,6 +429,12 @@ def _log_to_loggers(trainer: pl.Trainer, summary: RunSummary, png: Path | None) 
             row = [summary.sigma, *(result.certified_accuracy[k] for k in keys)]
             lg.log_table(key="certified_accuracy", columns=["sigma", *(f"r={k}" for k in keys)], data=[row])
             lg.log_image(key="certified_accuracy_plot", images=[str(png)])
+        if isinstance(lg, WandbLogger) and isinstance(result, EmpiricalSummary):
+            keys = [radius_key(r) for r in result.radii]
+            row = [summary.sigma, *(result.empirical_robust_accuracy[k] for k in keys)]
+            lg.log_table(
+                key="empirical_robust_accuracy", columns=["sigma", *(f"r={k}" for k in keys)], data=[row]
+            )
         lg.save()
         lg.finalize("success")
         if isinstance(lg, WandbLogger):

@@ -4,9 +4,11 @@ before anything is loaded, each bad value refused with one line (ConfigError).""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +27,16 @@ from dmae_lightning.models.weights import read_checkpoint
 from dmae_lightning.noise import Noise, noise_from_config
 
 _TRAINER_PRECISIONS = ("32-true", "32", 32)
+
+
+@dataclass(frozen=True)
+class AttackParams:
+    """The ``attack:`` node (procedure=attack; procedures.AttackPredict)."""
+
+    steps: int  # PGD steps T
+    step_size: float  # each step moves step_size * eps / steps
+    samples: int  # noise draws m averaged per step
+    random_start: bool
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class JobParams:
     skip_wrong_guess: bool
     radii: tuple[float, ...] | None
     log_every_s: float
+    attack: AttackParams
 
 
 def _is_int(value) -> bool:
@@ -65,6 +78,27 @@ def _radii(value) -> tuple[float, ...] | None:
     if not radii or not all(_is_number(r) and r >= 0 for r in radii):
         raise ConfigError(f"radii must be null or a non-empty list of numbers >= 0, got {radii!r}")
     return tuple(float(r) for r in radii)
+
+
+_ATTACK_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {  # key of the attack node: (check, the rule)
+    "steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "step_size": (lambda v: _is_number(v) and v > 0, "a number > 0 (in units of eps / steps)"),
+    "samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "random_start": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _attack(node: Any) -> AttackParams:
+    """The ``attack:`` node, each key checked (ConfigError, one line)."""
+    if not isinstance(node, DictConfig | dict):
+        raise ConfigError(f"attack must be a node of {', '.join(_ATTACK_RULES)}, got {node!r}")
+    values: dict[str, Any] = {key: node.get(key) for key in _ATTACK_RULES}
+    for key, (ok, rule) in _ATTACK_RULES.items():
+        if not ok(values[key]):
+            raise ConfigError(f"attack.{key} must be {rule}, got {values[key]!r}")
+    return AttackParams(
+        values["steps"], float(values["step_size"]), values["samples"], values["random_start"]
+    )
 
 
 def subset_indices(size: int, params: JobParams) -> tuple[int, list[int]]:
@@ -159,4 +193,5 @@ def validate(cfg: DictConfig) -> JobParams:
         skip_wrong_guess=cfg.skip_wrong_guess,
         radii=_radii(cfg.get("radii")),
         log_every_s=float(log_every_s),
+        attack=_attack(cfg.get("attack")),
     )

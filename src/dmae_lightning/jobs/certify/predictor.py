@@ -2,9 +2,10 @@
 
 ``predict_step`` hands one image to the sampler and runs the forward batches that the images in flight
 fill completely; ``on_predict_epoch_end`` finishes the rest. Every finished image's record is appended
-to this rank's shard at once (fsync), so a kill loses only the images in flight. After a SIGTERM the job
+to this rank's shard at once (written at once, fsynced in groups: ShardWriter), so a killed job loses only the
+images in flight (a crashed machine at most the last group). After a SIGTERM the job
 stops at the next image boundary (Lightning's predict loop, unlike its fit loop, never looks at the flag its
-handler sets): ``SIGTERMException``, which ``config.run_in_dir`` turns into one line and exit status 1.
+handler sets): ``SIGTERMException``, which ``rundir.run_in_dir`` turns into one line and exit status 1.
 """
 
 from __future__ import annotations
