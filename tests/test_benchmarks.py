@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -33,3 +34,30 @@ def test_results_go_to_an_ignored_folder_unless_out_names_a_file(tmp_path, monke
         ["git", "check-ignore", "-q", "benchmarks/results/certify_throughput_cpu.json"], cwd=REPO
     )
     assert record.returncode == 1
+
+
+@pytest.mark.slow  # ~20 s: one tiny fine-tuning, certification and attack per objective asked for
+def test_methods_digits_runs_the_three_jobs_and_tabulates(tmp_path, monkeypatch, capsys):
+    """benchmarks/methods_digits.py end to end on a tiny budget: the table has the objective's row with the
+    numbers of the runs' own summary.json files, and the cross-check passes."""
+    import methods_digits
+
+    out = tmp_path / "methods.json"
+    args = [
+        "--objectives",
+        "gaussian",
+        "--epochs",
+        "1",
+        "--n",
+        "50",
+        "--max",
+        "8",
+        "--work",
+        str(tmp_path / "w"),
+    ]
+    assert methods_digits.main([*args, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    summary = json.loads((tmp_path / "w" / "gaussian_seed0" / "certify" / "summary.json").read_text())
+    assert row["certified_accuracy"]["0.25"] == summary["certified_accuracy"]["0.25"] and row["sound"]
+    printed = capsys.readouterr().out
+    assert f"| gaussian | 1 | {100 * row['certified_accuracy']['0']:.1f} |" in printed

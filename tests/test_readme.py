@@ -81,6 +81,7 @@ def test_readme_lists_the_cpu_commands():
         "train.py",
         "train.py",
         "train.py",
+        "train.py",
         "certify.py",
         "certify.py",
         "train.py",
