@@ -3,6 +3,7 @@ image by the chosen pipeline (:mod:`.pipelines`), streamed from shards when aske
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,13 @@ from dmae_lightning.data.base import ImageDataModule
 from dmae_lightning.data.errors import UNDECODABLE, BrokenImageError, _why_undecodable
 from dmae_lightning.data.pipelines import (
     PIPELINES,
+    DecodedImages,
+    DecodePrefetcher,
     bytes_tensor,
     collate_bytes,
     decode_crop_flip,
     open_rgb,
+    prefetching_loader,
     read_file,
     tensor_train_transform,
 )
@@ -176,8 +180,28 @@ class ImageNetDataModule(ImageDataModule):
     def _collate(self, split: str) -> Callable | None:
         return collate_bytes if split == "train" and self.pipeline == "device" else None
 
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        if self.pipeline == "device":  # under a trainer, batches come through the decode prefetcher
+            return prefetching_loader(loader, self._decode_prefetcher)
+        return loader
+
+    def _decode_prefetcher(self) -> DecodePrefetcher | None:
+        """When training (a trainer attached), the decoder of the device the trainer trains on: on a GPU it
+        decodes the next batch on a side stream during the step; elsewhere it decodes each batch when
+        transfer_batch_to_device receives it, as the plain batches are. None without a trainer."""
+        if self.trainer is None:
+            return None
+        device = self.trainer.strategy.root_device
+        decode = functools.partial(decode_crop_flip, device=device, size=224, scale=self._crop_scale)
+        return DecodePrefetcher.for_device(decode, device)
+
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """The device pipeline's training batches (a list of encoded files) are decoded on ``device``."""
+        """The device pipeline's training batches (a list of encoded files) are decoded on ``device``; those
+        of the decode prefetcher (training) are received there, on the current stream."""
+        if self.pipeline == "device" and isinstance(batch[0], DecodedImages):
+            images, labels = batch
+            return images.receive().to(device), labels.to(device)
         if self.pipeline == "device" and isinstance(batch[0], list):
             encoded, labels = batch
             return decode_crop_flip(encoded, device, 224, self._crop_scale), labels.to(device)

@@ -10,6 +10,8 @@ eval transform, so certification inputs do not change):
 - ``device``: workers only read file bytes; decoding (``torchvision.io.decode_jpeg``, nvJPEG on a GPU),
   crop, resize and flip run on the training device when the batch is transferred, so CPU cores stop
   being the limit. On a CPU device the same code runs on the CPU (the fallback the tests exercise).
+  During training on a GPU, :class:`DecodePrefetcher` decodes the next batch on a side stream while the
+  training step runs on the current stream (:func:`prefetching_loader`).
 
 Every path draws its crop box and flip the way torchvision's RandomResizedCrop and RandomHorizontalFlip
 do (same generator calls, same order) and returns [0,1] float images [3, 224, 224].
@@ -17,12 +19,18 @@ do (same generator calls, same order) and returns [0,1] float images [3, 224, 22
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
@@ -152,3 +160,194 @@ def decode_crop_flip(
         )  # uint8 [3, S, S]
         out[k] = TF.horizontal_flip(crop) if flip else crop
     return out.float().div_(255)
+
+
+# --- decode of batch t+1 overlapped with the training step on batch t ----------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamApi:
+    """The stream operations of :class:`DecodePrefetcher`: ``torch.cuda``'s on a GPU (:meth:`cuda`), fakes that
+    record the calls in the tests.
+
+    ``new_stream()``: the producer's side stream. ``new_event()``: an event with ``record(stream)``.
+    ``current_stream()``: the consumer's stream when it receives a batch (it has ``wait_event(event)``).
+    ``use_stream(stream)``: a context in which launched work is queued on ``stream``.
+    """
+
+    new_stream: Callable[[], Any]
+    new_event: Callable[[], Any]
+    current_stream: Callable[[], Any]
+    use_stream: Callable[[Any], AbstractContextManager[Any]]
+
+    @classmethod
+    def cuda(cls, device: torch.device) -> StreamApi:
+        return cls(
+            new_stream=lambda: torch.cuda.Stream(device),
+            new_event=torch.cuda.Event,
+            current_stream=lambda: torch.cuda.current_stream(device),
+            use_stream=torch.cuda.stream,
+        )
+
+
+class DecodedImages:
+    """One batch of the device pipeline on its way to the consumer; ``receive()`` returns its images (float
+    [B, 3, S, S]) on the consumer's side (the data module's ``transfer_batch_to_device``).
+
+    Launched on a side stream: ``receive`` makes the consumer's current stream wait on the producer's event
+    (queued on the device, the host does not block) and records the images on that stream, so the caching
+    allocator does not give their memory back to the producer stream before the consumer's work on them has
+    run. Deferred (the synchronous fallback): the decode runs in ``receive``, where the serial pipeline runs it.
+    """
+
+    __slots__ = ("_decode", "_encoded", "_event", "_images", "_streams")
+
+    def __init__(
+        self,
+        images: torch.Tensor | None = None,
+        event: Any = None,
+        streams: StreamApi | None = None,
+        decode: Callable[[Any], torch.Tensor] | None = None,
+        encoded: Any = None,
+    ):
+        self._images, self._event, self._streams = images, event, streams
+        self._decode, self._encoded = decode, encoded
+
+    def receive(self) -> torch.Tensor:
+        if self._images is None:  # deferred: decode now, once
+            assert self._decode is not None
+            self._images, self._decode, self._encoded = self._decode(self._encoded), None, None
+        if self._event is not None:
+            assert self._streams is not None
+            consumer = self._streams.current_stream()
+            consumer.wait_event(self._event)  # the consumer's later work runs after the decode
+            self._images.record_stream(consumer)  # freed: reused only after the consumer's work on it
+        return self._images
+
+
+class DecodePrefetcher:
+    """Decodes batch t+1 while the consumer works on batch t.
+
+    ``prefetcher(batches)`` turns ``(encoded, *rest)`` batches into ``(DecodedImages, *rest)``. With
+    ``streams`` (a GPU), before it hands batch t over it fetches batch t+1 and launches ``decode`` of it on a
+    side stream, recording an event there; the consumer receives batch t after its stream waits on batch t's
+    event, so decode t+1 (side stream) runs on the device while the step on batch t (consumer stream) does.
+    The input stays in host memory (decode_jpeg copies it), so the side stream waits on nothing.
+    Without streams (the CPU fallback) nothing runs ahead: each batch is decoded when it is received,
+    exactly the serial pipeline (same work, same random draws at the same point).
+
+    A failure while fetching or decoding batch t+1 is raised after batch t has been handed over, where the
+    serial pipeline would have raised it; the last batch is handed over when the source runs out.
+    """
+
+    def __init__(self, decode: Callable[[Any], torch.Tensor], streams: StreamApi | None = None):
+        self.decode, self.streams = decode, streams
+
+    @classmethod
+    def for_device(
+        cls, decode: Callable[[Any], torch.Tensor], device: torch.device | str
+    ) -> DecodePrefetcher:
+        """Side-stream decoding on a CUDA device, the synchronous fallback on any other."""
+        device = torch.device(device)
+        return cls(decode, StreamApi.cuda(device) if device.type == "cuda" else None)
+
+    def __call__(self, batches: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        if self.streams is None:
+            return ((DecodedImages(decode=self.decode, encoded=encoded), *rest) for encoded, *rest in batches)
+        return self._ahead(iter(batches), self.streams)
+
+    def _launch(self, producer: Any, streams: StreamApi, encoded: Any) -> DecodedImages:
+        with streams.use_stream(producer):
+            images = self.decode(encoded)
+            event = streams.new_event()
+            event.record(producer)
+        return DecodedImages(images, event, streams)
+
+    def _ahead(self, batches: Iterator[tuple[Any, ...]], streams: StreamApi) -> Iterator[tuple[Any, ...]]:
+        producer = streams.new_stream()
+        try:
+            encoded, *rest = next(batches)
+        except StopIteration:
+            return
+        pending = (self._launch(producer, streams, encoded), *rest)  # a failure here: nothing to hand over
+        while True:
+            try:
+                encoded, *rest = next(batches)
+            except StopIteration:
+                yield pending  # the last batch
+                return
+            except Exception:
+                yield pending  # batch t is good: hand it over, then fail where the serial pipeline would
+                raise
+            try:
+                upcoming = (self._launch(producer, streams, encoded), *rest)
+            except Exception:
+                yield pending
+                raise
+            yield pending
+            pending = upcoming
+
+
+class _PrefetchingLoader(DataLoader):
+    """What :func:`prefetching_loader` adds to a loader's class: iteration through the prefetcher that its
+    ``decode_prefetcher()`` returns when an epoch starts (None: the plain batches)."""
+
+    decode_prefetcher: Callable[[], DecodePrefetcher | None] | None = None
+    _delivered_state: dict | None = None  # the loader's position after the last batch handed over
+
+    def __iter__(self):  # the loader's iterator, or a generator over the prefetcher's batches
+        make = self.decode_prefetcher
+        prefetcher = make() if make is not None else None
+        if prefetcher is None:
+            return super().__iter__()
+        return self._through(prefetcher)
+
+    def _position(self) -> dict | None:
+        return None
+
+    def _through(self, prefetcher: DecodePrefetcher) -> Iterator[tuple[Any, ...]]:
+        self._delivered_state = None
+        batches = super().__iter__()
+        source = ((*batch, self._position()) for batch in batches)  # the position right after each fetch
+        for *batch, position in prefetcher(source):
+            self._delivered_state = position
+            yield tuple(batch)
+
+
+class _StatefulPrefetchingLoader(_PrefetchingLoader):
+    """For a loader with a position (litdata's): running one batch ahead, it has fetched one batch more than it
+    has handed over; ``state_dict`` gives the position after the last batch handed over, so a checkpoint
+    resumes at the batch the step did not see."""
+
+    def _position(self) -> dict | None:
+        return copy.deepcopy(super().state_dict())  # type: ignore[misc]  # litdata updates its dict in place
+
+    def state_dict(self) -> dict:
+        if self._delivered_state is not None:
+            return copy.deepcopy(self._delivered_state)
+        return super().state_dict()  # type: ignore[misc]
+
+
+_PREFETCHING_CLASSES: dict[type, type[DataLoader]] = {}  # one subclass per loader class
+
+
+def _prefetching_class(base: type[DataLoader]) -> type[DataLoader]:
+    if base not in _PREFETCHING_CLASSES:
+        mixin = _StatefulPrefetchingLoader if hasattr(base, "state_dict") else _PrefetchingLoader
+        _PREFETCHING_CLASSES[base] = type(f"Prefetching{base.__name__}", (mixin, base), {})
+    return _PREFETCHING_CLASSES[base]
+
+
+def prefetching_loader(
+    loader: DataLoader, decode_prefetcher: Callable[[], DecodePrefetcher | None]
+) -> DataLoader:
+    """``loader`` (of ``(encoded, labels)`` batches) iterating through ``decode_prefetcher()``, called when
+    each epoch starts (None: the plain batches, as before).
+
+    The loader's class becomes a subclass of its own with that iteration, so it stays the same kind of
+    loader for Lightning (its length, its distributed sampler, which Lightning adds by building the loader
+    again with the same class and attributes, and litdata's position, see _StatefulPrefetchingLoader).
+    """
+    loader.__class__ = _prefetching_class(type(loader))
+    loader.decode_prefetcher = decode_prefetcher
+    return loader
