@@ -11,16 +11,23 @@ Noise scheme (``NOISE_SCHEME``, recorded with every run): the samples of image `
 samples, block ``b`` drawn whole from ``seeded_generator(seed, CERTIFY_STREAM, idx, stage, b)``. A
 sample's noise is therefore a pure function of (seed, idx, stage, sample number): it depends neither on
 ``batch_size``, nor on which other images share a forward batch, nor on the number of ranks, nor on the
-point where a run was resumed, on the CPU and on CUDA alike (CPU and CUDA generators draw different
-numbers, so the two devices give different, equally valid, results).
+point where a run was resumed. The noise is drawn on the sampler's device: CPU and CUDA generators draw
+different numbers, and CUDA's (Philox) assigns its numbers to elements by the kernel's launch grid, which
+PyTorch caps by the GPU's number of SMs, so a block (more numbers than one wave of threads) differs between
+GPUs of different SM counts too: results reproduce on the CPU and on the same GPU model, each equally valid.
 
 Forward batches are filled from the pending requests in the order the images arrived, so batches stay
 full when each image needs fewer samples than ``batch_size`` (CERTIFY's n0 = 100 selection draws, the
 sequential test's looks). Counts and the non-finite-logit tallies stay on the device until a request is
 complete: one host read-back per batch that completes requests (all of them at once), none otherwise.
-The noise is independent of the batch; the logits of a row are computed in whatever batch it lands in,
-so on a GPU with bf16 or compiled kernels a near-tie in argmax can in rare cases depend on the batch
-shape (every result stays a valid certificate of the classifier as evaluated). With ``compile`` every forward pass has
+With ``pipeline`` (the default on CUDA) that read-back is waited for only after the next batch has been
+launched, from the requests already known, whenever they fill it: the device computes batch t+1 while
+the host decides on batch t's requests. Only the packing of rows into batches changes, never a sample's
+noise. A row's vote is the lowest class index among its exact maximal logits (:func:`top_class`), so an
+exact tie (two bf16 logits rounded to one value) is resolved alike in every batch; the logits of a row are
+computed in whatever batch it lands in, so on a GPU with bf16 or compiled kernels a near-tie can in rare
+cases depend on the batch shape through the logit values themselves (every result stays a valid
+certificate of the classifier as evaluated). With ``compile`` every forward pass has
 the shape ``[batch_size, C, H, W]`` (a short last batch is padded, and the padding rows are not counted),
 so one compiled graph serves the whole run.
 
@@ -83,6 +90,18 @@ def check_image(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def top_class(logits: torch.Tensor) -> torch.Tensor:
+    """The vote of each row of ``logits`` [R,K]: [R], the lowest class index among the row's exact maxima.
+
+    Compared in float32 (exact for bf16 and fp16 logits), with the tie rule written out rather than left to
+    ``argmax``: two classes whose logits are equal, e.g. two bf16 logits rounded to one value, give the lower
+    class in every batch shape and on every device. (A row holding NaN votes K-1; its image is refused.)"""
+    values = logits.float()
+    classes = torch.arange(values.shape[1], device=values.device)  # [K]
+    is_max = values == values.amax(dim=1, keepdim=True)  # [R,K]
+    return torch.where(is_max, classes, values.shape[1] - 1).amin(dim=1)
+
+
 class NonFiniteLogits(ValueError):
     """The base classifier returned NaN or Inf: a broken model must never be certified."""
 
@@ -126,6 +145,18 @@ class _Image:
         return None
 
 
+@dataclasses.dataclass
+class _Launched:
+    """A forward batch launched on the device, as far as the host must still read it: the images whose request
+    it completed, in batch order, and their tallies [N, K+1] (counts, non-finite) on the host, filled
+    asynchronously on CUDA until ``ready`` (None elsewhere)."""
+
+    number: int  # the batch's launch number (1 for the sampler's first)
+    complete: list[_Image]
+    tallies: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
 class Sampler:
     """Serves the Draw requests of many images with the smoothed classifier's noisy forward passes.
 
@@ -145,6 +176,7 @@ class Sampler:
         precision: str | None = None,
         compile: bool = False,
         device: torch.device | str = "cpu",
+        pipeline: bool | None = None,
     ):
         self.device = torch.device(device)
         if not isinstance(noise, Noise):
@@ -160,6 +192,11 @@ class Sampler:
         self.forward = torch.compile(classifier) if compile else classifier
         self.images: list[_Image] = []  # in arrival order: forward batches are filled from the front
         self.buffer: torch.Tensor | None = None  # [batch_size,C,H,W], reused by every batch
+        # Two batches in flight: batch t+1 is launched before batch t's counts are read back (same results;
+        # None: on CUDA only, where the launch is asynchronous; on the CPU it would only change the packing).
+        self.pipeline = self.device.type == "cuda" if pipeline is None else pipeline
+        self._in_flight: _Launched | None = None  # launched, its completed requests not yet read back
+        self.launches = 0  # forward batches launched so far
 
     @property
     def noise(self) -> Noise:
@@ -329,8 +366,29 @@ class Sampler:
             pos += k
 
     def step(self) -> Iterator[tuple[int, Record]]:
-        """One forward batch over the oldest pending requests; yields the (idx, record) of each image it
-        finished."""
+        """Launch one forward batch over the oldest pending requests, then read back the counts of the batch
+        launched before it (with ``pipeline``; without, of this one); yields the (idx, record) of each image
+        whose request that read-back completed and that is finished. With nothing left to launch, it only reads
+        back the batch in flight."""
+        waiting, self._in_flight = self._in_flight, None
+        pending = self.pending_rows
+        if pending and (waiting is None or pending >= self.batch_size):
+            launched = self._launch()
+            if self.pipeline:  # this batch runs on the device while the host decides on the previous one
+                self._in_flight, launched = launched, waiting
+        elif waiting is not None:  # the requests known would not fill a batch: the decisions first
+            launched = waiting
+        else:  # images in flight but nothing to draw or read: a request was left by an aborted call
+            raise RuntimeError(
+                "sampler: images in flight have no pending samples (call reset() after an error)"
+            )
+        if launched is not None:
+            yield from self._collect(launched)
+
+    def _launch(self) -> _Launched | None:
+        """Fill and launch one forward batch over the oldest pending requests, accumulating its votes on the
+        device; the requests it completes get their tallies copied to the host asynchronously. Returns those
+        requests (None if it completed none): nothing here waits for the device."""
         buffer = self.buffer
         if buffer is None:  # set by add() with the first image's shape
             raise RuntimeError("sampler: no image has been added (call submit() first)")
@@ -344,10 +402,6 @@ class Sampler:
                 rows += take
             if rows == self.batch_size:
                 break
-        if not segments:  # images in flight but nothing to draw: a request was left by an aborted call
-            raise RuntimeError(
-                "sampler: images in flight have no pending samples (call reset() after an error)"
-            )
         batch = buffer if self.compile else buffer[:rows]  # [B,C,H,W] (padded rows are ignored)
         if self.compile and rows < self.batch_size:
             buffer[rows:].zero_()
@@ -355,13 +409,14 @@ class Sampler:
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             logits = self.forward(batch)  # [B,K]
+        self.launches += 1
         if logits.ndim != 2 or logits.shape[0] != batch.shape[0] or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"base classifier returned logits of shape {tuple(logits.shape)}, "
                 f"expected {(batch.shape[0], self.num_classes)}"
             )
         logits = logits[:rows]  # [R,K]
-        votes = logits.argmax(dim=1)  # [R]
+        votes = top_class(logits)  # [R]
         broken = ~torch.isfinite(logits).all(dim=1)  # [R]
         start, complete = 0, []
         for item, take in segments:
@@ -373,10 +428,24 @@ class Sampler:
             if item.assigned == item.request.num:
                 complete.append(item)
         if not complete:
-            return
-        # The requests this batch completed: one read-back for all of them, [N, K+1] (counts, non-finite)
-        tallies = torch.stack([torch.cat([item.counts, item.nonfinite.view(1)]) for item in complete]).cpu()
-        for item, row in zip(complete, tallies):
+            return None
+        # The requests this batch completed: one read-back for all of them, [N, K+1] (counts, non-finite),
+        # copied now, waited for only when the host needs it (on CUDA into pinned memory, behind an event)
+        tallies = torch.stack([torch.cat([item.counts, item.nonfinite.view(1)]) for item in complete])
+        ready = None
+        if self.device.type == "cuda":
+            tallies = tallies.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            tallies = tallies.cpu()
+        return _Launched(self.launches, complete, tallies, ready)
+
+    def _collect(self, launched: _Launched) -> Iterator[tuple[int, Record]]:
+        """Wait for ``launched``'s tallies (the host read-back) and advance each completed request's run."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        for item, row in zip(launched.complete, launched.tallies):
             if int(row[-1]):
                 raise NonFiniteLogits(
                     f"image {item.idx}: the base classifier returned NaN/Inf logits for "
@@ -411,6 +480,7 @@ class Sampler:
     def reset(self) -> None:
         """Forget the images in flight (after an error aborted a run)."""
         self.images.clear()
+        self._in_flight = None
 
     def drain(self) -> Iterator[tuple[int, Record]]:
         """Forward batches until every image in flight is finished, yielding each as it finishes."""

@@ -20,7 +20,9 @@ class Smooth:
 
     The base classifier should be in eval mode (dropout or drop path would change f between draws).
     ``precision``: 32-true | bf16-mixed | 16-mixed (None: bf16-mixed on CUDA, 32-true elsewhere); ``compile``:
-    torch.compile the base classifier (one graph, every batch padded to ``batch_size``). ``noise``: the
+    torch.compile the base classifier (one graph, every batch padded to ``batch_size``); ``pipeline``: launch
+    each forward batch before the previous one's counts are read back (None: on CUDA; the same results either
+    way, :class:`~.sampler.Sampler`). ``noise``: the
     smoothing distribution (:mod:`dmae_lightning.noise`), fixed at construction; every procedure run here
     is started by a sampler that draws with it and computes its radii with it, so the two cannot differ (to
     sweep sigma, build one ``Smooth`` per noise). The noise of
@@ -37,6 +39,7 @@ class Smooth:
         noise: Noise,
         precision: str | None = None,
         compile: bool = False,
+        pipeline: bool | None = None,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -47,7 +50,7 @@ class Smooth:
         check_precision(precision)  # refuses an unknown name now, not at the first image
         self._noise = noise
         self.base_classifier, self.num_classes = base_classifier, num_classes
-        self.precision, self.compile = precision, compile
+        self.precision, self.compile, self.pipeline = precision, compile, pipeline
         self._samplers: dict[tuple, Sampler] = {}  # keeps a compiled classifier across calls
 
     @property
@@ -77,6 +80,7 @@ class Smooth:
                 self.precision,
                 self.compile,
                 device,
+                self.pipeline,
             )
         return self._samplers[key]
 
