@@ -1,11 +1,19 @@
 """Checkpoint loading: every layout, built here in tmp_path (no downloads), compared on numbers; and files
-that must be refused without running any of their code."""
+that must be refused without running any of their code.
+
+One test (at least) per layout that load_weights reads: official pre-training ``{'model': ...}``
+(test_official_pretrain_reproduces_loss), official fine-tuned (test_official_finetuned_identical_logits), this
+project's Lightning checkpoints (test_lightning_layout_identical_logits), bare state dicts (the DMAE authors'
+issue #3: test_authors_bare_state_dict_issue_3, test_plain_state_dict_with_wrapper_prefixes), exported
+directories (test_exported_directory_identical_logits_without_pickle; jobs/export.py writes them, tests/
+test_export.py exports a real run) and plain safetensors files (test_plain_safetensors_file)."""
 
 from __future__ import annotations
 
 import argparse
 import collections
 import datetime
+import json
 import pickle
 import random
 from pathlib import Path
@@ -13,11 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from dmae_lightning.models import create_model
-from dmae_lightning.models.weights import load_weights, read_checkpoint
+from dmae_lightning.models.weights import (
+    EXPORT_FORMAT,
+    checkpoint_noise,
+    load_weights,
+    read_checkpoint,
+)
+from dmae_lightning.noise import GaussianNoise
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -265,6 +280,122 @@ def test_plain_state_dict_with_wrapper_prefixes(tmp_path, prefix):
     imgs = images(2)
     with torch.no_grad():
         assert torch.equal(dst(imgs), src(imgs))
+
+
+def test_authors_bare_state_dict_issue_3(tmp_path, pretrained):
+    """The DMAE authors' issue #3: a bare state dict (``torch.save(model.state_dict())``, no 'model' entry) where
+    their script expects ``checkpoint['model']``; read as it is, into the pre-training model and a classifier."""
+    src, _ = pretrained
+    path = tmp_path / "dmae_bare.pth"
+    torch.save(src.state_dict(), path)
+    dst = create_model("dmae_vit_micro_patch4").eval()
+    assert load_weights(dst, path).layout == "state_dict"
+    imgs = images(2)
+    with torch.no_grad():
+        a = dst(imgs, generator=torch.Generator().manual_seed(1))
+        b = src(imgs, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    clf = create_model("vit_micro_patch4", num_classes=10)
+    report = load_weights(clf, path)
+    assert report.layout == "state_dict" and report.reinitialised == ["fc_norm", "head"]
+    assert torch.equal(clf.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+
+
+# --- exported directories (jobs/export.py) and safetensors files: no pickle ---------------------------------
+
+
+def refuse_torch_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) called on a safetensors layout")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def write_export(directory: Path, model, name: str, **config) -> Path:
+    """An exported directory as jobs/export.py lays it out: model.safetensors and config.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), directory / "model.safetensors", metadata={"format": "pt"})
+    config = {"format": EXPORT_FORMAT, "format_version": 1, "architecture": name, **config}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_exported_directory_identical_logits_without_pickle(tmp_path, monkeypatch):
+    torch.manual_seed(12)
+    src = scramble(create_model("vit_micro_patch8", num_classes=3), seed=19)
+    noise = GaussianNoise(0.5).config()
+    out = write_export(
+        tmp_path / "export",
+        src,
+        "vit_micro_patch8",
+        model_kwargs={"img_size": 32},
+        num_classes=3,
+        noise=noise,
+        objective={"name": "gaussian", "copies": 1},
+        training={"label_smoothing": 0.1},
+    )
+    refuse_torch_load(monkeypatch)
+    dst = create_model("vit_micro_patch8", num_classes=3).eval()
+    report = load_weights(dst, out)
+    assert report.layout == "exported" and str(report) == "every tensor loaded as is"
+    built = create_model("vit_micro_patch8", pretrained=out).eval()  # num_classes=3 from config.json
+    imgs = images(3)
+    with torch.no_grad():
+        assert torch.equal(dst(imgs), src(imgs)) and torch.equal(built(imgs), src(imgs))
+    # the shape of a Lightning checkpoint, so that the readers of hyper_parameters need nothing else
+    ckpt = read_checkpoint(out)
+    assert set(ckpt["state_dict"]) == {f"model.{k}" for k in src.state_dict()}
+    assert ckpt["hyper_parameters"] == {
+        "label_smoothing": 0.1,
+        "model_name": "vit_micro_patch8",
+        "model_kwargs": {"img_size": 32},
+        "num_classes": 3,
+        "noise": noise,
+        "objective": {"name": "gaussian", "copies": 1},
+    }
+    assert checkpoint_noise(out) == GaussianNoise(0.5)
+    with pytest.raises(ValueError, match="holds a vit_micro_patch8, not a vit_micro_patch4"):
+        create_model("vit_micro_patch4", pretrained=out)
+    assert create_model("vit_micro_patch8", pretrained=out, num_classes=5).head.out_features == 5  # overrides
+
+
+def test_plain_safetensors_file(tmp_path, monkeypatch, timm_finetuned):
+    """A .safetensors state dict (timm's Hugging Face releases), as a file or a snapshot directory whose
+    config.json is not ours: a plain state dict."""
+    path = tmp_path / "timm.safetensors"
+    save_file(timm_finetuned.state_dict(), path)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    save_file(timm_finetuned.state_dict(), snapshot / "model.safetensors")
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224"}))
+    refuse_torch_load(monkeypatch)
+    for source in (path, snapshot):
+        clf = create_model("vit_micro_patch4", num_classes=10).eval()
+        assert load_weights(clf, source).layout == "state_dict"
+        with torch.no_grad():
+            torch.testing.assert_close(
+                clf(images(2)), timm_finetuned((images(2) - MEAN) / STD), rtol=0, atol=1e-5
+            )
+        assert checkpoint_noise(source) is None
+
+
+def test_damaged_safetensors_and_exports_refused(tmp_path):
+    model = create_model("vit_micro_patch8")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(random.Random(0).randbytes(300))
+    with pytest.raises(ValueError, match="is not a loadable safetensors file") as err:
+        load_weights(model, bad)
+    assert_one_line(err)
+    out = write_export(tmp_path / "future", model, "vit_micro_patch8")
+    (out / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99, this code reads up to 1"):
+        load_weights(model, out)
+    nan = create_model("vit_micro_patch8")
+    with torch.no_grad():
+        nan.head.weight[0, 0] = float("nan")
+    out = write_export(tmp_path / "nan", nan, "vit_micro_patch8")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/Inf\) weights in head.weight"):
+        load_weights(model, out)
 
 
 # --- position-embedding interpolation and head re-initialisation ------------------------------------------

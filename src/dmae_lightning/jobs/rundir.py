@@ -37,6 +37,7 @@ from dmae_lightning.errors import ConfigError, one_line
 from dmae_lightning.files import atomic_write_text
 from dmae_lightning.jobs.cluster import global_rank, slurm_job_tag
 from dmae_lightning.jobs.tracking import quiet_lightning
+from dmae_lightning.models.weights import EXPORT_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ def file_digest(path: str) -> str:
     """``sha256:<hex>`` of a file's content (cached per path, size and mtime), or ``missing:<path>``.
 
     Content, not the path: ``logs/x/latest/checkpoints/last.ckpt`` and the real path are the same
-    initial weights, and a checkpoint rewritten in place is a different one.
+    initial weights, and a checkpoint rewritten in place is a different one. An exported directory
+    (jobs/export.py) is its ``model.safetensors``.
     """
     real = os.path.realpath(path)
+    if os.path.isfile(os.path.join(real, EXPORT_WEIGHTS)):
+        real = os.path.join(real, EXPORT_WEIGHTS)
     try:
         st = os.stat(real)
     except OSError:

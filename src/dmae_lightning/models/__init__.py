@@ -3,6 +3,8 @@
 - :mod:`.layers`   the shared ViT encoder parts (patch embedding, sin-cos positions, [0,1] pixel input)
 - :mod:`.dmae`     ``DMAEViT``: the denoising masked autoencoder of pre-training
 - :mod:`.vit`      ``VisionTransformerClassifier``: the encoder as the base classifier f of the smoothed g
+- :mod:`.denoiser` ``DMAEDenoiser``, ``Denoised``: the DMAE (mask ratio 0) as a denoiser before any classifier
+  (imported from its module, not re-exported here: it loads weights, and :mod:`.weights` imports this package)
 - :mod:`.weights`  loading official DMAE/MAE files, fine-tuned releases and our checkpoints (weights_only)
 
 ``dmae_<encoder>`` names build the pre-training model, ``<encoder>`` the classifier with the same encoder, so
@@ -15,12 +17,17 @@ Imports: torch, timm, and from this package only :mod:`dmae_lightning.noise`.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from timm.models import register_model
 
 from dmae_lightning.models.dmae import DMAEViT
 from dmae_lightning.models.vit import VisionTransformerClassifier
+
+log = logging.getLogger(__name__)
 
 PRETRAIN_PREFIX = "dmae_"
 # The one config of each encoder; the pre-training variants add DECODERS[encoder].
@@ -60,8 +67,51 @@ def list_models() -> list[str]:
     return sorted([*ENCODERS, *(f"{PRETRAIN_PREFIX}{name}" for name in ENCODERS)])
 
 
-def create_model(name: str, **overrides: Any) -> DMAEViT | VisionTransformerClassifier:
-    """Build a model by name; ``overrides`` use the constructor's (timm-style) argument names."""
+def create_model(
+    name: str, pretrained: str | os.PathLike | None = None, **overrides: Any
+) -> DMAEViT | VisionTransformerClassifier:
+    """Build a model by name; ``overrides`` use the constructor's (timm-style) argument names.
+
+    ``pretrained``: a checkpoint to load (:func:`.weights.load_weights`: an exported directory, our Lightning
+    checkpoint, an official DMAE/MAE file, a plain state dict). When it records its architecture (an export's
+    config.json, our checkpoints' hyper-parameters) under ``name``, its constructor arguments (``model_kwargs``,
+    ``num_classes``, a DMAE's noise) are the defaults that ``overrides`` change; a ``dmae_X`` file builds an ``X``
+    classifier with its encoder's arguments and a fresh head. A file of another architecture is refused.
+    """
+    if pretrained is None or pretrained is False:
+        return _build(name, overrides)
+    if pretrained is True:
+        raise ValueError(
+            f"{name}: no weights to download; pass pretrained=PATH (a file or an exported directory)"
+        )
+    from dmae_lightning.models.weights import load_weights, read_checkpoint  # weights imports this module
+
+    source = Path(pretrained)
+    ckpt = read_checkpoint(source)
+    hparams = ckpt.get("hyper_parameters")
+    recorded = hparams.get("model_name") if isinstance(hparams, dict) else None
+    kwargs: dict[str, Any] = {}
+    if isinstance(hparams, dict) and isinstance(recorded, str):
+        cls, _ = model_config(name)
+        accepted = set(inspect.signature(cls).parameters)
+        if recorded == name:
+            kwargs = {**(hparams.get("model_kwargs") or {})}
+            for key in ("num_classes", "noise", "norm_pix_loss"):
+                if key in hparams and key in accepted:
+                    kwargs[key] = hparams[key]
+        elif recorded == f"{PRETRAIN_PREFIX}{name}":  # a pre-training file, a classifier: its encoder's
+            kwargs = {k: v for k, v in (hparams.get("model_kwargs") or {}).items() if k in accepted}
+        else:
+            raise ValueError(
+                f"{pretrained} holds a {recorded}, not a {name}: create_model({recorded!r}, ...)"
+            )
+    model = _build(name, {**kwargs, **overrides})
+    report = load_weights(model, source, ckpt)
+    log.info("%s: loaded %s (%s layout): %s", name, pretrained, report.layout, report)
+    return model
+
+
+def _build(name: str, overrides: dict[str, Any]) -> DMAEViT | VisionTransformerClassifier:
     cls, kwargs = model_config(name)
     unknown = sorted(set(overrides) - set(inspect.signature(cls).parameters))
     if unknown:

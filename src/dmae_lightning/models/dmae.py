@@ -183,6 +183,22 @@ class DMAEViT(ViTEncoderBase):
         pred = self.forward_decoder(latent, ids_restore)  # [B, L, p*p*3]
         return self.forward_loss(clean_pixels, pred), pred, mask
 
+    def denoise_patches(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The decoder's prediction [B, L, p*p*3] for every patch of ``noisy`` ([0,1] pixels, native size, not
+        clamped) with nothing masked (mask ratio 0), for the DMAE as a denoiser (:mod:`.denoiser`).
+
+        No random draw: at mask ratio 0 every token is kept, so the patches stay in their own order (no shuffle,
+        no masking scores), and the result is a deterministic function of each image alone. The same numbers as
+        ``reconstruct(imgs, noisy, 0.0, scores=identity order)``; per-patch normalised units when
+        ``norm_pix_loss`` (the denoiser puts the statistics back)."""
+        x = self.prepend_cls(self.embed_patches(self.pixel_input(noisy)))  # [B, 1+L, D]
+        latent = self.norm(self.run_blocks(x))  # [B, 1+L, D]
+        b, length = latent.shape[0], latent.shape[1] - 1
+        in_order = torch.arange(length, device=latent.device).expand(
+            b, length
+        )  # [B, L]: unshuffle = identity
+        return self.forward_decoder(latent, in_order)  # [B, L, p*p*3]
+
     def forward(
         self,
         imgs: torch.Tensor,

@@ -6,28 +6,51 @@ Layouts understood:
 - official fine-tuned classifiers: the same dict (or a plain state dict) with timm ViT names,
   ``fc_norm`` and ``head`` and no ``norm``;
 - this project's Lightning checkpoints (``{"state_dict": {"model.<name>": ...}, ...}``);
-- plain state dicts.
+- plain state dicts (the DMAE authors' fine-tuned files, timm's, ``module.`` / ``_orig_mod.`` prefixes);
+- exported directories (``python -m dmae_lightning.jobs.export``, docs/export.md): ``model.safetensors`` (the
+  network's state dict) and ``config.json`` (architecture, noise, ...), read without pickle; and any other
+  ``.safetensors`` file, or a directory holding ``model.safetensors`` without our ``config.json`` (a timm or
+  Hugging Face snapshot), as a plain state dict.
+
+:func:`read_checkpoint` is the one reader: it gives an exported directory the shape of a Lightning checkpoint
+(``{"state_dict": {"model.<name>": ...}, "hyper_parameters": {...}}``), so whatever reads a checkpoint's
+hyper-parameters (the certification job, :func:`checkpoint_noise`) reads an export's config the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from dmae_lightning.models import DMAEViT, VisionTransformerClassifier
+from dmae_lightning.models.dmae import DMAEViT
+from dmae_lightning.models.vit import VisionTransformerClassifier
 from dmae_lightning.noise import GaussianNoise, Noise, noise_from_config
 
 # Prefixes that wrappers put in front of parameter names: the LightningModule attribute,
 # DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
 _DECODER_PREFIXES = ("decoder_", "mask_token")
+
+# An exported directory: huggingface_hub's file names (constants.SAFETENSORS_SINGLE_FILE, CONFIG_NAME, the model
+# card REPOCARD_NAME), the config marked as ours by EXPORT_FORMAT.
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+EXPORT_CARD = "README.md"
+EXPORT_FORMAT = "dmae-lightning-export"
+EXPORT_FORMAT_VERSION = 1
+# read_checkpoint's key of an exported directory's config.json (besides state_dict and hyper_parameters)
+EXPORTED = "exported_config"
 
 
 @dataclass
@@ -78,14 +101,20 @@ def _load_failure(err: Exception) -> str:
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed.
+    """The checkpoint at ``path`` as a dict, never unpickling anything but tensors and plain containers.
 
-    ``mmap``: map the tensors instead of reading them (a cheap check that the file loads); only files in
-    torch's zip format can be mapped, older ones are read.
+    A file: ``torch.load`` with ``weights_only=True`` (only ``argparse.Namespace`` is allow-listed), or a
+    ``.safetensors`` file (a plain state dict). An exported directory (:func:`read_exported`): the shape of a
+    Lightning checkpoint, without torch.load. ``mmap``: map the tensors instead of reading them (a cheap check
+    that the file loads); only files in torch's zip format can be mapped, older ones are read.
     """
     path = Path(path)
+    if path.is_dir():
+        return read_exported(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             mapped = mmap and zipfile.is_zipfile(path)
@@ -97,6 +126,77 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     return obj
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (no pickle: a JSON header and raw bytes)."""
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        text = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+        raise ValueError(f"{path} is not a loadable safetensors file ({detail})") from None
+
+
+def read_export_config(directory: str | Path) -> dict[str, Any] | None:
+    """An exported directory's config.json (ours: its ``format`` is EXPORT_FORMAT); None when the directory has
+    none or another program's (a timm or Hugging Face snapshot); ValueError (one line) when it is damaged."""
+    path = Path(directory) / EXPORT_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is damaged ({str(err).splitlines()[0][:200]}): export the run again"
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        return None
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: exported in format version {version!r}, this code reads up to {EXPORT_FORMAT_VERSION}: "
+            "update dmae-lightning"
+        )
+    if not isinstance(config.get("architecture"), str) or not isinstance(
+        config.get("model_kwargs", {}), dict
+    ):
+        raise ValueError(f"{path} names no architecture (a string) and model_kwargs (a mapping)")
+    return config
+
+
+def exported_hyper_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """An export's config.json as a Lightning checkpoint's ``hyper_parameters``: the training settings, then
+    model_name, model_kwargs, num_classes, noise and objective as the training modules name them."""
+    hparams = dict(config.get("training") or {})
+    hparams["model_name"] = config["architecture"]
+    hparams["model_kwargs"] = dict(config.get("model_kwargs") or {})
+    for key in ("num_classes", "noise", "objective"):
+        if config.get(key) is not None:
+            hparams[key] = config[key]
+    return hparams
+
+
+def read_exported(directory: str | Path) -> dict:
+    """An exported directory as a checkpoint dict, without pickle: ``{"state_dict": {"model.<name>": tensor},
+    "hyper_parameters": {...}, EXPORTED: config}``, the layout of a Lightning checkpoint; a directory with
+    ``model.safetensors`` but without our config.json (a timm or Hugging Face snapshot) as a plain state dict."""
+    directory = Path(directory)
+    weights = directory / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {directory} does not exist or is not a file (a directory, without the {EXPORT_WEIGHTS} "
+            "of an exported model)"
+        )
+    config = read_export_config(directory)
+    state = _read_safetensors(weights)
+    if config is None:
+        return state
+    return {
+        "state_dict": {f"model.{key}": value for key, value in state.items()},
+        "hyper_parameters": exported_hyper_parameters(config),
+        EXPORTED: config,
+    }
+
+
 def trained_noise(hparams: dict) -> Noise | None:
     """The training noise a checkpoint's hyper-parameters name (``noise``; ``sigma`` in checkpoints before it);
     None when they name none (official releases, plain state dicts)."""
@@ -106,10 +206,15 @@ def trained_noise(hparams: dict) -> Noise | None:
 
 
 def checkpoint_noise(path: str | Path) -> Noise | None:
-    """The training noise recorded in the checkpoint at ``path`` (tensors mapped, not read); None when the file
-    records none, or is missing or not loadable (whoever loads it next says why in one line)."""
+    """The training noise recorded in the checkpoint at ``path`` (tensors mapped, not read; of an exported
+    directory only config.json is read); None when the file records none, or is missing or not loadable
+    (whoever loads it next says why in one line)."""
     try:
-        hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
+        if Path(path).is_dir():
+            config = read_export_config(path)
+            hparams = None if config is None else exported_hyper_parameters(config)
+        else:
+            hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
         return trained_noise(hparams) if isinstance(hparams, dict) else None
     except (OSError, ValueError, TypeError):
         return None
@@ -118,7 +223,7 @@ def checkpoint_noise(path: str | Path) -> Noise | None:
 def checkpoint_state_dict(ckpt: dict, path: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
     """The model's tensors and the name of the layout they came in."""
     if isinstance(ckpt.get("state_dict"), dict):
-        layout, raw = "lightning", ckpt["state_dict"]
+        layout, raw = "exported" if EXPORTED in ckpt else "lightning", ckpt["state_dict"]
         raw = {k: v for k, v in raw.items() if k.startswith("model.")}  # the module's network only
     elif isinstance(ckpt.get("model"), dict):
         layout, raw = "official", ckpt["model"]

@@ -144,8 +144,8 @@ def validate(cfg: DictConfig) -> JobParams:
             )
     if cfg.get("noise") is None:  # ${checkpoint_noise:} found none
         path = Path(str(weights)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"weights={weights} does not exist or is not a file")
+        if not path.exists():
+            raise ConfigError(f"weights={weights} does not exist")
         try:  # a file that does not load says so (its tensors mapped, not read)
             read_checkpoint(path, mmap=True)
         except ValueError as err:
