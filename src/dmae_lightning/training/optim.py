@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
-from dmae_lightning.models.layers import ViTEncoderBase
+from dmae_lightning.models import DMAEViT, VisionTransformerClassifier
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def parameter_groups(model: ViTEncoderBase, weight_decay: float, layer_decay: float | None) -> list[dict]:
+def parameter_groups(
+    model: DMAEViT | VisionTransformerClassifier, weight_decay: float, layer_decay: float | None
+) -> list[dict]:
     """timm's groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay
     (each group carries ``lr_scale``)."""
     skip = model.no_weight_decay()
@@ -91,7 +93,7 @@ def check_optimizer_config(config: dict) -> None:
 
 def configure_optimizer(
     module: pl.LightningModule,
-    model: ViTEncoderBase,
+    model: DMAEViT | VisionTransformerClassifier,
     *,
     name: str = "adamw",
     base_lr: float,
