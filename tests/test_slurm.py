@@ -285,6 +285,7 @@ def test_certify_sbatch_two_tasks_give_the_single_process_result(slurm_cluster, 
             f"weights={ckpt}",
             "data=digits",
             "trainer.accelerator=cpu",
+            "precision=32-true",  # hardware=slurm's bf16-mixed is for GPUs (conf/hardware/slurm.yaml)
             f"paths.log_dir={tmp_path}",
             *settings,
         ),

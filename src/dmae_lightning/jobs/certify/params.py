@@ -148,7 +148,7 @@ def validate(cfg: DictConfig) -> JobParams:
             raise ConfigError(f"weights={weights} does not exist")
         try:  # a file that does not load says so (its tensors mapped, not read)
             read_checkpoint(path, mmap=True)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise ConfigError(str(err)) from None
         raise ConfigError(
             f"{weights} does not record the noise it was trained with (an official or plain file): choose the "
