@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +34,9 @@ class Objective(ABC):
 
     name: ClassVar[str]
     allows_mixup: ClassVar[bool] = True  # False: refused with mixup/cutmix in one line (needs hard labels)
+    # Fields whose ``null`` takes the authors' value at the training noise's sigma: field -> (its name in words,
+    # {sigma: value}); :meth:`for_noise` fills them, the one home of that rule.
+    BY_SIGMA: ClassVar[Mapping[str, tuple[str, Mapping[float, float]]]] = {}
 
     @abstractmethod
     def loss(
@@ -47,7 +51,17 @@ class Objective(ABC):
 
     @classmethod
     def for_noise(cls, settings: dict[str, Any], noise: Noise) -> Objective:
-        """The objective with ``settings`` (its fields) for training under ``noise``."""
+        """The objective with ``settings`` (its fields) for training under ``noise``: a field of :data:`BY_SIGMA`
+        left null takes the authors' value at the noise's sigma; ValueError (one line) at a sigma they give none for."""
+        settings = dict(settings)
+        for key, (what, table) in cls.BY_SIGMA.items():
+            if settings.get(key) is None:
+                if noise.sigma not in table:
+                    raise ValueError(
+                        f"the {cls.name} authors give no {what} for sigma {noise.sigma:g} (only for "
+                        f"{', '.join(f'{s:g}' for s in table)}): set objective.{key}"
+                    )
+                settings[key] = table[noise.sigma]
         return cls(**settings)
 
     def at_epoch(self, epoch: int) -> Objective:

@@ -4,8 +4,9 @@ Imports: torch, the noise, :mod:`.base`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ class Consistency(GaussianAugmentation):
 
     name: ClassVar[str] = "consistency"
     PAPER_ETA: ClassVar[dict[float, float]] = {0.25: 0.5, 0.5: 0.5, 1.0: 0.1}  # by training sigma
+    BY_SIGMA: ClassVar[Mapping[str, tuple[str, Mapping[float, float]]]] = {"eta": ("eta", PAPER_ETA)}
     copies: int = 2
     lbd: float = 2.0
     eta: float = 0.5
@@ -75,18 +77,6 @@ class Consistency(GaussianAugmentation):
                 f"consistency needs m >= 2 and lbd, eta >= 0, got m={self.copies}, lbd={self.lbd}, "
                 f"eta={self.eta}"
             )
-
-    @classmethod
-    def for_noise(cls, settings: dict[str, Any], noise: Noise) -> Objective:
-        """``eta: null`` takes the paper's weight at the noise's sigma (:data:`PAPER_ETA`)."""
-        if settings.get("eta") is None:
-            if noise.sigma not in cls.PAPER_ETA:
-                raise ValueError(
-                    f"the consistency paper gives no eta for sigma {noise.sigma:g} (only for "
-                    f"{', '.join(f'{s:g}' for s in cls.PAPER_ETA)}): set objective.eta"
-                )
-            settings = {**settings, "eta": cls.PAPER_ETA[noise.sigma]}
-        return cls(**settings)
 
     def loss_of_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         ce, terms = super().loss_of_logits(logits, targets)

@@ -5,8 +5,9 @@ noisy copies of each image. Needs hard labels (no mixup). Imports: torch, the no
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ class Macer(Objective):
     # 4 at 1.0 as recalled from the paper's experimental setup, NOT confirmed against its text here (Jeong &
     # Shin's MNIST runs of MACER also lower it at 1.0: 16, 16, 6).
     PAPER_LBD: ClassVar[dict[float, float]] = {0.25: 12.0, 0.5: 12.0, 1.0: 4.0}
+    BY_SIGMA: ClassVar[Mapping[str, tuple[str, Mapping[float, float]]]] = {"lbd": ("lambda", PAPER_LBD)}
     copies: int = 16
     beta: float = 16.0
     gamma: float = 8.0
@@ -76,18 +78,6 @@ class Macer(Objective):
                 f"macer needs beta > 0, gamma > 0 and lbd >= 0, got beta={self.beta}, gamma={self.gamma}, "
                 f"lbd={self.lbd}"
             )
-
-    @classmethod
-    def for_noise(cls, settings: dict[str, Any], noise: Noise) -> Objective:
-        """``lbd: null`` takes the paper's weight at the noise's sigma (:data:`PAPER_LBD`)."""
-        if settings.get("lbd") is None:
-            if noise.sigma not in cls.PAPER_LBD:
-                raise ValueError(
-                    f"the MACER paper gives no lambda for sigma {noise.sigma:g} (only for "
-                    f"{', '.join(f'{s:g}' for s in cls.PAPER_LBD)}): set objective.lbd"
-                )
-            settings = {**settings, "lbd": cls.PAPER_LBD[noise.sigma]}
-        return cls(**settings)
 
     def loss(
         self,

@@ -22,8 +22,9 @@ Imports: torch, the noise, :mod:`.base`, :mod:`.smoothadv`."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,9 @@ class SmoothMix(Objective):
     name: ClassVar[str] = "smoothmix"
     allows_mixup: ClassVar[bool] = False  # the authors mix only along the adversarial direction
     PAPER_STEP_SIZE: ClassVar[dict[float, float]] = {0.25: 0.5, 0.5: 1.0, 1.0: 2.0}  # by training sigma
+    BY_SIGMA: ClassVar[Mapping[str, tuple[str, Mapping[float, float]]]] = {
+        "step_size": ("step size", PAPER_STEP_SIZE)
+    }
     samples: int = 2
     steps: int = 4
     step_size: float = 0.5
@@ -122,18 +126,6 @@ class SmoothMix(Objective):
                 f"step_size={self.step_size!r}, eta={self.eta!r}, max_norm={self.max_norm!r}, "
                 f"mix_max_norm={self.mix_max_norm!r}"
             )
-
-    @classmethod
-    def for_noise(cls, settings: dict[str, Any], noise: Noise) -> Objective:
-        """``step_size: null`` takes the authors' CIFAR-10 step size at the noise's sigma (:data:`PAPER_STEP_SIZE`)."""
-        if settings.get("step_size") is None:
-            if noise.sigma not in cls.PAPER_STEP_SIZE:
-                raise ValueError(
-                    f"the SmoothMix recipe gives no step size for sigma {noise.sigma:g} (only for "
-                    f"{', '.join(f'{s:g}' for s in cls.PAPER_STEP_SIZE)}): set objective.step_size"
-                )
-            settings = {**settings, "step_size": cls.PAPER_STEP_SIZE[noise.sigma]}
-        return cls(**settings)
 
     @property
     def mix_radius(self) -> float:
