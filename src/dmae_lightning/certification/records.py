@@ -33,6 +33,8 @@ ABSTAIN = -1  # the ``predict`` value of an abstention
 def _format(value) -> str:
     if value is None:
         return "none"
+    if isinstance(value, tuple):  # a list-valued column (one value per radius): comma-separated
+        return ",".join(_format(v) for v in value)
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
@@ -41,7 +43,13 @@ def _optional_float(text: str) -> float | None:
 
 
 # Column parsers by the field annotation (the annotations are strings: ``from __future__ import annotations``).
-_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "float | None": _optional_float}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "float | None": _optional_float,
+    "tuple[float, ...]": lambda text: tuple(map(float, text.split(","))),
+    "tuple[int, ...]": lambda text: tuple(map(int, text.split(","))),
+}
 
 
 R = TypeVar("R", bound="Record")
@@ -180,9 +188,6 @@ class AttackRecord(Record):
     correct: tuple[int, ...]  # 1 where that prediction is the label (an abstention is not correct)
     time: float
 
-    # the list-valued columns and the parser of their items (a class attribute, not a column: no annotation)
-    lists = {"radii": float, "predictions": int, "correct": int}
-
     def __post_init__(self):
         if not len(self.radii) == len(self.predictions) == len(self.correct):
             raise ValueError(
@@ -193,32 +198,6 @@ class AttackRecord(Record):
     @property
     def predict(self) -> int:  # at the smallest radius: the clean image's PREDICT when the grid starts at 0
         return self.predictions[0]
-
-    def _cell(self, name: str) -> str:
-        value = getattr(self, name)
-        return ",".join(_format(v) for v in value) if name in self.lists else _format(value)
-
-    def to_line(self) -> str:
-        return "\t".join(self._cell(name) for name in self.columns())
-
-    @classmethod
-    def from_line(cls, line: str, where: str = "<line>") -> AttackRecord:
-        fields = dataclasses.fields(cls)
-        values = line.split("\t")
-        if len(values) != len(fields):
-            raise ValueError(
-                f"{where}: expected {len(fields)} tab-separated fields, got {len(values)}: {line!r}"
-            )
-        try:
-            parsed: list[Any] = [
-                tuple(map(cls.lists[f.name], v.split(",")))
-                if f.name in cls.lists
-                else _PARSERS[str(f.type)](v)
-                for f, v in zip(fields, values)
-            ]
-            return cls(*parsed)
-        except ValueError as err:
-            raise ValueError(f"{where}: malformed record {line!r} ({err})") from None
 
 
 def of_type(records: Iterable[Record], record_type: type[R]) -> list[R]:
