@@ -316,7 +316,7 @@ def test_analyze_puts_the_attack_beside_the_certification_of_the_same_checkpoint
     assert (
         f"| 0.25 under attack (empirical) | {100 * robust['0']:.1f} | {100 * robust['0.5']:.1f} |" in printed
     )
-    assert "- sigma=0.25 under attack: certified images turned to another class r=0: " in printed
+    assert "- sigma=0.25 under attack: cross-check: r=0: " in printed
     assert printed.count(": consistent") == 1 and "ALARM" not in printed
     assert main([str(out), "--out", str(tmp_path)]) == 2
     assert "an attack run is shown beside a certification run" in capsys.readouterr().err

@@ -64,7 +64,11 @@ def test_quickstart_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path
     attack = json.loads((run / "attack" / "latest" / "summary.json").read_text())
     assert attack["procedure"] == "attack" and attack["num_images"] == 60
     assert "| same model, under attack (empirical) |" in proc.stdout
-    assert "cross-check: r=0.25: " in proc.stdout and "consistent with sound certificates" in proc.stdout
+    assert (
+        "cross-check: r=0: " in proc.stdout
+        and "r=0.25: " in proc.stdout
+        and "consistent with sound certificates" in proc.stdout
+    )
 
     # Running again does not redo finished stages: no file is rewritten.
     mtimes = {

@@ -152,3 +152,21 @@ def plot_certified_accuracy(
     fig.tight_layout()
     fig.savefig(out_png, dpi=150)
     return fig
+
+
+def cross_check_line(counts: Mapping[str, tuple[int, int, int]], rho: float) -> str:
+    """The attack cross-check (:func:`.metrics.attacked_certificates`: per radius, images certified there, of them
+    turned to another class by the attack, the most a sound certifier allows) as one line: an ALARM naming the
+    first radius over its allowance, else the counts and "consistent with sound certificates"."""
+    for key, (m, flipped, allowed) in counts.items():
+        if flipped > allowed:
+            return (
+                f"ALARM: at r={key} the attack turned {flipped} of the {m} images certified there to another class, "
+                f"more than a sound certifier allows ({allowed} at 1 - rho = {1 - rho:g}): an unsound certificate "
+                "or a broken pipeline"
+            )
+    checked = ", ".join(
+        f"r={key}: {flipped} of {m} certified images turned to another class (<= {allowed} allowed)"
+        for key, (m, flipped, allowed) in counts.items()
+    )
+    return f"cross-check: {checked}: consistent with sound certificates"

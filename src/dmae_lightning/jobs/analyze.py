@@ -46,6 +46,7 @@ from dmae_lightning.certification.procedures import Certify
 from dmae_lightning.certification.records import AttackRecord, Record, of_type, read_records
 from dmae_lightning.certification.report import (
     bound_note,
+    cross_check_line,
     format_table,
     plot_certified_accuracy,
     sample_budget,
@@ -126,18 +127,7 @@ def cross_check(label: str, run: Run, attack: AttackRun) -> str:
     against what a sound certifier allows (:func:`~dmae_lightning.certification.metrics.attacked_certificates`)."""
     rho = run.result.rho
     counts = attacked_certificates(run.records, attack.records, run.summary.alpha, rho)
-    alarms = [(key, *c) for key, c in counts.items() if c[1] > c[2]]
-    if alarms:
-        key, m, flipped, allowed = alarms[0]
-        return (
-            f"\n- ALARM sigma={label}: at r={key} the attack turned {flipped} of the {m} images certified there to "
-            f"another class, more than a sound certifier allows ({allowed} at 1 - rho = {1 - rho:g}): an unsound "
-            "certificate or a broken pipeline"
-        )
-    checked = ", ".join(
-        f"r={key}: {flipped}/{m} (<= {allowed})" for key, (m, flipped, allowed) in counts.items()
-    )
-    return f"\n- sigma={label} under attack: certified images turned to another class {checked}: consistent"
+    return f"\n- sigma={label} under attack: {cross_check_line(counts, rho)}"
 
 
 def _subset_key(subset: object) -> object:

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from dmae_lightning.certification.metrics import attacked_certificates
 from dmae_lightning.certification.procedures import PROCEDURES, AttackPredict, CertifyRadii
 from dmae_lightning.certification.records import AttackRecord, of_type, read_json, read_records
-from dmae_lightning.certification.report import format_table
-from dmae_lightning.certification.runs import read_summary
+from dmae_lightning.certification.report import cross_check_line, format_table
+from dmae_lightning.certification.runs import RunSummary, read_summary
 from dmae_lightning.certification.summary import CertifiedSummary, EmpiricalSummary
 from dmae_lightning.data import DigitsDataModule
 from dmae_lightning.data.base import dataset_size
@@ -301,7 +301,9 @@ def print_certification(
     rows: dict[str, dict] = {label: dict(result.certified_accuracy)}
     checks: list[str] = []
     if attacked is not None:
-        rows["same model, under attack (empirical)"], checks = attack_rows(certified, attacked, summary, name)
+        rows["same model, under attack (empirical)"], checks = attack_rows(
+            certified, attacked, summary, result.rho
+        )
         outputs["attack results"] = attacked / f"{AttackPredict.name}.tsv"
     lines = [
         f"Certified accuracy ({name}) on the held-out digits test split ({result.num_images} "
@@ -326,32 +328,13 @@ def print_certification(
     return summary.to_json()
 
 
-def attack_rows(certified: Path, attacked: Path, summary, name: str) -> tuple[dict, list[str]]:
+def attack_rows(certified: Path, attacked: Path, summary: RunSummary, rho: float) -> tuple[dict, list[str]]:
     """The attack stage's empirical robust accuracy (a table row) and its cross-check against the certificates
     (:func:`~dmae_lightning.certification.metrics.attacked_certificates`) as one line."""
     attack = read_summary(attacked / "summary.json")
     if not isinstance(attack.result, EmpiricalSummary):
         raise ConfigError(f"{attacked}: not an attack run")
-    records = read_records(certified / f"{name}.tsv", summary.procedure.record_type)
+    records = read_records(certified / f"{summary.procedure.name}.tsv", summary.procedure.record_type)
     attack_records = of_type(read_records(attacked / f"{AttackPredict.name}.tsv", AttackRecord), AttackRecord)
-    alpha, rho = float(summary.settings["alpha"]), float(summary.settings.get("rho", 0.001))
-    counts = attacked_certificates(records, attack_records, alpha, rho)
-    worst = [(key, *c) for key, c in counts.items() if c[1] > c[2]]
-    if worst:
-        key, m, flipped, allowed = worst[0]
-        check = (
-            f"ALARM: at r={key} the attack turned {flipped} of the {m} images certified there to another class, "
-            f"more than a sound certifier allows ({allowed} at 1 - rho = {1 - rho:g}): an unsound certificate or "
-            "a broken pipeline"
-        )
-    else:
-        check = (
-            "cross-check: "
-            + ", ".join(
-                f"r={key}: {flipped} of {m} certified images turned (<= {allowed} allowed)"
-                for key, (m, flipped, allowed) in counts.items()
-                if float(key) > 0
-            )
-            + ": consistent with sound certificates"
-        )
-    return dict(attack.result.empirical_robust_accuracy), [check]
+    counts = attacked_certificates(records, attack_records, summary.alpha, rho)
+    return dict(attack.result.empirical_robust_accuracy), [cross_check_line(counts, rho)]
