@@ -104,6 +104,10 @@ def test_sweep_points_get_distinct_run_directories(monkeypatch):
             "task.module.optimizer has no key 'lr': the keys are name, base_lr",
         ),
         (["precision=16-mixed"], "precision=16-mixed needs a GPU: on the CPU use bf16-mixed"),
+        (
+            ["precision=fp32"],
+            r"precision must be one of 32-true\|bf16-mixed\|16-mixed, got 'fp32' \(precision=fp32 is now 32-true\)",
+        ),
         # issue 21.3: refused at build, not by a traceback at the first certification epoch
         (
             ["experiment=finetune_digits", "noise=discrete_gaussian_sigma_0.25"],
